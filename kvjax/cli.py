@@ -1,0 +1,105 @@
+"""Command line: `python -m kvjax {demo,generate,eval}`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _load(model: str):
+    from models.loading import load_model
+    from models.tokenizer import load_tokenizer
+    t0 = time.perf_counter()
+    config, params = load_model(model)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    tokenizer = load_tokenizer(model)
+    return config, params, tokenizer, time.perf_counter() - t0
+
+
+def _format_stats(stats: dict) -> str:
+    return (f"prompt {stats['prompt_tokens']} tok, prefill {stats['prefill_tok_per_s']:.0f} tok/s "
+            f"({stats['prefill_s']:.2f} s) | decode {stats['generated_tokens']} tok at "
+            f"{stats['decode_tok_per_s']:.1f} tok/s | cache {stats['cache_bytes'] / 2**20:.1f} MiB "
+            f"({stats['cache_capacity']} slots/head) | {stats['backend']} {stats['attention']}")
+
+
+def run_prompt(config, params, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int, **kwargs):
+    """Encode (optionally as a ChatML user turn), generate, decode. Returns (answer, stats)."""
+    from kvjax.generate import generate
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = tokenizer.encode(text)
+    result = generate(params, config, [ids], max_new_tokens, pad_id=tokenizer.pad_id, **kwargs)
+    return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result.stats
+
+
+def cmd_generate(args) -> int:
+    from kvjax.sampling import Sampling
+    config, params, tokenizer, load_s = _load(args.model)
+    answer, stats = run_prompt(config, params, tokenizer, args.prompt, chat=args.chat,
+                               max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+                               sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                               seed=args.seed, progress=True)
+    print(answer)
+    print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}", file=sys.stderr)
+    return 0
+
+
+def demo_long_prompt(tokenizer, target_tokens: int = 1200, passkey: str = "68239") -> str:
+    """A passkey hidden at 60% depth of King James Bible text, then the question."""
+    from kvjax.eval.text import kjv_text
+    text = kjv_text(book="Genesis", n_chars=target_tokens * 4)
+    cut = int(len(text) * 0.6)
+    cut = text.rfind(". ", 0, cut) + 2
+    needle = f"The secret passkey is {passkey}. Remember it: the passkey is {passkey}. "
+    return (text[:cut] + needle + text[cut:] + "\n\nWhat is the secret passkey mentioned in the text above?")
+
+
+def cmd_demo(args) -> int:
+    config, params, tokenizer, load_s = _load(args.model)
+    print(f"loaded {config.name}: {config.n_layers} layers, {config.n_heads} q / {config.n_kv_heads} kv heads, "
+          f"head_dim {config.head_dim} in {load_s:.1f} s on {jax.default_backend()}")
+    question = "What is the capital of France?"
+    answer, stats = run_prompt(config, params, tokenizer, question, chat=True, max_new_tokens=48)
+    print(f"\n>>> {question}\n{answer.strip()}\n  ({_format_stats(stats)}; first call includes compilation)")
+    long_prompt = demo_long_prompt(tokenizer)
+    answer, stats = run_prompt(config, params, tokenizer, long_prompt, chat=True, max_new_tokens=32,
+                               chunk_size=256, progress=True)
+    print(f"\n>>> [{stats['prompt_tokens']}-token passage with a hidden passkey 68239] "
+          f"What is the secret passkey?\n{answer.strip()}\n  ({_format_stats(stats)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kvjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="chat and long-context demo on the embedded SmolLM2")
+    demo.add_argument("--model", default="smollm2")
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="generate a continuation or a chat answer")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of N tokens")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

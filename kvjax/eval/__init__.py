@@ -1,0 +1,1 @@
+"""Evaluation: fidelity vs the full cache, perplexity, needle tasks, memory and speed."""

@@ -1,0 +1,130 @@
+"""The functional model on a tiny random config: cache consistency, padding, errors, RoPE."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.cache import init_cache
+from kvjax.generate import forward_jit, left_pad, prefill
+from models.config import ModelConfig, RopeScaling, get_config
+from models.llama import forward, init_params
+from models.rope import inverse_frequencies
+from numpy_reference import reference_logits
+
+CFG = ModelConfig(name="tiny", vocab_size=97, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2,
+                  head_dim=8, ffn_dim=64, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0), scale=0.25)
+
+
+def _tokens(n, seed=1, batch=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, n), 0, CFG.vocab_size, jnp.int32)
+
+
+def _pos(n, batch=1):
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+
+
+def test_matches_float64_numpy_reference(params):
+    toks = _tokens(19)
+    logits, _, _ = forward(params, toks, _pos(19), init_cache(3, 1, 2, 19, 8), CFG)
+    ref = reference_logits(jax.tree_util.tree_map(np.asarray, params), CFG, np.asarray(toks[0]))
+    np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=2e-4, rtol=0)
+
+
+def test_prefill_then_decode_equals_full_forward(params):
+    toks = _tokens(15, batch=2)
+    full, _, _ = forward(params, toks, _pos(15, 2), init_cache(3, 2, 2, 15, 8), CFG)
+    logits, cache, _ = forward(params, toks[:, :6], _pos(15, 2)[:, :6], init_cache(3, 2, 2, 15, 8), CFG)
+    steps = [logits]
+    for i in range(6, 15):
+        logits, cache, _ = forward(params, toks[:, i:i + 1], _pos(15, 2)[:, i:i + 1], cache, CFG)
+        steps.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-5)
+
+
+def test_chunked_prefill_equals_unchunked(params):
+    toks, pos = _tokens(23), _pos(23)
+    cache0 = init_cache(3, 1, 2, 23, 8)
+    a, ca = prefill(params, CFG, toks, pos, cache0)
+    b, cb = prefill(params, CFG, toks, pos, cache0, chunk_size=5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ca.keys), np.asarray(cb.keys), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ca.positions), np.asarray(cb.positions))
+
+
+def test_left_padded_batch_matches_rows_alone(params):
+    rows = [list(range(3, 14)), list(range(40, 44)), list(range(60, 67))]
+    toks, pos = left_pad(rows, pad_id=0, bucket=8)
+    assert toks.shape == (3, 16) and (pos[1] == -1).sum() == 12
+    batch_logits, _, _ = forward(params, jnp.asarray(toks), jnp.asarray(pos), init_cache(3, 3, 2, 16, 8), CFG)
+    for i, r in enumerate(rows):
+        alone, _, _ = forward(params, jnp.asarray([r]), _pos(len(r)), init_cache(3, 1, 2, len(r), 8), CFG)
+        np.testing.assert_allclose(np.asarray(batch_logits[i, -len(r):]), np.asarray(alone[0]), atol=1e-5)
+
+
+def test_observations_have_documented_shapes(params):
+    from models.llama import Observe
+    toks = _tokens(9)
+    _, _, obs = forward(params, toks, _pos(9), init_cache(3, 1, 2, 12, 8), CFG,
+                        Observe(window=4, column_sums=True, qkv=True))
+    assert obs["window_probs"].shape == (3, 1, 6, 4, 12)
+    assert obs["column_sums"].shape == (3, 1, 6, 12)
+    assert obs["q_pre"].shape == (3, 1, 6, 9, 8) and obs["k_pre"].shape == (3, 1, 2, 9, 8)
+    # each window query's probabilities sum to one over the live slots, zero on empty ones
+    np.testing.assert_allclose(np.asarray(obs["window_probs"].sum(-1)), 1.0, atol=1e-5)
+    assert float(jnp.abs(obs["window_probs"][..., 9:]).max()) == 0.0
+    np.testing.assert_allclose(np.asarray(obs["column_sums"].sum(-1)), 9.0, atol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors(params):
+    cache = init_cache(3, 1, 2, 8, 8)
+    with pytest.raises(TypeError, match="integer"):
+        forward(params, jnp.zeros((1, 4), jnp.float32), _pos(4), cache, CFG)
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        forward(params, jnp.zeros((4,), jnp.int32), _pos(4), cache, CFG)
+    with pytest.raises(ValueError, match="must match"):
+        forward(params, _tokens(4), _pos(5), cache, CFG)
+    with pytest.raises(ValueError, match="empty"):
+        forward(params, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), jnp.int32), cache, CFG)
+    with pytest.raises(ValueError, match="batch"):
+        forward(params, _tokens(4, batch=2), _pos(4, 2), cache, CFG)
+    with pytest.raises(ValueError, match="head_dim"):
+        forward(params, _tokens(4), _pos(4), init_cache(3, 1, 2, 8, 4), CFG)
+    with pytest.raises(TypeError, match="floating"):
+        forward(jax.tree_util.tree_map(lambda x: x.astype(jnp.int32), params), _tokens(4), _pos(4), cache, CFG)
+    with pytest.raises(ValueError, match="unknown model"):
+        get_config("gpt-17")
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1, 2], []], 0)
+
+
+def test_llama3_rope_scaling_matches_formula():
+    """Llama-3 scaling, checked against the piecewise rule written out per frequency."""
+    s = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+    got = inverse_frequencies(128, 500000.0, s)
+    for i in range(64):
+        f = 500000.0 ** (-2 * i / 128)
+        wavelen = 2 * math.pi / f
+        if wavelen < 8192 / 4:
+            want = f
+        elif wavelen > 8192 / 1:
+            want = f / 8
+        else:
+            t = (8192 / wavelen - 1) / (4 - 1)
+            want = (1 - t) * f / 8 + t * f
+        assert got[i] == pytest.approx(want, rel=1e-12)
+
+
+def test_jit_compiles_once_per_shape(params):
+    toks, pos = _tokens(8), _pos(8)
+    cache = init_cache(3, 1, 2, 8, 8)
+    before = forward_jit._cache_size()
+    forward_jit(params, toks, pos, cache, CFG)
+    forward_jit(params, toks + 1, pos, cache, CFG)
+    assert forward_jit._cache_size() == before + 1
