@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
+from kvjax.compression import Compression, accumulate, compress_cache
 from kvjax.sampling import Sampling, sample
 from models.config import ModelConfig
 from models.llama import Observe, forward
@@ -61,33 +62,46 @@ def forward_jit(params, tokens, positions, cache, config: ModelConfig, observe: 
 
 def prefill(params, config: ModelConfig, tokens, positions, cache: kvcache.KVCache,
             chunk_size: Optional[int] = None, progress: bool = False,
-            after_chunk: Optional[Callable] = None, observe: Observe = Observe()):
+            compression: Optional[Compression] = None, n_keep=None, max_keep: int = 0,
+            state=None):
     """Feed the prompt through the model, in chunks of `chunk_size` tokens if given.
 
-    tokens, positions: [batch, T]. after_chunk(cache, observations, chunk_end) -> cache is called
-    after every chunk (a compression policy's hook). returns (last-position logits [batch, vocab], cache)."""
+    tokens, positions: [batch, T]. With a compression whose `when` is "chunk", the cache is
+    compressed to `n_keep` ([batch] tokens per head, at most `max_keep`) after every chunk; with
+    "prefill"/"decode" it is compressed once at the end. `state` is the running per-slot score of
+    accumulating policies ([layers, batch, kv_heads, capacity] or None).
+    returns (last-position logits [batch, vocab], cache, state)."""
     t = tokens.shape[1]
     chunk = t if not chunk_size else chunk_size
+    observe = compression.observe if compression is not None else Observe()
     starts = range(0, t, chunk)
     if progress and len(starts) > 1:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="prefill", unit="chunk")
-    logits = None
+    logits = obs = None
     for s in starts:
         e = min(s + chunk, t)
         logits, cache, obs = forward_jit(params, tokens[:, s:e], positions[:, s:e], cache, config, observe)
-        if after_chunk is not None:
-            cache = after_chunk(cache, obs, e)
-    return logits[:, -1], cache
+        if compression is not None:
+            state = accumulate(compression.policy, config, cache, obs, state)
+            if compression.when == "chunk":
+                cache, state = compress_cache(compression.policy, config, cache, obs, n_keep,
+                                              cache.capacity, max_keep, state)
+    if compression is not None and compression.when != "chunk":
+        cache, state = compress_cache(compression.policy, config, cache, obs, n_keep, max_keep, max_keep, state)
+    return logits[:, -1], cache, state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "eos_ids"))
-def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, key, *, config: ModelConfig,
-                sampling: Sampling, max_new_tokens: int, eos_ids: tuple[int, ...]):
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "eos_ids", "compression"))
+def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, key, state=None,
+                n_keep=None, *, config: ModelConfig, sampling: Sampling, max_new_tokens: int,
+                eos_ids: tuple[int, ...], compression: Optional[Compression] = None):
     """Autoregressive decode after prefill.
 
     first_token: [batch] int32, the token sampled from the prefill logits (output slot 0).
     start_positions: [batch] int32, the position of first_token for each row.
+    compression (when == "decode"): whenever a head's slots are full, compress back to
+    `n_keep` [batch] tokens per head inside the loop (same capacity, so shapes stay static).
     returns (tokens [batch, max_new_tokens] with eos_ids[0] (or 0) after a row stopped,
              n_steps: number of tokens written, cache)."""
     batch = first_token.shape[0]
@@ -95,22 +109,38 @@ def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, ke
     filler = eos_ids[0] if eos_ids else 0
     out = jnp.full((batch, max_new_tokens), filler, jnp.int32).at[:, 0].set(first_token)
     done = jnp.isin(first_token, eos)
+    in_loop = compression is not None and compression.when == "decode"
+    observe = compression.decode_observe if in_loop else Observe()
+    max_keep = cache.capacity - compression.interval if in_loop else 0
 
-    def cond(state):
-        step, _, _, _, _, done, _ = state
+    def cond(carry):
+        step, _, _, _, _, done, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    def body(state):
-        step, cache, tok, pos, out, done, key = state
+    def body(carry):
+        step, cache, tok, pos, out, done, key, state = carry
         key, sub = jax.random.split(key)
-        logits, cache, _ = forward(params, tok[:, None], pos[:, None], cache, config, Observe(), False)
+        if in_loop:  # make room first: the new token must fit
+            full = jnp.max(cache.lengths) >= cache.capacity
+            cache, state = jax.lax.cond(
+                full, lambda c, s: compress_cache(compression.policy, config, c, last_obs(c), n_keep,
+                                                  c.capacity, max_keep, s),
+                lambda c, s: (c, s), cache, state)
+        logits, cache, obs = forward(params, tok[:, None], pos[:, None], cache, config, observe, False)
+        if in_loop:
+            state = accumulate(compression.policy, config, cache, obs, state)
         nxt = sample(logits[:, -1], sub, sampling)
         nxt = jnp.where(done, filler, nxt)
         out = out.at[:, step].set(nxt)
-        return step + 1, cache, nxt, pos + 1, out, done | jnp.isin(nxt, eos), key
+        return step + 1, cache, nxt, pos + 1, out, done | jnp.isin(nxt, eos), key, state
 
-    state = (jnp.int32(1), cache, first_token, start_positions, out, done, key)
-    step, cache, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
+    def last_obs(c):
+        # Between steps the policy sees the cache itself; window/column statistics of the last
+        # query are folded into `state` by accumulating policies.
+        return {}
+
+    carry = (jnp.int32(1), cache, first_token, start_positions, out, done, key, state)
+    step, cache, _, _, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, step, cache
 
 
@@ -126,47 +156,58 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              sampling: Sampling = Sampling(), chunk_size: Optional[int] = None,
              capacity: Optional[int] = None, cache_dtype=jnp.float32, pad_id: int = 0,
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
-             progress: bool = False) -> GenerateResult:
+             compression: Optional[Compression] = None, progress: bool = False) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
-    capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens.
-    Raises ValueError for empty prompts, prompts that do not fit the capacity or the model's
-    context, and non-positive max_new_tokens."""
+    capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
+    with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
+    do not fit the capacity or the model's context, and non-positive max_new_tokens."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     eos_ids = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
     tokens, positions = left_pad(prompts, pad_id, bucket)
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+    lengths = [len(p) for p in prompts]
+    if max(lengths) + max_new_tokens > config.max_position:
+        raise ValueError(f"prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {config.max_position} positions")
-    needed = tokens.shape[1] + max_new_tokens
-    if capacity is None:
-        capacity = needed
-    elif needed > capacity:
-        raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
-                         f"{needed} cache slots, but capacity is {capacity}")
-    cache = kvcache.init_cache(config.n_layers, len(prompts), config.n_kv_heads, capacity,
+    plan = plan_cache(tokens.shape[1], lengths, max_new_tokens, chunk_size, compression)
+    if capacity is not None:
+        if plan.prefill_capacity > capacity:
+            raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
+                             f"{plan.prefill_capacity} cache slots, but capacity is {capacity}")
+        plan = dataclasses.replace(plan, prefill_capacity=capacity)
+    cache = kvcache.init_cache(config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity,
                                config.head_dim, cache_dtype)
+    peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
+    state = (jnp.zeros(cache.positions.shape, jnp.float32)
+             if plan.compression is not None and plan.compression.policy.accumulates else None)
+    n_keep = jnp.asarray(plan.n_keep, jnp.int32) if plan.compression is not None else None
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
 
     t0 = time.perf_counter()
-    last_logits, cache = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                                 chunk_size, progress)
+    last_logits, cache, state = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache,
+                                        chunk_size, progress, plan.compression, n_keep, plan.max_keep, state)
+    cache = kvcache.resize(cache, plan.decode_capacity)
+    if state is not None:
+        extra = max(plan.decode_capacity - state.shape[-1], 0)
+        state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
     first = sample(last_logits, sub, sampling)
     first.block_until_ready()
     t1 = time.perf_counter()
-    start = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    out, steps, cache = decode_loop(params, cache, first, start, key, config=config, sampling=sampling,
-                                    max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    # Next position of each row: one past the highest position it holds (equals the prompt length
+    # unless a policy re-assigned contiguous positions).
+    start = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
+    out, steps, cache = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
+                                    sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                    compression=plan.compression)
     out = np.asarray(out)
     steps = int(steps)
     t2 = time.perf_counter()
     rows = [_trim(r, steps, eos_ids) for r in out]
-    n_prompt = sum(len(p) for p in prompts)
+    n_prompt = sum(lengths)
     stats = {
         "prompt_tokens": n_prompt,
         "generated_tokens": sum(len(r) for r in rows),
@@ -175,8 +216,50 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "prefill_tok_per_s": n_prompt / (t1 - t0),
         "decode_tok_per_s": len(prompts) * max(steps - 1, 1) / (t2 - t1),
         "cache_bytes": cache.memory_bytes(),
+        "peak_cache_bytes": max(peak_bytes, cache.memory_bytes()),  # allocated, not live
         "cache_capacity": cache.capacity,
+        "compression": str(plan.compression) if plan.compression else "none",
+        "notes": plan.notes,
         "backend": jax.default_backend(),
         "attention": "xla-reference",
     }
     return GenerateResult(tokens=rows, stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    """Static cache sizes for one generate call.
+
+    prefill_capacity: slots during prefill; max_keep / n_keep: kept tokens per head after
+    compression (max over rows / per row); decode_capacity: slots during decode."""
+
+    prefill_capacity: int
+    decode_capacity: int
+    max_keep: int = 0
+    n_keep: tuple[int, ...] = ()
+    compression: Optional[Compression] = None
+    notes: tuple[str, ...] = ()
+
+
+def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chunk_size: Optional[int],
+               compression: Optional[Compression]) -> CachePlan:
+    """Decide cache capacities (all static) from prompt lengths, budget and schedule."""
+    full = CachePlan(padded_len + max_new_tokens, padded_len + max_new_tokens)
+    if compression is None:
+        return full
+    n_keep = tuple(compression.budget.kept(n) for n in lengths)
+    if all(k >= n for k, n in zip(n_keep, lengths)):
+        return dataclasses.replace(full, notes=(
+            f"budget {compression.budget} keeps the whole context ({max(lengths)} tokens): no compression",))
+    max_keep = max(n_keep)
+    if compression.when == "chunk":
+        chunk = chunk_size or padded_len
+        prefill_cap = min(padded_len, max_keep + chunk)
+        decode_cap = max_keep + max_new_tokens
+    elif compression.when == "decode":
+        prefill_cap = padded_len
+        decode_cap = max_keep + compression.interval
+    else:
+        prefill_cap = padded_len
+        decode_cap = max_keep + max_new_tokens
+    return CachePlan(prefill_cap, decode_cap, max_keep, n_keep, compression)

@@ -51,8 +51,8 @@ def test_prefill_then_decode_equals_full_forward(params):
 def test_chunked_prefill_equals_unchunked(params):
     toks, pos = _tokens(23), _pos(23)
     cache0 = init_cache(3, 1, 2, 23, 8)
-    a, ca = prefill(params, CFG, toks, pos, cache0)
-    b, cb = prefill(params, CFG, toks, pos, cache0, chunk_size=5)
+    a, ca, _ = prefill(params, CFG, toks, pos, cache0)
+    b, cb, _ = prefill(params, CFG, toks, pos, cache0, chunk_size=5)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ca.keys), np.asarray(cb.keys), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(ca.positions), np.asarray(cb.positions))

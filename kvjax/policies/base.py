@@ -1,0 +1,210 @@
+"""The policy interface: scores -> kept slots -> a smaller cache.
+
+A scoring policy is a frozen dataclass of hyperparameters (hashable: a static jit argument) with
+
+    observe: models.llama.Observe        what the forward pass must return for it
+    score(obs: Observation) -> [layers, batch, kv_heads, slots] float32, higher = keep
+    accumulates: bool                     True if it adds a per-slot running score (H2O, Keyformer)
+
+Shared code here turns scores and a budget into a compressed cache (`compress`): empty slots
+are never kept, ties break toward older slots, kept indices are sorted chronologically, and the
+new cache is allocated at the budget (plus room for what comes next), so memory really shrinks.
+Budgets are uniform, per layer (`layer_budgets`) or per head (`head_budgets`, e.g. AdaKV); per-head
+budgets allocate the capacity of the largest head and leave the others ragged inside it.
+
+Position regimes: by default keys stay post-RoPE at their original positions. A policy with
+`rerotate = True` has its kept keys re-rotated to contiguous in-cache positions 0..kept-1
+(StreamingLLM's pos-shift, kvpress's KeyRerotationPress); new tokens then continue from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import cache as kvcache
+from models.config import ModelConfig
+from models.llama import Observe
+from models.rope import apply_rope
+
+NEG = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What a policy sees (stacked over layers; window/column/qkv fields only if requested).
+
+    cache: the full cache before compression (keys post-RoPE [L, B, Hkv, S, d], positions [L, B, Hkv, S]).
+    window_probs [L, B, Hq, w, S], window_queries [L, B, Hq, w, d], column_sums [L, B, Hq, S],
+    q_pre [L, B, Hq, T, d], k_pre / v [L, B, Hkv, T, d] of the tokens of the last forward,
+    accumulated [L, B, Hkv, S]: the running per-slot score of accumulating policies.
+    """
+
+    cache: kvcache.KVCache
+    config: ModelConfig
+    window_probs: Optional[jax.Array] = None
+    window_queries: Optional[jax.Array] = None
+    column_sums: Optional[jax.Array] = None
+    q_pre: Optional[jax.Array] = None
+    k_pre: Optional[jax.Array] = None
+    v: Optional[jax.Array] = None
+    accumulated: Optional[jax.Array] = None
+
+    @staticmethod
+    def from_forward(cache, config, obs: dict, accumulated=None) -> "Observation":
+        return Observation(cache=cache, config=config, window_probs=obs.get("window_probs"),
+                           window_queries=obs.get("window_queries"), column_sums=obs.get("column_sums"),
+                           q_pre=obs.get("q_pre"), k_pre=obs.get("k_pre"), v=obs.get("v"),
+                           accumulated=accumulated)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringPolicy:
+    """Base class; subclasses set `observe` needs and implement `score`."""
+
+    @property
+    def observe(self) -> Observe:
+        return Observe()
+
+    accumulates = False
+    rerotate = False
+
+    def score(self, obs: Observation) -> jax.Array:  # [L, B, Hkv, S]
+        raise NotImplementedError
+
+    def accumulate(self, obs: Observation) -> jax.Array:
+        """Per-slot increment of the running score after a forward ([L, B, Hkv, S])."""
+        raise NotImplementedError
+
+    def head_budgets(self, scores: jax.Array, n_keep: jax.Array) -> jax.Array:
+        """Tokens to keep per head `[L, B, Hkv]` given the uniform per-head budget `n_keep [B]`."""
+        return jnp.broadcast_to(n_keep[None, :, None], scores.shape[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers used by the methods.
+
+def group_reduce(x: jax.Array, kv_heads: int, how: str = "mean") -> jax.Array:
+    """Reduce a per-query-head axis to kv heads: [..., Hq, S] with Hq on axis -2 -> [..., Hkv, S]."""
+    *lead, hq, s = x.shape
+    g = x.reshape(*lead, kv_heads, hq // kv_heads, s)
+    return g.mean(-2) if how == "mean" else g.max(-2)
+
+
+def window_scores(obs: Observation, window: int) -> jax.Array:
+    """Observation-window attention summed over the last `window` queries: [L, B, Hq, S].
+
+    Keys inside the window are excluded later by protecting the most recent tokens."""
+    if obs.window_probs is None:
+        raise ValueError("this policy needs window attention probabilities (Observe(window=...))")
+    return obs.window_probs[..., -window:, :].sum(-2)
+
+
+def newest_mask(positions: jax.Array, n: int) -> jax.Array:
+    """[..., S] bool: slot holds one of the `n` highest positions of its (layer, batch, head)."""
+    if n <= 0:
+        return jnp.zeros(positions.shape, bool)
+    latest = positions.max(-1, keepdims=True)
+    return (positions >= 0) & (positions > latest - n)
+
+
+def oldest_mask(positions: jax.Array, n: int) -> jax.Array:
+    """[..., S] bool: slot holds one of the first `n` token positions (attention sinks)."""
+    return (positions >= 0) & (positions < n)
+
+
+def protect(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Force-keep masked slots (their score becomes +inf)."""
+    return jnp.where(mask, jnp.inf, scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets.
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How many tokens each head keeps: a kept `ratio` of the context (0 < ratio <= 1) or `tokens`.
+
+    Note kvpress's `compression_ratio` is the fraction removed: our ratio 0.25 = kvpress 0.75."""
+
+    ratio: Optional[float] = None
+    tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.tokens is None):
+            raise ValueError("give exactly one of Budget(ratio=...) or Budget(tokens=...)")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"budget ratio must be in (0, 1], got {self.ratio}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ValueError(f"budget must be a positive token count, got {self.tokens}")
+
+    @staticmethod
+    def parse(value) -> "Budget":
+        """'0.25' -> ratio, '512' -> tokens."""
+        v = float(value)
+        if v <= 0:
+            raise ValueError(f"budget must be positive, got {value}")
+        return Budget(ratio=v) if v <= 1 else Budget(tokens=int(v))
+
+    def kept(self, context: int) -> int:
+        """Tokens kept out of `context` (never more than the context)."""
+        n = self.tokens if self.tokens is not None else max(1, int(round(self.ratio * context)))
+        return min(n, context)
+
+    def __str__(self):
+        return f"{self.ratio:g}" if self.ratio is not None else f"{self.tokens}tok"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection.
+
+def select(scores: jax.Array, valid: jax.Array, counts: jax.Array, max_keep: int) -> jax.Array:
+    """Top-`counts` slots per head, sorted by slot; -1 pads heads that keep fewer.
+
+    scores, valid: [L, B, Hkv, S]; counts: [L, B, Hkv] int; returns [L, B, Hkv, max_keep] int32."""
+    s = jnp.where(valid, scores.astype(jnp.float32), NEG)
+    # ties -> older slot first: lax.top_k is stable (lower index wins among equals)
+    _, idx = jax.lax.top_k(s, max_keep)
+    rank = jnp.arange(max_keep)
+    ok = (rank < counts[..., None]) & jnp.take_along_axis(valid, idx, axis=-1)
+    idx = jnp.where(ok, idx, jnp.iinfo(jnp.int32).max)
+    idx = jnp.sort(idx, axis=-1)
+    return jnp.where(idx == jnp.iinfo(jnp.int32).max, -1, idx).astype(jnp.int32)
+
+
+def rerotate_keys(cache: kvcache.KVCache, config: ModelConfig) -> kvcache.KVCache:
+    """Move every live key from its stored position to its slot index (contiguous positions).
+
+    RoPE composes additively, so rotating a post-RoPE key by (new - old) equals rotating the
+    pre-RoPE key by new."""
+    slot = jnp.arange(cache.capacity, dtype=jnp.int32)
+    new_pos = jnp.where(cache.valid, slot, -1)
+    delta = jnp.where(cache.valid, new_pos - cache.positions, 0)
+    lead = cache.keys.shape[:-2]
+    k = cache.keys.reshape((-1,) + cache.keys.shape[-3:])       # [L*B, Hkv, S, d]
+    rot = apply_rope(k, delta.reshape((-1,) + delta.shape[-2:]), config).reshape(cache.keys.shape)
+    del lead
+    return dataclasses.replace(cache, keys=rot, positions=new_pos)
+
+
+def compress(policy: ScoringPolicy, obs: Observation, n_keep: jax.Array, capacity: int,
+             max_keep: int, state: Optional[jax.Array] = None):
+    """Keep each head's best `n_keep` (or the policy's per-head allocation) slots.
+
+    n_keep: [B] int tokens per head for each batch row (<= max_keep); capacity: slots of the new
+    cache (>= max_keep, the rest is room for new tokens); state: optional running per-slot score
+    [L, B, Hkv, S] gathered along. Returns (cache, state)."""
+    cache = obs.cache
+    scores = policy.score(obs)
+    counts = policy.head_budgets(scores, n_keep)
+    idx = select(scores, cache.valid, counts, max_keep)
+    new = kvcache.gather(cache, idx, capacity)
+    if policy.rerotate:
+        new = rerotate_keys(new, obs.config)
+    if state is not None:
+        safe = jnp.clip(idx, 0, None)
+        state = jnp.where(idx >= 0, jnp.take_along_axis(state, safe, axis=-1), 0.0)
+        state = jnp.pad(state, [(0, 0)] * 3 + [(0, capacity - max_keep)])
+    return new, state

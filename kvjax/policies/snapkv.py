@@ -1,0 +1,61 @@
+"""SnapKV (Li et al., 2024, arXiv 2404.14469): observation-window attention, pooled.
+
+score_j = pool1d(sum_{i in window} softmax(q_i k^T / sqrt(d))_j), averaged over the GQA group
+(kvpress convention); the window's own tokens are always kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.policies.base import Observation, ScoringPolicy, group_reduce, newest_mask, protect, window_scores
+from models.llama import Observe
+
+
+def pool1d(x: jax.Array, kernel: int, how: str = "avg") -> jax.Array:
+    """Stride-1 pooling over the last axis with `kernel // 2` padding on both sides (output same length).
+
+    avg pooling divides by the full kernel (zero padding counted), as torch's avg_pool1d does."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    if how == "avg":
+        xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
+        c = jnp.cumsum(xp, axis=-1)
+        c = jnp.pad(c, [(0, 0)] * (x.ndim - 1) + [(1, 0)])
+        out = (c[..., kernel:] - c[..., :-kernel]) / kernel
+    else:
+        xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], constant_values=-jnp.inf)
+        out = jax.lax.reduce_window(xp, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,),
+                                    (1,) * x.ndim, "VALID")
+    return out[..., : x.shape[-1]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(ScoringPolicy):
+    """window: observation queries (kvpress 64; paper code 32); kernel: pooling size; pool: avg|max."""
+
+    window: int = 64
+    kernel: int = 5
+    pool: str = "avg"
+    reduce: str = "mean"
+
+    def __post_init__(self):
+        if self.window <= 0 or self.kernel <= 0:
+            raise ValueError(f"window and kernel must be positive, got {self.window}, {self.kernel}")
+        if self.pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
+
+    @property
+    def observe(self) -> Observe:
+        return Observe(window=self.window)
+
+    def score(self, obs: Observation) -> jax.Array:
+        # Window queries attend to the window keys too (causally); those columns are protected
+        # anyway, so pooling over them only mirrors what the reference implementations do.
+        s = window_scores(obs, self.window)                 # [L, B, Hq, S]
+        s = group_reduce(s, obs.cache.keys.shape[2], self.reduce)
+        s = pool1d(s, self.kernel, self.pool)
+        return protect(s, newest_mask(obs.cache.positions, self.window))
