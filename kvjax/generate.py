@@ -60,6 +60,15 @@ def forward_jit(params, tokens, positions, cache, config: ModelConfig, observe: 
     return forward(params, tokens, positions, cache, config, observe, all_logits)
 
 
+def continue_positions(cache: kvcache.KVCache, positions: jax.Array) -> jax.Array:
+    """Shift `positions [batch, new]` so each row continues after the highest position its cache
+    holds (padding stays -1). Used when a policy re-assigns contiguous in-cache positions."""
+    start = jnp.max(cache.positions, axis=(0, 2, 3)) + 1                 # [batch]
+    first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max), axis=1)
+    shifted = positions - first[:, None] + start[:, None]
+    return jnp.where(positions >= 0, shifted, -1).astype(jnp.int32)
+
+
 def prefill(params, config: ModelConfig, tokens, positions, cache: kvcache.KVCache,
             chunk_size: Optional[int] = None, progress: bool = False,
             compression: Optional[Compression] = None, n_keep=None, max_keep: int = 0,
@@ -81,7 +90,11 @@ def prefill(params, config: ModelConfig, tokens, positions, cache: kvcache.KVCac
     logits = obs = None
     for s in starts:
         e = min(s + chunk, t)
-        logits, cache, obs = forward_jit(params, tokens[:, s:e], positions[:, s:e], cache, config, observe)
+        pos = positions[:, s:e]
+        if compression is not None and compression.policy.rerotate and s > 0:
+            # in-cache positions: the chunk continues right after what the cache holds
+            pos = continue_positions(cache, pos)
+        logits, cache, obs = forward_jit(params, tokens[:, s:e], pos, cache, config, observe)
         if compression is not None:
             state = accumulate(compression.policy, config, cache, obs, state)
             if compression.when == "chunk":
@@ -126,6 +139,8 @@ def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, ke
                 full, lambda c, s: compress_cache(compression.policy, config, c, last_obs(c), n_keep,
                                                   c.capacity, max_keep, s),
                 lambda c, s: (c, s), cache, state)
+            if compression.policy.rerotate:  # contiguous in-cache positions: continue after them
+                pos = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
         logits, cache, obs = forward(params, tok[:, None], pos[:, None], cache, config, observe, False)
         if in_loop:
             state = accumulate(compression.policy, config, cache, obs, state)
