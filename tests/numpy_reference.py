@@ -21,8 +21,11 @@ def _rope_complex(x, pos, theta):
     return np.concatenate([z.real, z.imag], axis=-1)
 
 
-def reference_logits(params, config, tokens) -> np.ndarray:
-    """Logits [seq, vocab] float64 for one unpadded sequence `tokens [seq]`."""
+def reference_logits(params, config, tokens, at=None) -> np.ndarray:
+    """Logits [seq, vocab] float64 for one unpadded sequence `tokens [seq]`.
+
+    at: optional positions to return logits for (`[n]` -> `[n, vocab]`), to save memory on long inputs.
+    Handles qkv biases (Qwen2) and per-head q/k RMS norms before RoPE (Qwen3) when present."""
     p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else v) for k, v in params.items()}
     lay = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
     t = len(tokens)
@@ -32,9 +35,12 @@ def reference_logits(params, config, tokens) -> np.ndarray:
     x = p["embed"][np.asarray(tokens)]
     for l in range(config.n_layers):
         h = _rms(x, lay["attn_norm"][l], config.norm_eps)
-        q = (h @ lay["wq"][l]).reshape(t, hq, d)
-        k = (h @ lay["wk"][l]).reshape(t, hkv, d)
-        v = (h @ lay["wv"][l]).reshape(t, hkv, d)
+        q, k, v = h @ lay["wq"][l], h @ lay["wk"][l], h @ lay["wv"][l]
+        if "bq" in lay:
+            q, k, v = q + lay["bq"][l], k + lay["bk"][l], v + lay["bv"][l]
+        q, k, v = q.reshape(t, hq, d), k.reshape(t, hkv, d), v.reshape(t, hkv, d)
+        if "q_norm" in lay:
+            q, k = _rms(q, lay["q_norm"][l], config.norm_eps), _rms(k, lay["k_norm"][l], config.norm_eps)
         q, k = _rope_complex(q, pos, config.rope_theta), _rope_complex(k, pos, config.rope_theta)
         out = np.empty((t, hq, d))
         for head in range(hq):
@@ -47,6 +53,8 @@ def reference_logits(params, config, tokens) -> np.ndarray:
         h = _rms(x, lay["mlp_norm"][l], config.norm_eps)
         g = h @ lay["w_gate"][l]
         x = x + (g / (1 + np.exp(-g)) * (h @ lay["w_up"][l])) @ lay["w_down"][l]
+    if at is not None:
+        x = x[np.asarray(at)]
     x = _rms(x, p["final_norm"], config.norm_eps)
     head = p["embed"].T if config.tie_embeddings else p["lm_head"]
     return x @ head

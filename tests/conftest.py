@@ -1,0 +1,17 @@
+"""Shared pytest fixtures: the embedded SmolLM2 model and its tokenizer, loaded once per session."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(config, params) of the embedded SmolLM2-135M-Instruct GGUF, dequantized to float32."""
+    from models.loading import load_model
+    return load_model("smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from models.tokenizer import load_tokenizer
+    return load_tokenizer("smollm2")
