@@ -23,7 +23,8 @@ def _format_stats(stats: dict) -> str:
     return (f"prompt {stats['prompt_tokens']} tok, prefill {stats['prefill_tok_per_s']:.0f} tok/s "
             f"({stats['prefill_s']:.2f} s) | decode {stats['generated_tokens']} tok at "
             f"{stats['decode_tok_per_s']:.1f} tok/s | cache {stats['cache_bytes'] / 2**20:.1f} MiB "
-            f"({stats['cache_capacity']} slots/head) | {stats['backend']} {stats['attention']}")
+            f"({stats['cache_capacity']} slots/head, peak {stats['peak_cache_bytes'] / 2**20:.1f} MiB) | "
+            f"compression {stats['compression']} | {stats['backend']} {stats['attention']}")
 
 
 def run_prompt(config, params, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int, **kwargs):
@@ -33,8 +34,20 @@ def run_prompt(config, params, tokenizer, prompt: str, *, chat: bool, max_new_to
         raise ValueError("empty prompt")
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     ids = tokenizer.encode(text)
-    result = generate(params, config, [ids], max_new_tokens, pad_id=tokenizer.pad_id, **kwargs)
-    return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result.stats
+    result = generate(params, config, [ids], max_new_tokens, pad_id=tokenizer.pad_id, tokenizer=tokenizer, **kwargs)
+    return result.text[0], result.stats
+
+
+def compression_from_args(args):
+    """`--policy NAME --budget B [--when prefill|chunk|decode] [--interval N]` -> Compression or None."""
+    if not args.policy:
+        return None
+    from kvjax.compression import Compression
+    from kvjax.policies import Budget, make_policy
+    if args.budget is None:
+        raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
+    return Compression(make_policy(args.policy), Budget.parse(args.budget), when=args.when,
+                       interval=args.interval)
 
 
 def cmd_generate(args) -> int:
@@ -43,9 +56,11 @@ def cmd_generate(args) -> int:
     answer, stats = run_prompt(config, params, tokenizer, args.prompt, chat=args.chat,
                                max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                                sampling=Sampling(args.temperature, args.top_k, args.top_p),
-                               seed=args.seed, progress=True)
+                               seed=args.seed, progress=True, compression=compression_from_args(args))
     print(answer)
     print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}", file=sys.stderr)
+    for note in stats["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -71,6 +86,14 @@ def cmd_demo(args) -> int:
                                chunk_size=256, progress=True)
     print(f"\n>>> [{stats['prompt_tokens']}-token passage with a hidden passkey 68239] "
           f"What is the secret passkey?\n{answer.strip()}\n  ({_format_stats(stats)})")
+    # The same long prompt with SnapKV keeping 25% of the context (question-aware: the question is
+    # the observation window at the end of the prompt).
+    from kvjax.compression import Compression
+    from kvjax.policies import Budget, make_policy
+    snap = Compression(make_policy("snapkv"), Budget(ratio=0.25))
+    answer, stats = run_prompt(config, params, tokenizer, long_prompt, chat=True, max_new_tokens=32,
+                               compression=snap, progress=True)
+    print(f"\n>>> same passage, SnapKV keeping 25% of the KV cache\n{answer.strip()}\n  ({_format_stats(stats)})")
     return 0
 
 
@@ -92,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--policy", default=None, help="compression policy name (see kvjax.policies.POLICIES)")
+    gen.add_argument("--budget", default=None, help="kept tokens per head: ratio (0.25) or count (512)")
+    gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
+                     help="compress once after prefill, after every prefill chunk, or during decode")
+    gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
     gen.set_defaults(func=cmd_generate)
     return parser
 

@@ -171,8 +171,12 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              sampling: Sampling = Sampling(), chunk_size: Optional[int] = None,
              capacity: Optional[int] = None, cache_dtype=jnp.float32, pad_id: int = 0,
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
-             compression: Optional[Compression] = None, progress: bool = False) -> GenerateResult:
+             compression: Optional[Compression] = None, progress: bool = False,
+             tokenizer=None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
+
+    tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
+    (special tokens skipped) and its stop ids (e.g. ChatML's <|im_end|>) end generation.
 
     capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
@@ -181,7 +185,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    eos_ids = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
+    if eos_ids is None:
+        eos_ids = tuple(tokenizer.stop_ids) if tokenizer is not None else tuple(config.eos_token_ids)
+    eos_ids = tuple(int(i) for i in eos_ids)
     tokens, positions = left_pad(prompts, pad_id, bucket)
     lengths = [len(p) for p in prompts]
     if max(lengths) + max_new_tokens > config.max_position:
@@ -238,7 +244,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "backend": jax.default_backend(),
         "attention": "xla-reference",
     }
-    return GenerateResult(tokens=rows, stats=stats)
+    text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
+    return GenerateResult(tokens=rows, stats=stats, text=text)
 
 
 @dataclasses.dataclass(frozen=True)
