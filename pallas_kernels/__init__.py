@@ -1,0 +1,1 @@
+"""Pallas decode kernels (placeholder)."""
