@@ -49,3 +49,13 @@ def test_bad_input(smollm2_tokenizer):
         smollm2_tokenizer.encode(123)
     with pytest.raises(ValueError, match="at least one message"):
         smollm2_tokenizer.apply_chat_template([])
+
+
+def test_ids_match_hf_transformers_fixture(smollm2_tokenizer):
+    """Ids recorded by HF transformers' own GGUF tokenizer conversion (benchmarks/peers/hf_tokenizer_ids.py)."""
+    import json
+    import pathlib
+    fixture = json.loads((pathlib.Path(__file__).parent / "fixtures" / "hf_tokenizer_ids.json").read_text())
+    assert len(fixture["cases"]) >= 7
+    for case in fixture["cases"]:
+        assert smollm2_tokenizer.encode(case["text"]) == case["ids"], case["text"][:40]
