@@ -136,6 +136,8 @@ def resize(cache: KVCache, capacity: int) -> KVCache:
     """Same live tokens, new capacity (grow for decode room, or shrink to the live maximum).
 
     Shrinking below the longest head is an error (it would drop live tokens)."""
+    if not isinstance(cache, KVCache):  # additive (issue 3): other layouts (ThinK, Razor) resize themselves
+        return cache.resize(capacity)
     cur = cache.capacity
     if capacity >= cur:
         pad = capacity - cur

@@ -82,6 +82,22 @@ class ScoringPolicy:
         """Tokens to keep per head `[L, B, Hkv]` given the uniform per-head budget `n_keep [B]`."""
         return jnp.broadcast_to(n_keep[None, :, None], scores.shape[:3])
 
+    # --- Additive hooks (helper, issue 3: PyramidKV/AdaKV/Keyformer/ThinK/Razor/Duo); the
+    # defaults leave every existing policy unchanged.
+    def max_keep(self, n_keep: int, context: int) -> int:
+        """Slots per head the compressed cache must hold when the uniform budget keeps `n_keep` of
+        `context` tokens (policies whose per-layer/per-head budgets exceed it override this)."""
+        return n_keep
+
+    def adjust_scores(self, scores: jax.Array, obs: "Observation", n_keep: jax.Array) -> jax.Array:
+        """Scores after the budget `n_keep [B]` is known (e.g. Keyformer's recent share of it)."""
+        return scores
+
+    def finalize(self, new: kvcache.KVCache, obs: "Observation", idx: jax.Array):
+        """Turn the gathered cache into the policy's own cache layout (ThinK, RazorAttention).
+        idx: the kept slots of `obs.cache` per head [L, B, Hkv, max_keep] (-1 = none)."""
+        return new
+
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers used by the methods.
@@ -197,12 +213,13 @@ def compress(policy: ScoringPolicy, obs: Observation, n_keep: jax.Array, capacit
     cache (>= max_keep, the rest is room for new tokens); state: optional running per-slot score
     [L, B, Hkv, S] gathered along. Returns (cache, state)."""
     cache = obs.cache
-    scores = policy.score(obs)
+    scores = policy.adjust_scores(policy.score(obs), obs, n_keep)
     counts = policy.head_budgets(scores, n_keep)
     idx = select(scores, cache.valid, counts, max_keep)
     new = kvcache.gather(cache, idx, capacity)
     if policy.rerotate:
         new = rerotate_keys(new, obs.config)
+    new = policy.finalize(new, obs, idx)
     if state is not None:
         safe = jnp.clip(idx, 0, None)
         state = jnp.where(idx >= 0, jnp.take_along_axis(state, safe, axis=-1), 0.0)

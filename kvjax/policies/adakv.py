@@ -1,0 +1,108 @@
+"""AdaKV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation
+for Efficient LLM Inference", arXiv 2407.11550; FFY0/AdaKV `adaptive_snapkv/.../snapkv_utils.py`).
+
+Head-adaptive budgets inside a layer, over ANY scorer (`AdaKV(scorer=ExpectedAttention())`):
+
+    Bbase = n_keep (per-head uniform budget) ; floor = int(alpha * Bbase)
+    cnt_h = #{entries of head h among the top Hkv*Bbase scores of all heads of the layer}
+    b_h   = floor + round(cnt_h * (1 - alpha)),  with the rounding remainders settled so that
+            sum_h b_h = Hkv * Bbase exactly (largest fractional parts first)
+
+Scores are compared across heads as the scorer returns them (AdaKV's `normalize` option is not
+applied). Tokens a scorer protects (+inf: observation window, sinks) are counted inside b_h, so
+each head keeps at least its protected tokens when floor covers them. The official code keeps
+the window outside Bbase; here the window is part of n_keep (kvjax's budget includes it).
+
+Memory: the cache is allocated at the largest head's budget and the other heads are ragged
+inside it. Shapes are static, so the capacity is the bound floor + (1 - alpha) min(Hkv Bbase, n)
+(+1 for rounding), not the data-dependent maximum: allocated bytes shrink by n / capacity versus
+the full cache, but are larger than a uniform cache of the same average budget (the live tokens
+are the same). The official varlen flattened cache has no such overhead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.policies.base import Observation, ScoringPolicy
+from kvjax.policies.snapkv import SnapKV
+from models.llama import Observe
+
+
+def adaptive_budgets(scores: jax.Array, n_keep: jax.Array, alpha: float) -> jax.Array:
+    """Per-head budgets [..., Hkv] summing to Hkv * n_keep per layer.
+
+    scores [L, B, Hkv, S] (invalid slots -inf), n_keep [B] int."""
+    lead = scores.shape[:2]
+    hkv, s = scores.shape[2], scores.shape[3]
+    flat = scores.reshape(*lead, hkv * s)
+    total = (hkv * n_keep)[None, :]                                             # [1, B]
+    order = jnp.argsort(-flat, axis=-1, stable=True)                            # best first
+    rank = jnp.argsort(order, axis=-1)                                          # rank of every entry
+    chosen = (rank < total[..., None]) & (flat > -jnp.inf)
+    cnt = chosen.reshape(*lead, hkv, s).sum(-1).astype(jnp.float32)             # [L, B, Hkv]
+    floor = jnp.floor(alpha * n_keep).astype(jnp.int32)[None, :, None]          # [1, B, 1]
+    # the counts sum to Hkv*n_keep (given enough live slots), so the shares sum to Hkv*(n_keep-floor)
+    share = cnt * (1.0 - alpha)
+    rest = hkv * (n_keep[None, :, None] - floor)                                # to distribute
+    base = jnp.floor(share).astype(jnp.int32)
+    left = rest - base.sum(-1, keepdims=True)                                   # remainders
+    frac = share - base
+    pos = jnp.argsort(jnp.argsort(-frac, axis=-1, stable=True), axis=-1)
+    b = floor + base + left // hkv + (pos < left % hkv).astype(jnp.int32)
+    return b
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKV(ScoringPolicy):
+    """scorer: any scoring policy (official: SnapKV window 32, kernel 7, max pooling);
+    alpha: the per-head floor fraction (official config_compress 0.5; KVCache-Factory 0.2)."""
+
+    scorer: ScoringPolicy = SnapKV(window=32, kernel=7, pool="max")
+    alpha: float = 0.5
+    kv_heads: int = 0  # the model's kv heads, to size the cache tightly (0: bound by the context)
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if isinstance(self.scorer, AdaKV):
+            raise ValueError("AdaKV cannot wrap another AdaKV")
+
+    @property
+    def observe(self) -> Observe:
+        return self.scorer.observe
+
+    @property
+    def accumulates(self) -> bool:  # type: ignore[override]
+        return self.scorer.accumulates
+
+    @property
+    def rerotate(self) -> bool:  # type: ignore[override]
+        return self.scorer.rerotate
+
+    def accumulate(self, obs: Observation) -> jax.Array:
+        return self.scorer.accumulate(obs)
+
+    def score(self, obs: Observation) -> jax.Array:
+        return jnp.where(obs.cache.valid, self.scorer.score(obs), -jnp.inf)
+
+    def adjust_scores(self, scores, obs, n_keep):
+        return self.scorer.adjust_scores(scores, obs, n_keep)
+
+    def head_budgets(self, scores: jax.Array, n_keep: jax.Array) -> jax.Array:
+        if self.kv_heads and self.kv_heads != scores.shape[2]:
+            raise ValueError(f"AdaKV(kv_heads={self.kv_heads}) but the cache has {scores.shape[2]} kv heads")
+        return adaptive_budgets(scores, n_keep, self.alpha)
+
+    def max_keep(self, n_keep: int, context: int) -> int:
+        """Static bound on the largest head budget: floor + (1 - alpha) * min(Hkv * n_keep, context)
+        (a head is picked at most Hkv * n_keep times and holds at most `context` tokens)."""
+        picks = context if self.kv_heads <= 0 else min(self.kv_heads * n_keep, context)
+        worst = math.floor(self.alpha * n_keep) + math.ceil((1 - self.alpha) * picks) + 1
+        return int(min(context, max(worst, n_keep)))
+
+    def finalize(self, new, obs, idx):
+        return self.scorer.finalize(new, obs, idx)
