@@ -172,11 +172,13 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              capacity: Optional[int] = None, cache_dtype=jnp.float32, pad_id: int = 0,
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
              compression: Optional[Compression] = None, progress: bool = False,
-             tokenizer=None) -> GenerateResult:
+             tokenizer=None, cache_init: Optional[Callable] = None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
     tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
     (special tokens skipped) and its stop ids (e.g. ChatML's <|im_end|>) end generation.
+    cache_init: `(config, batch, capacity) -> cache` for another cache type with the same protocol
+    (e.g. `functools.partial(kvjax.quant.kivi.init_kivi_cache, bits=2)`); default: a dense KVCache.
 
     capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
@@ -199,8 +201,11 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
             raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
                              f"{plan.prefill_capacity} cache slots, but capacity is {capacity}")
         plan = dataclasses.replace(plan, prefill_capacity=capacity)
-    cache = kvcache.init_cache(config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity,
-                               config.head_dim, cache_dtype)
+    if cache_init is not None:
+        cache = cache_init(config, len(prompts), plan.prefill_capacity)
+    else:
+        cache = kvcache.init_cache(config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity,
+                                   config.head_dim, cache_dtype)
     peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
     state = (jnp.zeros(cache.positions.shape, jnp.float32)
              if plan.compression is not None and plan.compression.policy.accumulates else None)
@@ -273,7 +278,8 @@ def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chu
     if all(k >= n for k, n in zip(n_keep, lengths)):
         return dataclasses.replace(full, notes=(
             f"budget {compression.budget} keeps the whole context ({max(lengths)} tokens): no compression",))
-    max_keep = max(n_keep)
+    # per-layer/per-head budgets (PyramidKV, AdaKV, head-type methods) may need more slots than n_keep
+    max_keep = max(compression.policy.max_keep(k, n) for k, n in zip(n_keep, lengths))
     if compression.when == "chunk":
         chunk = chunk_size or padded_len
         prefill_cap = min(padded_len, max_keep + chunk)
