@@ -63,12 +63,12 @@ def load_config(path, **overrides) -> LocretTrainConfig:
     tr = raw.pop("train", {})
     tr.update({k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}
                and v is not None})
-    top = {k: v for k, v in overrides.items() if k in {"n_examples"} and v is not None}
+    raw.update({k: v for k, v in overrides.items() if k in {"n_examples"} and v is not None})
     tiny = tuple(sorted(raw.pop("tiny", {}).items()))
     unknown = set(raw) - {f.name for f in dataclasses.fields(LocretTrainConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-    return LocretTrainConfig(**raw, **top, tiny=tiny, data=data, train=TrainConfig(**tr))
+    return LocretTrainConfig(**raw, tiny=tiny, data=data, train=TrainConfig(**tr))
 
 
 def load_backbone(cfg: LocretTrainConfig) -> tuple[ModelConfig, dict]:
@@ -208,7 +208,8 @@ def batch_fn_for(data: dict, batch_size: int, seed: int):
     return fn
 
 
-def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labels_path=None) -> dict:
+def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labels_path=None,
+        export_dtype: str = "float32") -> dict:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -221,7 +222,7 @@ def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labe
                                                                                cfg.train.seed),
                            cfg.train, ckpt_dir=out / "ckpt", progress=progress, die_after=die_after)
     save_heads(out / "heads", heads, spec, extra={"steps": cfg.train.steps, "train_config": json.loads(
-        json.dumps(dataclasses.asdict(cfg), default=str))})
+        json.dumps(dataclasses.asdict(cfg), default=str))}, dtype=export_dtype)
     summary = {"model": config.name, "steps": cfg.train.steps, "labels_s": t_labels,
                "total_s": time.perf_counter() - t0, "final": history[-1] if history else None,
                "backend": jax.default_backend()}
@@ -242,13 +243,15 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, dest="n_examples")
     ap.add_argument("--labels", help="label cache file (default <out>/labels.npz)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--export-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--die-after", type=int, help=argparse.SUPPRESS)   # tests: SIGKILL after this checkpoint
     a = ap.parse_args(argv)
     cfg = load_config(a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                       dtype=a.dtype, ckpt_every=a.ckpt_every, n_examples=a.n_examples)
     if cfg.train.warmup_steps > cfg.train.steps:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=cfg.train.steps * 2 // 3))
-    summary = run(cfg, a.out, progress=not a.no_progress, die_after=a.die_after, labels_path=a.labels)
+    summary = run(cfg, a.out, progress=not a.no_progress, die_after=a.die_after, labels_path=a.labels,
+                  export_dtype=a.export_dtype)
     print(json.dumps(summary))
 
 

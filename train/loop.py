@@ -141,6 +141,8 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[in
             history.append(rec)
             if progress:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+            elif done % (cfg.log_every * 10) == 0 or done == cfg.steps:
+                print(json.dumps(rec), flush=True)
             if log_path is not None:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")

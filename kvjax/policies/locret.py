@@ -116,15 +116,20 @@ def check_heads(heads: dict, spec: HeadSpec) -> None:
                              f"for {spec.model} ({spec.n_layers} layers, {spec.n_kv_heads} kv heads)")
 
 
-def save_heads(directory, heads: dict, spec: HeadSpec, extra: Optional[dict] = None) -> pathlib.Path:
-    """Write `meta.json` + `heads.npz` (only the trained pieces) into `directory`."""
+def save_heads(directory, heads: dict, spec: HeadSpec, extra: Optional[dict] = None,
+               dtype: str = "float32") -> pathlib.Path:
+    """Write `meta.json` + `heads.npz` (only the trained pieces) into `directory`.
+
+    dtype: "float32" (exact) or "float16" (half the size, for shipping)."""
     check_heads(heads, spec)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"export dtype must be float32 or float16, got {dtype!r}")
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(jax.device_get(v), np.float32) for k, v in heads.items()}
+    arrays = {k: np.asarray(jax.device_get(v), np.float32).astype(dtype) for k, v in heads.items()}
     np.savez(d / WEIGHTS_FILE, **arrays)
     meta = {"format": HEADS_FORMAT, "version": HEADS_VERSION, **dataclasses.asdict(spec),
-            "activation": "silu", "input": "concat(q, k, v) pre-RoPE", **(extra or {})}
+            "activation": "silu", "input": "concat(q, k, v) pre-RoPE", "dtype": dtype, **(extra or {})}
     (d / META_FILE).write_text(json.dumps(meta, indent=1))
     return d
 
@@ -160,7 +165,7 @@ def load_heads(path, config: ModelConfig, check_name: bool = True) -> dict:
                              f"in the heads but {getattr(mine, field)} in the model")
     try:
         with np.load(w_path) as z:
-            heads = {k: jnp.asarray(z[k]) for k in z.files}
+            heads = {k: jnp.asarray(z[k], jnp.float32) for k in z.files}
     except Exception as e:  # zipfile / pickle errors: say which file
         raise ValueError(f"{w_path}: cannot read the head weights ({type(e).__name__}: {e})") from None
     check_heads(heads, spec)
