@@ -278,6 +278,13 @@ def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chu
     if all(k >= n for k, n in zip(n_keep, lengths)):
         return dataclasses.replace(full, notes=(
             f"budget {compression.budget} keeps the whole context ({max(lengths)} tokens): no compression",))
+    window = compression.observe.window
+    if window and min(lengths) <= window:
+        raise ValueError(f"{type(compression.policy).__name__}'s observation window ({window} queries) must be "
+                         f"shorter than the context ({min(lengths)} tokens): lower the window or give more context")
+    if window and compression.when == "chunk" and chunk_size is not None and chunk_size < window:
+        raise ValueError(f"chunk size {chunk_size} is smaller than {type(compression.policy).__name__}'s "
+                         f"observation window ({window} queries)")
     # per-layer/per-head budgets (PyramidKV, AdaKV, head-type methods) may need more slots than n_keep
     max_keep = max(compression.policy.max_keep(k, n) for k, n in zip(n_keep, lengths))
     if compression.when == "chunk":
