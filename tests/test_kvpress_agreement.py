@@ -24,9 +24,11 @@ import pytest
 
 from kvjax import cache as kvcache
 from kvjax.policies.base import Observation, compress
+from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
+from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
 from models.llama import Observe, forward
 
@@ -66,7 +68,7 @@ def observed(smollm2, peer):
     """Per prompt: (Observation after a full prefill, T), for the union of every tested policy's needs."""
     config, params = smollm2
     z, settings = peer
-    pols = list(_policies().values()) + [p for p in (_expected_attention(), _think()) if p is not None]
+    pols = list(_policies().values()) + [ExpectedAttention(), ThinK(query_window=32)]
     observe = _union_observe(pols)
     out = []
     for p in range(len(settings["prompts"])):
@@ -74,12 +76,14 @@ def observed(smollm2, peer):
         t = ids.shape[1]
         cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
         _, cache, obs = _forward(params, ids, jnp.arange(t, dtype=jnp.int32)[None], cache, config, observe)
-        out.append((Observation.from_forward(cache, config, obs), t))
+        out.append((Observation.from_forward(cache, config, obs), t, obs))
     return out
 
 
-def _kept(policy, obs: Observation, n: int) -> np.ndarray:
-    """Our kept token indices [layers, kv_heads, n] through the shared compress path (positions = indices)."""
+def _kept(policy, obs: Observation, raw: dict, n: int) -> np.ndarray:
+    """Our kept token indices [layers, kv_heads, n] through the shared compress path (score -> select ->
+    gather at the budget); after a prefill from position 0 a slot's position is its token index."""
+    del raw
     new, _ = compress(policy, obs, jnp.array([n], jnp.int32), capacity=n, max_keep=n)
     kept = np.asarray(new.positions[:, 0])
     assert (kept >= 0).all(), "a head kept fewer than n tokens"
@@ -96,12 +100,12 @@ def _check_method(name, policy, peer, observed, ratios=None):
     """Agreement >= 99% for every (prompt, ratio); returns {(prompt, ratio): (agreement, ours, ref)}."""
     z, settings = peer
     results = {}
-    for p, (obs, t) in enumerate(observed):
+    for p, (obs, t, raw) in enumerate(observed):
         for r in ratios or settings["ratios_removed"]:
             ref = z[f"kept/{name}/{r:g}/{p}"].astype(np.int64)
             n = ref.shape[-1]
             assert n == int(t * (1 - r)), "fixture n_kept is not kvpress's int(T * (1 - ratio))"
-            ours = _kept(policy, obs, n)
+            ours = _kept(policy, obs, raw, n)
             agree = _agreement(ours, ref)
             results[p, r] = (agree.mean(), ours, ref)
             assert agree.mean() >= MIN_AGREEMENT, (
@@ -173,14 +177,14 @@ def test_scorer_matches_kvpress_up_to_float_ties(name, peer, observed):
 
 def test_knorm_scores_match_kvpress(peer, observed):
     z, _ = peer
-    for p, (obs, _) in enumerate(observed):
+    for p, (obs, _, _) in enumerate(observed):
         ours = np.asarray(KNorm().score(obs)[:, 0])
         np.testing.assert_allclose(ours, z[f"scores/knorm/{p}"], rtol=1e-5, atol=0)
 
 
 def test_tova_scores_match_kvpress(peer, observed):
     z, _ = peer
-    for p, (obs, t) in enumerate(observed):
+    for p, (obs, t, _) in enumerate(observed):
         ours = np.asarray(TOVA().score(obs)[:, 0])
         ref = z[f"scores/tova/{p}"]
         # the last token is protected in both (ours +inf, kvpress max+1); compare the rest
@@ -201,7 +205,7 @@ def test_snapkv_scores_match_kvpress_away_from_window_edge(peer, observed):
     lets window columns into the pool."""
     z, _ = peer
     pol = _policies()["snapkv"]
-    for p, (obs, t) in enumerate(observed):
+    for p, (obs, t, _) in enumerate(observed):
         ours = np.asarray(pol.score(obs)[:, 0], np.float64)
         ref = z[f"scores/snapkv/{p}"].astype(np.float64)
         stop = t - pol.window - pol.kernel // 2
@@ -213,19 +217,48 @@ def test_snapkv_scores_match_kvpress_away_from_window_edge(peer, observed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Policies written in parallel (expected_attention.py, think.py): tested when present.
+# ExpectedAttention (kvpress's own method) and ThinK (key channels).
 
-def _expected_attention():
-    try:
-        mod = importlib.import_module("kvjax.policies.expected_attention")
-    except ModuleNotFoundError:
-        return None
-    return mod.ExpectedAttention()
+def test_expected_attention_defaults_are_kvpress(peer):
+    _, settings = peer
+    ref = settings["methods"]["expected_attention"]["settings"][f"{settings['ratios_removed'][0]:g}"]
+    ours = ExpectedAttention()
+    assert (ours.n_future_positions, ours.n_sink, ours.use_covariance, ours.use_vnorm, ours.epsilon) == (
+        ref["n_future_positions"], ref["n_sink"], ref["use_covariance"], ref["use_vnorm"], ref["epsilon"])
 
 
-def _think():
-    try:
-        mod = importlib.import_module("kvjax.policies.think")
-    except ModuleNotFoundError:
-        return None
-    return mod.ThinK()
+def test_expected_attention_matches_kvpress(peer, observed):
+    z, settings = peer
+    r0 = settings["ratios_removed"][0]
+    for (p, r), (_, ours, ref) in _check_method("expected_attention", ExpectedAttention(), peer, observed).items():
+        if r == r0:
+            bad = _unexplained(ours, ref, z[f"scores/expected_attention/{p}"], ref.shape[-1])
+            assert not bad, f"expected_attention prompt {p}: {len(bad)} non-tie disagreements, e.g. {bad[:5]}"
+
+
+def test_expected_attention_scores_match_kvpress(peer, observed):
+    z, _ = peer
+    pol = ExpectedAttention()
+    for p, (obs, t, _) in enumerate(observed):
+        ours = np.asarray(pol.score(obs)[:, 0], np.float64)
+        ref = z[f"scores/expected_attention/{p}"].astype(np.float64)
+        n = pol.n_sink                  # sinks: ours +inf, kvpress max+1
+        assert np.isposinf(ours[..., :n]).all()
+        scale = np.abs(ref[..., n:]).max(-1, keepdims=True)
+        np.testing.assert_allclose(ours[..., n:] / scale, ref[..., n:] / scale, atol=1e-4, rtol=0)
+
+
+def test_think_kept_channels_match_kvpress(peer, observed):
+    """kvpress's ThinKPress alone prunes channels of ALL prompt keys; ours does it after its token
+    eviction, so a budget of the whole prompt reproduces the standalone press."""
+    z, settings = peer
+    for p, (obs, t, _) in enumerate(observed):
+        for r in settings["think_channel_ratios_removed"]:
+            ref = z[f"kept/think/{r:g}/{p}"].astype(np.int64)
+            pol = ThinK(pruning_ratio=r, query_window=32)
+            assert ref.shape[-1] == obs.config.head_dim - pol.n_pruned(obs.config.head_dim)
+            new, _ = compress(pol, obs, jnp.array([t], jnp.int32), capacity=t, max_keep=t)
+            ours = np.sort(np.asarray(new.channels[:, 0]), axis=-1)
+            agree = np.mean(ours == ref)
+            assert agree >= MIN_AGREEMENT, f"think prompt {p} ratio {r}: channel agreement {agree:.4f}"
+            np.testing.assert_array_equal(ours, ref)
