@@ -1,0 +1,296 @@
+"""The evaluation grid: policies x budgets x regimes against the full cache, as one table.
+
+    rows = run_grid(params, config, tokenizer, text, EvalConfig(policies=("snapkv", "h2o")), out_dir="docs/eval")
+
+For every (policy, budget, regime) -- regime = when the `kvjax.compression.Compression` acts:
+"prefill" (once after the prompt), "chunk" (after every prefill chunk) or "decode" (after prefill
+and whenever the decode room fills) -- the row reports (DESIGN.md §Evaluation):
+
+  kl, ppl        fidelity on a teacher-forced continuation of real text (`kvjax.eval.fidelity`)
+  needle_*       passkey / key-value retrieval: answer log-prob, teacher-forced accuracy, greedy
+                 exact match (`kvjax.eval.needle`)
+  cache_bytes    bytes allocated for the cache during the continuation (peak_cache_bytes: the
+                 largest cache allocated, prefill included)
+  prefill_s, decode_ms_per_tok   execution time on the running backend, compilation excluded
+
+The full cache is always the first row. Rows sharing a prefill (regimes "prefill"/"decode" of
+policies that observe the same things) reuse one forward over the context; the time of that
+forward is reported in each of them. A policy that fails (e.g. one that needs observations a
+regime does not provide) gets a row with the error in `notes`, printed as a warning too.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import math
+import pathlib
+import time
+import warnings
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.compression import WHEN, Compression
+from kvjax.eval import fidelity, needle
+from kvjax.policies import POLICIES, make_policy
+from kvjax.policies.base import Budget
+from models.config import ModelConfig
+from models.llama import Observe
+
+COLUMNS = ("policy", "budget", "regime", "kept", "kl", "kl_max", "ppl", "needle_logprob", "needle_acc",
+           "needle_exact", "passkey_logprob", "passkey_exact", "kv_logprob", "kv_exact", "cache_bytes",
+           "peak_cache_bytes", "prefill_s", "decode_ms_per_tok", "needle_prefill_s", "notes")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate. budgets: ratios (<= 1) or token counts; regimes: subset of
+    compression.WHEN; regime_policies: optional ((regime, (policy, ...)), ...) restricting a
+    regime to some policies (default: every policy in every regime)."""
+
+    policies: tuple[str, ...] = ("snapkv",)
+    budgets: tuple[Budget, ...] = (Budget(ratio=0.5), Budget(ratio=0.25), Budget(ratio=0.1))
+    regimes: tuple[str, ...] = ("prefill",)
+    chunk_size: int = 256
+    interval: int = 64
+    context_tokens: int = 1600
+    continuation_tokens: int = 128
+    needle_tasks: tuple[str, ...] = ("passkey", "kv")
+    needle_per_kind: int = 2
+    needle_tokens: int = 1024
+    needle_depths: tuple[float, float] = (0.5, 0.9)
+    seed: int = 0
+    stepwise: bool = True
+    regime_policies: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self):
+        if not self.policies:
+            raise ValueError("no policies given")
+        for name in self.policies:
+            if name.lower().replace("-", "_") not in POLICIES:
+                raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+        if not self.budgets:
+            raise ValueError("no budgets given")
+        for r in self.regimes:
+            if r not in WHEN:
+                raise ValueError(f"unknown regime {r!r}; known: {WHEN}")
+        for regime, names in self.regime_policies:
+            if regime not in WHEN:
+                raise ValueError(f"unknown regime {regime!r} in regime_policies; known: {WHEN}")
+            for name in names:
+                if name.lower().replace("-", "_") not in POLICIES:
+                    raise ValueError(f"unknown policy {name!r} in regime_policies; known: {sorted(POLICIES)}")
+        for field in ("chunk_size", "interval", "context_tokens", "continuation_tokens", "needle_per_kind",
+                      "needle_tokens"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        for task in self.needle_tasks:
+            if task not in needle.TASKS:
+                raise ValueError(f"unknown needle task {task!r}; known: {sorted(needle.TASKS)}")
+
+    def policies_for(self, regime: str) -> tuple[str, ...]:
+        for r, names in self.regime_policies:
+            if r == regime:
+                return tuple(n for n in self.policies if n in names) + tuple(n for n in names if n not in self.policies)
+        return self.policies
+
+
+def parse_budgets(spec: str) -> tuple[Budget, ...]:
+    """'0.5,0.25,512' -> ratios (<= 1) and token counts (> 1); ValueError on <= 0 or junk."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(Budget.parse(item))
+        except ValueError as err:
+            raise ValueError(f"bad budget {item!r}: {err}") from None
+    if not out:
+        raise ValueError(f"no budgets in {spec!r}")
+    return tuple(out)
+
+
+@dataclasses.dataclass
+class _Task:
+    """Token arrays of one task: fidelity (context [1, T], targets [1, C]) or needle (prompts, answers)."""
+
+    tokens: jax.Array
+    targets: jax.Array
+    mask: Optional[np.ndarray] = None
+    kinds: tuple[str, ...] = ()
+
+
+def _nan_row(**kw) -> dict:
+    row = {c: math.nan for c in COLUMNS}
+    row.update(notes="")
+    row.update(kw)
+    return row
+
+
+def _run_task(params, config, task: _Task, comp: Optional[Compression], ecfg: EvalConfig, runner, shared,
+              stepwise: bool):
+    chunk = ecfg.chunk_size if comp is not None and comp.when == "chunk" else None
+    pre = fidelity.prefill_context(params, config, task.tokens, comp, task.targets.shape[1], chunk,
+                                   runner=runner, shared=shared)
+    logits, secs, cache = fidelity.continuation_logits(params, config, pre, task.targets, stepwise=stepwise,
+                                                       runner=runner)
+    return pre, logits, secs, cache
+
+
+def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig,
+             out_dir: Optional[str | pathlib.Path] = None, progress: bool = True, model_name: str = "") -> list[dict]:
+    """Evaluate every (regime, policy, budget) of `ecfg` plus the full cache; returns the rows
+    (full cache first) and, with `out_dir`, writes results.csv, results.md and results.png."""
+    t_start = time.perf_counter()
+    runner = fidelity.Runner()
+    ctx, cont = fidelity.split_text(tokenizer, text, ecfg.context_tokens, ecfg.continuation_tokens)
+    fid = _Task(jnp.asarray([ctx], jnp.int32), jnp.asarray([cont], jnp.int32))
+    tasks = {"fidelity": fid}
+    if ecfg.needle_tasks:
+        samples = needle.make_samples(tokenizer, ecfg.needle_tasks, ecfg.needle_per_kind, ecfg.needle_tokens,
+                                      ecfg.needle_depths, ecfg.seed)
+        prompts, answers, mask = needle.answer_batch(samples)
+        tasks["needle"] = _Task(jnp.asarray(prompts), jnp.asarray(answers), mask, tuple(s.kind for s in samples))
+
+    specs = [("full", None, "-")]
+    for regime in ecfg.regimes:
+        for name in ecfg.policies_for(regime):
+            for budget in ecfg.budgets:
+                specs.append((name, budget, regime))
+    # Compute order: rows that can share a prefill forward next to each other (grouped by what
+    # their policy observes); chunked rows last. The table keeps the spec order.
+    def order_key(i):
+        name, budget, regime = specs[i]
+        if regime == "chunk":
+            return (2, "", i)
+        if name == "full":
+            return (0, str(Observe()), i)
+        try:
+            obs = str(Compression(make_policy(name), budget, regime, ecfg.interval).observe)
+        except Exception:  # reported when the row runs
+            obs = "~"
+        return (1, obs, i)
+
+    order = sorted(range(len(specs)), key=order_key)
+    rows: list[Optional[dict]] = [None] * len(specs)
+    shared: dict[str, fidelity.ForwardOut] = {}
+    full_logits: dict[str, jax.Array] = {}
+    bar = order
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(order, desc="eval", unit="row")
+    for i in bar:
+        name, budget, regime = specs[i]
+        if progress:
+            bar.set_postfix_str(f"{name} {budget or ''} {regime}")
+        try:
+            comp = None if budget is None else Compression(make_policy(name), budget, regime, ecfg.interval)
+            rows[i] = _evaluate_row(params, config, tasks, comp, ecfg, runner, shared, full_logits)
+        except Exception as err:  # keep the grid going, but say so loudly
+            msg = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            warnings.warn(f"{name} {budget} {regime}: {msg}")
+            rows[i] = _nan_row(notes=msg)
+        rows[i].update(policy=name, budget=str(budget) if budget else "1", regime=regime)
+    if out_dir is not None:
+        meta = {"model": model_name or config.name, "backend": jax.default_backend(),
+                "context_tokens": len(ctx), "continuation_tokens": len(cont),
+                "needle": (f"{ecfg.needle_per_kind} x {'+'.join(ecfg.needle_tasks)} at {ecfg.needle_tokens} tokens, "
+                           f"depths {ecfg.needle_depths[0]}-{ecfg.needle_depths[1]}") if ecfg.needle_tasks else "none",
+                "chunk_size": ecfg.chunk_size, "interval": ecfg.interval, "seed": ecfg.seed,
+                "continuation": "token by token (decode steps)" if ecfg.stepwise else "one forward",
+                "wall_s": time.perf_counter() - t_start, "compile_s": runner.compile_s,
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        write_results(rows, out_dir, meta)
+    return rows
+
+
+def _evaluate_row(params, config, tasks: dict, comp: Optional[Compression], ecfg: EvalConfig, runner,
+                  shared: dict, full_logits: dict) -> dict:
+    row = _nan_row()
+    notes = []
+    for key, task in tasks.items():
+        want = comp.observe if comp is not None else Observe()
+        if comp is None or comp.when != "chunk":
+            if key not in shared or shared[key].observe != want:
+                shared[key] = fidelity.forward_context(params, config, task.tokens, want, runner)
+        stepwise = ecfg.stepwise if key == "fidelity" else False
+        pre, logits, secs, cache = _run_task(params, config, task, comp, ecfg, runner, shared.get(key), stepwise)
+        notes += [f"{key}: {n}" for n in pre.notes]
+        if comp is None:
+            full_logits[key] = logits
+        if key == "fidelity":
+            m = fidelity.fidelity_metrics(full_logits["fidelity"], logits, task.targets)
+            c = task.targets.shape[1]
+            row.update(kl=m["kl"], kl_max=m["kl_max"], ppl=m["ppl"],
+                       kept=pre.plan.max_keep if pre.compression is not None else pre.context_len,
+                       cache_bytes=cache.memory_bytes(), peak_cache_bytes=max(pre.peak_bytes, cache.memory_bytes()),
+                       prefill_s=pre.seconds,
+                       decode_ms_per_tok=1000 * secs / (c - 1) if (stepwise or (comp is not None and comp.when == "decode"))
+                       and c > 1 else math.nan)
+        else:
+            s = needle.score_answers(logits, task.targets, task.mask)
+            kinds = np.asarray(task.kinds)
+            row.update(needle_logprob=float(s["logprob"].mean()), needle_acc=float(s["acc"].mean()),
+                       needle_exact=float(s["exact"].mean()), needle_prefill_s=pre.seconds)
+            for kind in ("passkey", "kv"):
+                if np.any(kinds == kind):
+                    row[f"{kind}_logprob"] = float(s["logprob"][kinds == kind].mean())
+                    row[f"{kind}_exact"] = float(s["exact"][kinds == kind].mean())
+    row["notes"] = "; ".join(notes)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+def _fmt(value, digits=3) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{value:.{digits}g}" if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    head = ["policy", "budget", "regime", "kept", "KL (nats/tok)", "ppl", "needle logprob", "needle acc",
+            "needle exact", "cache MiB", "peak MiB", "prefill s", "decode ms/tok", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mib = lambda b: "-" if isinstance(b, float) and math.isnan(b) else f"{b / 2 ** 20:.2f}"
+        cells = [r["policy"], r["budget"], r["regime"], _fmt(r["kept"]), _fmt(r["kl"], 4), _fmt(r["ppl"], 2),
+                 _fmt(r["needle_logprob"], 2), _fmt(r["needle_acc"], 2), _fmt(r["needle_exact"], 2),
+                 mib(r["cache_bytes"]), mib(r["peak_cache_bytes"]), _fmt(r["prefill_s"], 2),
+                 _fmt(r["decode_ms_per_tok"], 1), str(r["notes"]).replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict], out_dir, meta: dict) -> dict:
+    """results.csv (every column), results.md (table + setup), results.png (quality vs budget)."""
+    from kvjax.eval.plot import plot_quality
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+    setup = "\n".join(f"- {k}: {_fmt(v, 1) if isinstance(v, float) else v}" for k, v in meta.items())
+    md = (f"# kvjax evaluation\n\n{setup}\n\n"
+          "KL = mean KL(full || compressed) of the next-token distributions over the teacher-forced "
+          "continuation; ppl = perplexity of that continuation; needle logprob = mean summed log-prob of "
+          "the answer tokens (nats), acc = teacher-forced token accuracy, exact = greedy exact match; "
+          "kept = tokens per head kept of the context; cache = bytes allocated during the continuation, "
+          "peak = largest cache allocated (prefill included); times exclude compilation. "
+          "Regimes: prefill = compress once after the context, chunk = after every prefill chunk, "
+          "decode = after prefill and every `interval` decode steps.\n\n"
+          + markdown_table(rows) + "\n\n![quality vs budget](results.png)\n")
+    (out / "results.md").write_text(md)
+    plot_quality(rows, out / "results.png", title=f"{meta.get('model', '')}: quality vs kept fraction")
+    return {"csv": out / "results.csv", "md": out / "results.md", "png": out / "results.png"}
