@@ -97,6 +97,44 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _names(spec: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in spec.split(",") if x.strip())
+
+
+def eval_config_from_args(args):
+    """EvalConfig from the `eval` arguments; ValueError on unknown policies, budgets <= 0, ..."""
+    from kvjax.eval.harness import EvalConfig, parse_budgets
+    from kvjax.policies import POLICIES
+    policies = tuple(POLICIES) if args.policy == "all" else _names(args.policy)
+    regime_policies = []
+    for regime, spec in (("chunk", args.chunk_policies), ("decode", args.decode_policies)):
+        if spec:
+            regime_policies.append((regime, tuple(POLICIES) if spec == "all" else _names(spec)))
+    return EvalConfig(policies=policies, budgets=parse_budgets(args.budget), regimes=_names(args.regime),
+                      chunk_size=args.chunk_size, interval=args.interval, context_tokens=args.context_tokens,
+                      continuation_tokens=args.continuation_tokens, needle_tasks=_names(args.needle),
+                      needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens, seed=args.seed,
+                      stepwise=args.continuation_mode == "step", regime_policies=tuple(regime_policies))
+
+
+def cmd_eval(args) -> int:
+    from kvjax.eval.harness import run_grid
+    from kvjax.eval.text import kjv_text, read_text_file
+    ecfg = eval_config_from_args(args)  # validate before loading anything
+    text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
+    config, params, tokenizer, load_s = _load(args.model)
+    print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
+    rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out, progress=True, model_name=args.model)
+    from kvjax.eval.harness import markdown_table
+    print(markdown_table(rows))
+    for r in rows:
+        if r["notes"]:
+            print(f"note: {r['policy']} {r['budget']} {r['regime']}: {r['notes']}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}/results.csv, results.md, results.png", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="fidelity (KL, perplexity), needle tasks, memory and time per policy x budget x regime")
+    ev.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
+    ev.add_argument("--policy", default="all", help="comma-separated registered policies, or 'all'")
+    ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated: ratios (<= 1) or token counts (> 1)")
+    ev.add_argument("--regime", default="prefill", help="comma-separated subset of prefill,chunk,decode")
+    ev.add_argument("--chunk-policies", default="", help="restrict the chunk regime to these policies")
+    ev.add_argument("--decode-policies", default="", help="restrict the decode regime to these policies")
+    ev.add_argument("--chunk-size", type=int, default=256)
+    ev.add_argument("--interval", type=int, default=64, help="decode regime: compress every N new tokens")
+    ev.add_argument("--context-tokens", type=int, default=1600)
+    ev.add_argument("--continuation-tokens", type=int, default=128)
+    ev.add_argument("--continuation-mode", choices=("step", "forward"), default="step",
+                    help="feed the continuation as decode steps (timed) or in one forward")
+    ev.add_argument("--text-file", default=None, help="UTF-8 text for the fidelity context (default: KJV)")
+    ev.add_argument("--needle", default="passkey,kv", help="needle tasks (comma-separated), '' for none")
+    ev.add_argument("--needle-samples", type=int, default=2, help="samples per needle task")
+    ev.add_argument("--needle-tokens", type=int, default=1024)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="docs/eval", help="output folder for results.csv/.md/.png ('' for none)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
