@@ -209,7 +209,8 @@ def batch_fn_for(data: dict, batch_size: int, seed: int):
 
 
 def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labels_path=None,
-        export_dtype: str = "float32") -> dict:
+        export_dtype: str = "float32") -> tuple[dict, dict]:
+    """Labels (cached), training (resumable), export. Returns (summary, trained heads)."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -227,7 +228,7 @@ def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labe
                "total_s": time.perf_counter() - t0, "final": history[-1] if history else None,
                "backend": jax.default_backend()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return summary, heads
 
 
 def main(argv=None):
@@ -250,7 +251,7 @@ def main(argv=None):
                       dtype=a.dtype, ckpt_every=a.ckpt_every, n_examples=a.n_examples)
     if cfg.train.warmup_steps > cfg.train.steps:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=cfg.train.steps * 2 // 3))
-    summary = run(cfg, a.out, progress=not a.no_progress, die_after=a.die_after, labels_path=a.labels,
+    summary, _ = run(cfg, a.out, progress=not a.no_progress, die_after=a.die_after, labels_path=a.labels,
                   export_dtype=a.export_dtype)
     print(json.dumps(summary))
 

@@ -115,7 +115,7 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[in
     history: list[dict] = []
     if mngr is not None and mngr.latest_step() is not None:
         start = int(mngr.latest_step())
-        abstract = {"trainable": trainable, "opt_state": opt_state, "step": np.int64(0)}
+        abstract = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
         restored = mngr.restore(start, args=ocp.args.StandardRestore(
             jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract)))
         trainable, opt_state = restored["trainable"], restored["opt_state"]
@@ -148,7 +148,7 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[in
                     f.write(json.dumps(rec) + "\n")
         if mngr is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             mngr.save(done, args=ocp.args.StandardSave(
-                {"trainable": trainable, "opt_state": opt_state, "step": np.int64(done)}), force=True)
+                {"trainable": trainable, "opt_state": opt_state, "step": jnp.asarray(done, jnp.int32)}), force=True)
             if die_after is not None and done >= die_after:
                 mngr.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
