@@ -330,6 +330,11 @@ def append(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax.
         raise ValueError(f"new K/V {keys.shape} do not match the cache [batch, kv_heads]={layer.lengths.shape}, "
                          f"head_dim={layer.head_dim}")
     packing.check_finite("append keys/values", keys, values)
+    return _append(layer, keys, values, positions)
+
+
+@jax.jit
+def _append(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KIVICache:
     kb, vb, g, r = layer.k_bits, layer.v_bits, layer.group, layer.residual
 
     def row(kc, ks, km, vc, vs, vm, kr, vr, klen, vlen, length, knew, vnew):
@@ -392,3 +397,32 @@ def resize(cache: KIVICache, capacity: int) -> KIVICache:
     return dataclasses.replace(cache, k_codes=grow(cache.k_codes, cq), v_codes=grow(cache.v_codes, cq),
                                v_scale=grow(cache.v_scale, cq), v_min=grow(cache.v_min, cq),
                                k_scale=grow(cache.k_scale, cq // g), k_min=grow(cache.k_min, cq // g))
+
+
+def from_dense(dense, kcfg: KIVIConfig, capacity: Optional[int] = None, dtype=jnp.float32) -> KIVICache:
+    """Quantize a filled dense `kvjax.cache.KVCache` (stacked over layers, slots in token order,
+    e.g. right after a full-precision prefill) into a KIVI cache of `capacity` tokens (default: the
+    dense capacity). This is KIVI's own prefill rule: attention over the prompt ran in full precision,
+    then the first T - T mod R keys and the first T - R values are quantized.
+
+    Rows must be unevicted (slot t holds the row's t-th appended token, padding first)."""
+    n_layers, batch, heads, cap, d = dense.keys.shape
+    capacity = cap if capacity is None else capacity
+    cache = init_kivi_cache_from(kcfg, n_layers, batch, heads, capacity, d, dtype)
+    return append_dense(cache, dense)
+
+
+def append_dense(cache, dense):
+    """Append every layer of a dense cache's live prefix to `cache` (any quantized cache class of
+    kvjax.quant with the append protocol). Uses the slots [0, max length) of the dense cache; slots
+    past a row's length are appended as padding (position -1)."""
+    t = int(jnp.max(dense.lengths))
+    pos = dense.positions[:, :, 0, :t]                               # [L, b, t] (same for every head)
+    keys, values = dense.keys[..., :t, :], dense.values[..., :t, :]
+    packing.check_finite("dense keys/values", keys, values)
+    return _append_layers(cache, keys, values, pos)
+
+
+@jax.jit
+def _append_layers(cache, keys, values, pos):
+    return jax.vmap(lambda c, k, v, p: c.append(k, v, p))(cache, keys, values, pos)
