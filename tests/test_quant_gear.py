@@ -161,7 +161,7 @@ def _reference_cache(k, v, n_first, n_decode, cfg, p0):
     return np.concatenate(out_k), np.concatenate(out_v)
 
 
-@pytest.mark.parametrize("n_first,n_decode", [(75, 40), (20, 50), (64, 1)])
+@pytest.mark.parametrize("n_first,n_decode", [(45, 40), (20, 50)])
 def test_streaming_cache_matches_reference(n_first, n_decode):
     rng = np.random.default_rng(n_first)
     b, h, d = 1, 2, 32
@@ -171,8 +171,8 @@ def test_streaming_cache_matches_reference(n_first, n_decode):
     cache = gear.init_gear_cache(CFG, 1, b, h, d, prefill_capacity=96, stream_capacity=64)
     layer = jax.tree_util.tree_map(lambda x: x[0], cache)
     pos = jnp.arange(total, dtype=jnp.int32)[None]
-    layer = layer.append(jnp.asarray(k[..., :n_first, :]), jnp.asarray(v[..., :n_first, :]), pos[:, :n_first])
     step = jax.jit(lambda c, kk, vv, pp: c.append(kk, vv, pp))
+    layer = step(layer, jnp.asarray(k[..., :n_first, :]), jnp.asarray(v[..., :n_first, :]), pos[:, :n_first])
     for t in range(n_first, total):
         layer = step(layer, jnp.asarray(k[..., t:t + 1, :]), jnp.asarray(v[..., t:t + 1, :]), pos[:, t:t + 1])
     assert int(layer.lengths[0, 0]) == total
