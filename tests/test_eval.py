@@ -88,10 +88,11 @@ def test_full_cache_continuation_matches_numpy_forward_and_kl_is_zero(params):
 
 def test_compressed_fidelity_stepwise_equals_one_forward_and_memory_shrinks(params):
     ctx, cont = _ids(48, 4), _ids(8, 5)
-    full = fidelity.evaluate_fidelity(params, CFG, ctx, cont, None)
+    run = fidelity.Runner()
+    full = fidelity.evaluate_fidelity(params, CFG, ctx, cont, None, runner=run)
     comp = Compression(make_policy("snapkv", window=4), Budget(ratio=0.25))
-    a = fidelity.evaluate_fidelity(params, CFG, ctx, cont, comp, stepwise=False)
-    b = fidelity.evaluate_fidelity(params, CFG, ctx, cont, comp, stepwise=True)
+    a = fidelity.evaluate_fidelity(params, CFG, ctx, cont, comp, stepwise=False, runner=run)
+    b = fidelity.evaluate_fidelity(params, CFG, ctx, cont, comp, stepwise=True, runner=run)
     assert a["kl"] > 1e-6 and a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)
     assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-4)
     heads = CFG.n_layers * CFG.n_kv_heads  # batch 1
@@ -99,7 +100,8 @@ def test_compressed_fidelity_stepwise_equals_one_forward_and_memory_shrinks(para
     assert full["cache_bytes"] == cache_bytes(48 + 8)
     assert a["cache_bytes"] == cache_bytes(12 + 8)  # budget + continuation room
     # a budget that keeps the whole context is a no-op, with a note
-    noop = fidelity.evaluate_fidelity(params, CFG, ctx, cont, Compression(make_policy("knorm"), Budget(tokens=100)))
+    noop = fidelity.evaluate_fidelity(params, CFG, ctx, cont, Compression(make_policy("knorm"), Budget(tokens=100)),
+                                      runner=run)
     assert noop["kl"] == 0.0 and "no compression" in noop["notes"][0]
 
 
@@ -195,25 +197,26 @@ def test_exact_match_equals_greedy_decoding(params, policy):
 
 def test_harness_tiny_model_writes_files(params, tmp_path):
     text = " ".join(["In the beginning God created the heaven and the earth."] * 20)
-    ecfg = EvalConfig(policies=("snapkv", "h2o", "knorm"), budgets=parse_budgets("0.5,12"),
-                      regimes=("prefill", "chunk", "decode"), regime_policies=(("decode", ("knorm", "h2o")),),
+    ecfg = EvalConfig(policies=("snapkv:window=8", "h2o"), budgets=parse_budgets("12"),
+                      regimes=("prefill", "chunk", "decode"),
+                      regime_policies=(("chunk", ("h2o",)), ("decode", ("h2o",))),
                       chunk_size=16, interval=8, context_tokens=64, continuation_tokens=12,
-                      needle_per_kind=1, needle_tokens=300)
+                      needle_per_kind=1, needle_tokens=300, stepwise=False)
     rows = run_grid(params, CFG, AsciiTokenizer(), text, ecfg, out_dir=tmp_path, progress=False)
-    assert len(rows) == 1 + 3 * 2 + 3 * 2 + 2 * 2
-    assert rows[0]["policy"] == "full" and rows[0]["kl"] == 0.0 and rows[0]["kept"] == 64
+    assert [(r["policy"], r["regime"]) for r in rows] == [
+        ("full", "-"), ("snapkv:window=8", "prefill"), ("h2o", "prefill"), ("h2o", "chunk"), ("h2o", "decode")]
+    assert rows[0]["kl"] == 0.0 and rows[0]["kept"] == 64
     for r in rows[1:]:
-        assert r["notes"] == "" or not r["notes"].startswith("error"), r
-        assert r["kl"] > 0 and r["cache_bytes"] < rows[0]["cache_bytes"]
-        assert r["kept"] == (32 if r["budget"] == "0.5" else 12)
-        assert np.isfinite([r["ppl"], r["needle_logprob"], r["prefill_s"]]).all()
-    chunk = [r for r in rows if r["regime"] == "chunk"]
-    assert all(r["peak_cache_bytes"] < rows[0]["peak_cache_bytes"] for r in chunk)
+        assert not r["notes"].startswith("error"), r
+        assert r["kl"] > 0 and r["cache_bytes"] < rows[0]["cache_bytes"] and r["kept"] == 12
+        assert np.isfinite([r["ppl"], r["needle_logprob"], r["needle_acc"], r["prefill_s"]]).all()
+    assert rows[3]["peak_cache_bytes"] < rows[0]["peak_cache_bytes"]          # chunked: peak = budget + chunk
+    assert rows[4]["cache_bytes"] < rows[2]["cache_bytes"] and rows[4]["decode_ms_per_tok"] > 0
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["policy"] for r in table][:2] == ["full", "snapkv"] and list(table[0]) == list(COLUMNS)
+    assert [r["policy"] for r in table][:2] == ["full", "snapkv:window=8"] and list(table[0]) == list(COLUMNS)
     md = (tmp_path / "results.md").read_text()
-    assert "| full | 1 | - |" in md and "| knorm | 12tok | decode |" in md
+    assert "| full | 1 | - |" in md and "| h2o | 12tok | decode |" in md and "| h2o | 12tok | chunk |" in md
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
@@ -224,6 +227,8 @@ def test_bad_inputs_raise_clear_errors(capsys):
         parse_budgets("-3")
     with pytest.raises(ValueError, match="unknown policy"):
         EvalConfig(policies=("snapkv", "nope"))
+    with pytest.raises(ValueError, match="key=value"):
+        EvalConfig(policies=("snapkv:window",))
     with pytest.raises(ValueError, match="unknown regime"):
         EvalConfig(regimes=("prefill", "later"))
     from kvjax.cli import main

@@ -47,7 +47,8 @@ COLUMNS = ("policy", "budget", "regime", "kept", "kl", "kl_max", "ppl", "needle_
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate. budgets: ratios (<= 1) or token counts; regimes: subset of
+    """What to evaluate. policies: registry names, optionally with hyperparameters
+    ("snapkv:window=32"); budgets: ratios (<= 1) or token counts; regimes: subset of
     compression.WHEN; regime_policies: optional ((regime, (policy, ...)), ...) restricting a
     regime to some policies (default: every policy in every regime)."""
 
@@ -70,8 +71,7 @@ class EvalConfig:
         if not self.policies:
             raise ValueError("no policies given")
         for name in self.policies:
-            if name.lower().replace("-", "_") not in POLICIES:
-                raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+            parse_policy(name)
         if not self.budgets:
             raise ValueError("no budgets given")
         for r in self.regimes:
@@ -81,8 +81,7 @@ class EvalConfig:
             if regime not in WHEN:
                 raise ValueError(f"unknown regime {regime!r} in regime_policies; known: {WHEN}")
             for name in names:
-                if name.lower().replace("-", "_") not in POLICIES:
-                    raise ValueError(f"unknown policy {name!r} in regime_policies; known: {sorted(POLICIES)}")
+                parse_policy(name)
         for field in ("chunk_size", "interval", "context_tokens", "continuation_tokens", "needle_per_kind",
                       "needle_tokens"):
             if getattr(self, field) <= 0:
@@ -96,6 +95,32 @@ class EvalConfig:
             if r == regime:
                 return tuple(n for n in self.policies if n in names) + tuple(n for n in names if n not in self.policies)
         return self.policies
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """'snapkv' or 'snapkv:window=32:kernel=7' -> (registry name, hyperparameter overrides).
+
+    Values are Python literals (ints, floats, bools, strings). ValueError for unknown names."""
+    import ast
+    name, *items = [p.strip() for p in spec.split(":")]
+    if name.lower().replace("-", "_") not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+    kwargs = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"bad policy option {item!r} in {spec!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            kwargs[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            kwargs[k.strip()] = v.strip()
+    return name, kwargs
+
+
+def build_policy(spec: str):
+    """The policy object of a spec string (see `parse_policy`)."""
+    name, kwargs = parse_policy(spec)
+    return make_policy(name, **kwargs)
 
 
 def parse_budgets(spec: str) -> tuple[Budget, ...]:
@@ -170,7 +195,7 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
         if name == "full":
             return (0, str(Observe()), i)
         try:
-            obs = str(Compression(make_policy(name), budget, regime, ecfg.interval).observe)
+            obs = str(Compression(build_policy(name), budget, regime, ecfg.interval).observe)
         except Exception:  # reported when the row runs
             obs = "~"
         return (1, obs, i)
@@ -188,7 +213,7 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
         if progress:
             bar.set_postfix_str(f"{name} {budget or ''} {regime}")
         try:
-            comp = None if budget is None else Compression(make_policy(name), budget, regime, ecfg.interval)
+            comp = None if budget is None else Compression(build_policy(name), budget, regime, ecfg.interval)
             rows[i] = _evaluate_row(params, config, tasks, comp, ecfg, runner, shared, full_logits)
         except Exception as err:  # keep the grid going, but say so loudly
             msg = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
