@@ -262,3 +262,39 @@ def test_think_kept_channels_match_kvpress(peer, observed):
             agree = np.mean(ours == ref)
             assert agree >= MIN_AGREEMENT, f"think prompt {p} ratio {r}: channel agreement {agree:.4f}"
             np.testing.assert_array_equal(ours, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the compressed cache then serves new tokens exactly as kvpress's compressed cache does.
+
+def _continuation_policy(name: str, ratio: float):
+    if name == "full":
+        return None
+    if name == "think":
+        # kvpress zeroes the pruned channels of EVERY prompt key: no full-width recent tokens
+        return ThinK(pruning_ratio=ratio, query_window=32, recent_size=0)
+    return {**_policies(), "expected_attention": ExpectedAttention()}[name]
+
+
+@pytest.mark.parametrize("name, ratio", [("full", 0.0), ("streaming_llm", 0.75), ("tova", 0.75),
+                                         ("expected_attention", 0.5), ("think", 0.5)])
+def test_continuation_logits_after_compression_match_kvpress(name, ratio, smollm2, peer, observed):
+    """Prompt 0 compressed by the policy, then 8 more tokens at positions T.. (as kvpress's pipeline
+    feeds a question after the compressed context): logits agree with HF + kvpress within 1e-3."""
+    config, params = smollm2
+    z, _ = peer
+    obs, t, _ = observed[0]
+    cont = jnp.asarray(z["continuation/tokens"])[None]
+    m = cont.shape[1]
+    policy = _continuation_policy(name, ratio)
+    if policy is None:
+        cache = kvcache.resize(obs.cache, t + m)
+    else:
+        n = t if name == "think" else int(t * (1 - ratio))       # ThinK keeps every token
+        cache, _ = compress(policy, obs, jnp.array([n], jnp.int32), capacity=n, max_keep=n)
+        cache = cache.resize(n + m) if hasattr(cache, "resize") else kvcache.resize(cache, n + m)
+    positions = jnp.arange(t, t + m, dtype=jnp.int32)[None]
+    logits, _, _ = forward(params, cont, positions, cache, config)
+    vocab = z[f"continuation/{name}/{ratio:g}/vocab"]
+    ref = z[f"continuation/{name}/{ratio:g}/values"]
+    np.testing.assert_allclose(np.asarray(logits[0])[:, vocab], ref, atol=1e-3, rtol=0)

