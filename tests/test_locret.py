@@ -285,3 +285,28 @@ def test_checkpoint_kill_resume_matches_uninterrupted(tmp_path):
 def dataclasses_replace_name(cfg):
     from train.locret import load_backbone
     return load_backbone(cfg)[0]
+
+
+def test_no_eviction_equals_full_cache(tiny):
+    """With a budget >= the prompt nothing is evicted and positions stay 0..n-1: same logits as a full prefill."""
+    from kvjax import cache as kvcache
+    from models.llama import forward
+    config, params = tiny
+    heads = init_heads(HeadSpec.for_model(config, 16), jax.random.PRNGKey(8))
+    toks = jnp.asarray(np.random.default_rng(9).integers(0, config.vocab_size, (1, 40)), jnp.int32)
+    last, state = locret_prefill(params, config, heads, toks, Locret(budget=64, chunk=16, n_stabilizers=4, n_local=5))
+    cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, 40, config.head_dim)
+    want, _, _ = forward(params, toks, jnp.arange(40, dtype=jnp.int32)[None], cache, config)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(want[:, -1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state.origin)[:, 0, :, :40], np.broadcast_to(np.arange(40), (2, 2, 40)))
+
+
+def test_committed_smollm2_heads_load():
+    """The exported heads in docs/locret load for SmolLM2-135M and are rejected for another model."""
+    from models.config import LLAMA3_8B, SMOLLM2_135M
+    path = ROOT / "docs" / "locret" / "heads"
+    heads = load_heads(path, SMOLLM2_135M)
+    assert heads["w1"].shape == (30, (9 + 6) * 64, 144) and heads["w2"].shape == (30, 144, 3)
+    assert np.isfinite(np.asarray(heads["w1"])).all()
+    with pytest.raises(ValueError, match="trained for model"):
+        load_heads(path, LLAMA3_8B)

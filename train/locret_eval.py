@@ -31,7 +31,7 @@ from kvjax.compression import Compression
 from kvjax.generate import prefill
 from kvjax.policies.base import Budget
 from kvjax.policies.h2o import H2O
-from kvjax.policies.locret import Locret, load_heads, locret_prefill
+from kvjax.policies.locret import HeadSpec, Locret, init_heads, load_heads, locret_prefill
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
 from models.llama import forward
@@ -79,10 +79,12 @@ def run_method(params, config, data, method, k, chunk, heads=None, n_local=32, s
             cache = kvcache.init_cache(config.n_layers, b, config.n_kv_heads, P, config.head_dim)
             last, cache, _ = prefill(params, config, toks, pos, cache, chunk)
             rerot = False
-        elif method == "locret":
+        elif method in ("locret", "locret_random"):
             B = k - n_local
             pol = Locret(budget=B, chunk=chunk, n_stabilizers=max(1, int(stab_frac * B)), n_local=n_local)
-            last, st = locret_prefill(params, config, heads, toks, pol)
+            h = heads if method == "locret" else init_heads(HeadSpec.for_model(config, heads["w1"].shape[-1]),
+                                                             jax.random.PRNGKey(0))
+            last, st = locret_prefill(params, config, h, toks, pol)
             cache, rerot = st.cache, True
         else:
             policy = {"snapkv": SnapKV(), "h2o": H2O(), "streaming_llm": StreamingLLM(rerotate=True)}[method]
@@ -108,8 +110,11 @@ def evaluate(params, config, heads, data, budgets, chunk, methods, n_local=32, s
 
     def summarize(name, ratio, logits, secs):
         kl, nll, hit = map(np.asarray, _kl_nll(jnp.asarray(full), jnp.asarray(logits), jnp.asarray(data["response"])))
+        mc, mn = mask * cont[:, None], mask * needle[:, None]
         row = {"method": name, "budget": ratio,
                "kl": float((kl * mask).sum() / mask.sum()),
+               "kl_continuation": float((kl * mc).sum() / max(mc.sum(), 1)),
+               "kl_needle": float((kl * mn).sum() / max(mn.sum(), 1)),
                "ppl": float(np.exp((nll * mask)[cont].sum() / mask[cont].sum())) if cont.any() else float("nan"),
                "needle_logprob": float(-(nll * mask)[needle].sum(1).mean()) if needle.any() else float("nan"),
                "needle_acc": float(np.mean([hit[i][mask[i]].all() for i in np.where(needle)[0]]))
@@ -129,11 +134,13 @@ def evaluate(params, config, heads, data, budgets, chunk, methods, n_local=32, s
 
 
 def to_markdown(rows, meta) -> str:
-    lines = [f"| budget | method | KL(full‖method) ↓ | ppl (continuation) ↓ | needle log-prob ↑ | needle acc ↑ |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| budget | method | KL all ↓ | KL continuation ↓ | KL needle ↓ | ppl (continuation) ↓ | "
+             f"needle log-prob ↑ | needle acc ↑ |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = "100%" if r["method"] == "full" else f"{r['budget']:.0%}"
-        lines.append(f"| {b} | {r['method']} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['needle_logprob']:.3f} | "
+        lines.append(f"| {b} | {r['method']} | {r['kl']:.4f} | {r['kl_continuation']:.4f} | {r['kl_needle']:.4f} | "
+                     f"{r['ppl']:.3f} | {r['needle_logprob']:.3f} | "
                      f"{r['needle_acc']:.3f} |")
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     return head + "\n\n" + "\n".join(lines) + "\n"
@@ -147,9 +154,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--response-len", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", default="256", help="comma-separated chunk sizes (one table each)")
     ap.add_argument("--budgets", default="0.25,0.1,0.05")
-    ap.add_argument("--methods", default="locret,snapkv,h2o,streaming_llm")
+    ap.add_argument("--methods", default="locret,locret_random,snapkv,h2o,streaming_llm")
     ap.add_argument("--n-local", type=int, default=32)
     ap.add_argument("--stab-frac", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=16)
@@ -160,19 +167,24 @@ def main(argv=None):
     heads = load_heads(a.heads, config)
     data = make_dataset(DataConfig(prompt_len=a.prompt_len, response_len=a.response_len, tokenizer=a.tokenizer,
                                    seed=1234), "heldout", a.n)
-    t0 = time.perf_counter()
-    rows = evaluate(params, config, heads, data, [float(x) for x in a.budgets.split(",")], a.chunk,
-                    a.methods.split(","), a.n_local, a.stab_frac, a.batch)
-    meta = {"model": config.name, "heads": str(a.heads), "examples": f"{a.n} held-out KJV (kinds: "
-            f"{np.bincount(data['kind'], minlength=3).tolist()} continuation/passkey/kv)",
-            "prompt_len": a.prompt_len, "response_len": a.response_len, "chunk": a.chunk,
-            "locret": f"n_local={a.n_local}, budget=k-n_local, n_stabilizers={a.stab_frac}*budget",
-            "baselines": "SnapKV(window 64, kernel 5), H2O(recent 32), StreamingLLM(4 sinks, rerotate)",
-            "backend": jax.default_backend(), "wall_s": round(time.perf_counter() - t0, 1)}
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_markdown(rows, meta))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text, dump = [], []
+    for chunk in [int(c) for c in a.chunk.split(",")]:
+        t0 = time.perf_counter()
+        rows = evaluate(params, config, heads, data, [float(x) for x in a.budgets.split(",")], chunk,
+                        a.methods.split(","), a.n_local, a.stab_frac, a.batch)
+        meta = {"model": config.name, "heads": str(a.heads), "examples": f"{a.n} held-out KJV (kinds: "
+            f"{np.bincount(data['kind'], minlength=3).tolist()} continuation/passkey/kv)",
+            "prompt_len": a.prompt_len, "response_len": a.response_len, "chunk": chunk,
+            "locret": f"n_local={a.n_local}, budget=k-n_local, n_stabilizers={a.stab_frac}*budget; "
+                      f"locret_random = same loop with untrained (random-init) heads",
+            "baselines": "SnapKV(window 64, kernel 5), H2O(recent 32), StreamingLLM(4 sinks, rerotate)",
+            "backend": jax.default_backend(), "wall_s": round(time.perf_counter() - t0, 1)}
+        text.append(f"### chunk {chunk}\n\n" + to_markdown(rows, meta))
+        dump.append({"meta": meta, "rows": rows})
+        out.write_text("\n".join(text))
+        out.with_suffix(".json").write_text(json.dumps(dump, indent=1))
     print(out.read_text())
 
 
