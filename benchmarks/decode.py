@@ -40,36 +40,48 @@ sparse_decode = functools.partial(_sparse.sparse_decode, interpret=INTERPRET)
 HQ, HKV, D = 32, 8, 128
 G, R = 32, 128
 L2_BYTES = 50 * 2 ** 20
+SWEEP_AT = ["8x32768"]  # the config where the tuning sweep runs (--sweep-at)
 
 
 def timed(fn, args_list, q, reps, trials=5):
-    """Median seconds per call of fn(q, *args) over `reps` chained calls cycling through args_list."""
+    """Median seconds per call of fn(q, *args) over ~`reps` chained calls cycling through args_list.
+
+    The calls run inside one jitted fori_loop (compiled once), chained through q."""
+    outer = max(1, reps // len(args_list))
+
+    def step(q, args):
+        out = fn(q, *args).reshape(-1)
+        extra = out[: q.size] if out.size >= q.size else jnp.resize(out, (q.size,))
+        return q + (extra.reshape(q.shape) * 1e-6).astype(q.dtype)
+
     def chain(q, all_args):
-        for i in range(reps):
-            out = fn(q, *all_args[i % len(all_args)])
-            q = q + (out.reshape(q.shape) * 1e-3).astype(q.dtype) if out.size == q.size else \
-                q + (out.reshape(-1)[: q.size].reshape(q.shape) * 1e-6).astype(q.dtype)
-        return q
+        def body(i, q):
+            for a in all_args:
+                q = step(q, a)
+            return q
+        return jax.lax.fori_loop(0, outer, body, q)
+
     f = jax.jit(chain)
     jax.block_until_ready(f(q, args_list))
     ts = []
     for _ in range(trials):
         t0 = time.perf_counter()
         jax.block_until_ready(f(q, args_list))
-        ts.append((time.perf_counter() - t0) / reps)
+        ts.append((time.perf_counter() - t0) / (outer * len(args_list)))
     return statistics.median(ts)
 
 
-def copy_bandwidth():
-    x = jnp.ones((2 ** 30 // 2,), jnp.bfloat16)  # 1 GiB
-    f = jax.jit(lambda a: a + 1)
+def copy_bandwidth(n=20):
+    """Device-to-device copy rate (bytes read + written) of a 1 GiB bf16 buffer, n chained passes."""
+    x = jnp.ones((2 ** 30 // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: jax.lax.fori_loop(0, n, lambda i, a: a * 1.0001 + 1, a))
     jax.block_until_ready(f(x))
     ts = []
-    for _ in range(10):
+    for _ in range(5):
         t0 = time.perf_counter()
         jax.block_until_ready(f(x))
         ts.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / min(ts)
+    return 2 * x.nbytes * n / min(ts)
 
 
 def rand(key, shape, dtype):
@@ -141,7 +153,8 @@ def make_qjl(key, b, t, m=256, m_out=256, n_out=8):
             jax.random.randint(ks[1], (b, HKV, t, m_out // 8), 0, 256, jnp.int32).astype(jnp.uint8),
             (jax.random.uniform(ks[2], (b, HKV, t)) * 10 + 5).astype(jnp.float16),
             (jax.random.uniform(ks[3], (b, HKV, t)) * 4).astype(jnp.float16),
-            jax.random.randint(ks[4], (b, HKV, t // G, n_out), 0, D, jnp.int32),
+            # distinct outlier channels per group (the layout contract)
+            jnp.argsort(jax.random.uniform(ks[4], (b, HKV, t // G, D)), axis=-1)[..., :n_out].astype(jnp.int32),
             jax.random.normal(ks[5], (D, m), jnp.float32))
 
 
@@ -154,7 +167,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
     kq, kk, kv = jax.random.split(key, 3)
     q = rand(kq, (b, HQ, D), jnp.bfloat16)
     dense_bytes = b * HKV * t * D * 2 * 2
-    copies = max(1, math.ceil(4 * L2_BYTES / dense_bytes))
+    copies = max(1, min(4, math.ceil(2 * L2_BYTES / dense_bytes)))
     lens = jnp.full((b, HKV), t, jnp.int32)
     caches = [(rand(jax.random.fold_in(kk, c), (b, HKV, t, D), jnp.bfloat16),
                rand(jax.random.fold_in(kv, c), (b, HKV, t, D), jnp.bfloat16)) for c in range(copies)]
@@ -190,12 +203,13 @@ def bench_config(b, t, bw, reps, rows, kinds):
             tok_major, dense_bytes)
     if "dense" in kinds:
         add("ours_dense_bf16", lambda q, k, v: dense_decode(q, k, v, lens), caches, dense_bytes)
-    if "sweep" in kinds:
-        for bk, nw, ns in [(32, 4, 4), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 8, 4)]:
+    sweep = "sweep" in kinds and f"{b}x{t}" == SWEEP_AT[0]
+    if sweep:
+        for bk, nw, ns in [(64, 4, 2), (128, 4, 2), (128, 8, 3), (32, 4, 4)]:
             add(f"dense_bk{bk}_w{nw}_s{ns}",
                 lambda q, k, v, bk=bk, nw=nw, ns=ns: dense_decode(q, k, v, lens, block_k=bk, num_warps=nw, num_stages=ns),
                 caches, dense_bytes)
-        for sp in (2, 4, 8):
+        for sp in (4, 16):
             add(f"dense_splits{sp}", lambda q, k, v, sp=sp: dense_decode(q, k, v, lens, num_splits=sp),
                 caches, dense_bytes)
     del caches
@@ -209,10 +223,11 @@ def bench_config(b, t, bw, reps, rows, kinds):
         kbytes = nbytes(*[arrs[0][n] for n in KIVI_ORDER[:6]]) + b * HKV * R * D * 2
         add(f"ours_kivi{bits}", lambda q, *a, bits=bits: kivi_decode(q, *a, bits=bits, group_size=G),
             args_list, kbytes)
-        if "sweep" in kinds:
-            for nw, ns in [(4, 2), (4, 4), (8, 3), (2, 3)]:
-                add(f"kivi{bits}_w{nw}_s{ns}", lambda q, *a, bits=bits, nw=nw, ns=ns: kivi_decode(
-                    q, *a, bits=bits, group_size=G, num_warps=nw, num_stages=ns), args_list, kbytes)
+        if sweep:
+            for gps, nw, ns in [(1, 4, 3), (8, 4, 2), (4, 8, 2), (4, 4, 2)]:
+                add(f"kivi{bits}_gps{gps}_w{nw}_s{ns}", lambda q, *a, bits=bits, nw=nw, ns=ns, gps=gps: kivi_decode(
+                    q, *a, bits=bits, group_size=G, num_warps=nw, num_stages=ns, groups_per_step=gps),
+                    args_list, kbytes)
         del arrs, args_list
     if "sparse" in kinds:
         for frac in (8, 32):
@@ -241,7 +256,9 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (interpret mode)")
+    ap.add_argument("--sweep-at", default="8x32768")
     a = ap.parse_args()
+    SWEEP_AT[0] = a.sweep_at
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
     if not a.no_check:
         for name, e in check_all():

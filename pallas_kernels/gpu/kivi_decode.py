@@ -48,7 +48,7 @@ def _unit_layout(d: int, bits: int, group: int):
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref, len_ref,
             o_ref, m_ref, l_ref, *, bits: int, group: int, width: int, units, num_splits: int,
-            cdtype):
+            cdtype, sub: int):
     split = pl.program_id(2)
     k_len = len_ref[0]
     v_len = len_ref[1]
@@ -137,6 +137,22 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         acc = value_quant(acc, p, t0, None)
         return acc, m, l
 
+    def super_body(jb, carry):
+        """`sub` consecutive all-quantised groups in one iteration (more loads in flight)."""
+        acc, m, l = carry
+        j0 = lo + jb * sub
+        ss = [key_scores_quant(j0 + k, pl.multiple_of((j0 + k) * group, group)) for k in range(sub)]
+        m_new = m
+        for s in ss:
+            m_new = jnp.maximum(m_new, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        ps = [jnp.exp2(s - m_new[:, None]) for s in ss]
+        l = alpha * l + sum(p.sum(axis=1) for p in ps)
+        acc = tuple(a * alpha[:, None] for a in acc)
+        for k, p in enumerate(ps):
+            acc = value_quant(acc, p, pl.multiple_of((j0 + k) * group, group), None)
+        return acc, m_new, l
+
     def mixed_body(j, carry):
         acc, m, l = carry
         t0 = pl.multiple_of(j * group, group)
@@ -163,7 +179,9 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
 
     carry = (tuple(jnp.zeros((gp, w), jnp.float32) for _ in range(n_units)),
              jnp.full((gp,), common.NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32))
-    carry = lax.fori_loop(lo, n_pure, pure_body, carry)
+    n_super = jnp.maximum(n_pure - lo, 0) // sub
+    carry = lax.fori_loop(0, n_super, super_body, carry)
+    carry = lax.fori_loop(lo + n_super * sub, n_pure, pure_body, carry)
     carry = lax.fori_loop(jnp.maximum(lo, n_pure), hi, mixed_body, carry)
     n_tail = jnp.where(split == num_splits - 1, pl.cdiv(jnp.maximum(length - k_len, 0), group), 0)
     acc, m, l = lax.fori_loop(0, n_tail, tail_body, carry)
@@ -173,13 +191,16 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale", "num_splits",
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale", "num_splits", "groups_per_step",
                                              "num_warps", "num_stages", "interpret"))
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, *, bits: int, group_size: int, scale: float | None = None,
-                num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                interpret: bool = False) -> jax.Array:
-    """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`."""
+                num_splits: int | None = None, groups_per_step: int = 4, num_warps: int = 4,
+                num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`.
+
+    groups_per_step: G-token groups processed per loop iteration in the all-quantised region
+    (unrolled; more independent loads in flight per step)."""
     g = reference.check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid,
                              v_resid, k_len, v_len, lengths, bits, group_size)
     b, hkv, capq, _ = k_codes.shape
@@ -201,7 +222,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     lens = jnp.stack([k_len, v_len, lengths, jnp.zeros_like(lengths)], axis=-1).astype(jnp.int32)
     cdtype = jnp.bfloat16 if k_resid.dtype == jnp.bfloat16 else jnp.float16
     kernel = functools.partial(_kernel, bits=bits, group=group_size, width=w, units=units,
-                               num_splits=splits, cdtype=cdtype)
+                               num_splits=splits, cdtype=cdtype,
+                               sub=max(1, groups_per_step))
     pk = k_codes.shape[-1]
     ng = capq // group_size
     full = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, h, s: (i, h) + (0,) * len(shape))
