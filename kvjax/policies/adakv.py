@@ -48,9 +48,9 @@ def adaptive_budgets(scores: jax.Array, n_keep: jax.Array, alpha: float) -> jax.
     # the counts sum to Hkv*n_keep (given enough live slots), so the shares sum to Hkv*(n_keep-floor)
     share = cnt * (1.0 - alpha)
     rest = hkv * (n_keep[None, :, None] - floor)                                # to distribute
-    base = jnp.floor(share).astype(jnp.int32)
+    base = jnp.floor(share + 1e-4).astype(jnp.int32)
     left = rest - base.sum(-1, keepdims=True)                                   # remainders
-    frac = share - base
+    frac = jnp.round((share - base) * 1e3)      # ties (equal in exact arithmetic) -> lower head first
     pos = jnp.argsort(jnp.argsort(-frac, axis=-1, stable=True), axis=-1)
     b = floor + base + left // hkv + (pos < left % hkv).astype(jnp.int32)
     return b

@@ -12,7 +12,8 @@ t is 0 for the prompt (the reference resets it there). Selection keeps the newes
 `kv_cache`=60% of the prompt, i.e. use Budget(ratio=0.6) for the paper's operating point).
 The logits are recomputed from the observed pre-RoPE queries and the cached post-RoPE keys
 (the model is unchanged; cost O(T * S) per head, like the attention itself). The noise is drawn
-from `jax.random.fold_in(PRNGKey(seed), newest position)`: deterministic given the seed.
+from `jax.random.fold_in(key(seed, impl="rbg"), newest position)`: deterministic given the seed
+(on one backend; rbg compiles far faster than threefry).
 Keys stay post-RoPE at their original positions.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Keyformer(ScoringPolicy):
         if obs.q_pre.shape[3] == 1:
             raise ValueError("Keyformer's temperature schedule needs the decode step, which a decode-time "
                              "accumulation does not see: use Compression(when='prefill' or 'chunk')")
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), jnp.max(obs.cache.positions))
+        key = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), jnp.max(obs.cache.positions))
         g = gumbel_logits_scores(obs, key, self.tau(0))                      # [L, B, Hq, S]
         hkv = obs.cache.keys.shape[2]
         return group_reduce(g, hkv, "mean") * (g.shape[2] // hkv)          # group sum
