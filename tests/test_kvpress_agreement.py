@@ -7,13 +7,16 @@ separate torch venv: kvpress's presses ran on the HF transformers model loaded f
 were captured from the press itself (ThinK: kept key channels). Here our model runs the same tokens
 once per prompt and our policies select through the shared `policies.base.compress` path.
 
-The HF model's logits of a short prompt are in the fixture too: an independent check of our GGUF
-loader (dequantization, q/k un-permutation) and forward.
+The HF model's logits of a short prompt are in the fixture too (an independent check of our GGUF
+loader -- dequantization, q/k un-permutation -- and forward), and the logits of 8 tokens fed after a
+compressed prompt (kvpress's pipeline feeding a question), which checks the compressed cache end to end.
+
+Known difference (SnapKV, ~0.1-0.3% of kept indices): kvpress (like the SnapKV reference code) pools
+only the pre-window columns, zero-padded; our SnapKV pools across the window boundary, which raises the
+scores of the kernel//2 tokens just before the window. See test_snapkv_scores_match_kvpress_away_from_window_edge.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import pathlib
 
@@ -76,14 +79,13 @@ def observed(smollm2, peer):
         t = ids.shape[1]
         cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
         _, cache, obs = _forward(params, ids, jnp.arange(t, dtype=jnp.int32)[None], cache, config, observe)
-        out.append((Observation.from_forward(cache, config, obs), t, obs))
+        out.append((Observation.from_forward(cache, config, obs), t))
     return out
 
 
-def _kept(policy, obs: Observation, raw: dict, n: int) -> np.ndarray:
+def _kept(policy, obs: Observation, n: int) -> np.ndarray:
     """Our kept token indices [layers, kv_heads, n] through the shared compress path (score -> select ->
     gather at the budget); after a prefill from position 0 a slot's position is its token index."""
-    del raw
     new, _ = compress(policy, obs, jnp.array([n], jnp.int32), capacity=n, max_keep=n)
     kept = np.asarray(new.positions[:, 0])
     assert (kept >= 0).all(), "a head kept fewer than n tokens"
@@ -100,12 +102,12 @@ def _check_method(name, policy, peer, observed, ratios=None):
     """Agreement >= 99% for every (prompt, ratio); returns {(prompt, ratio): (agreement, ours, ref)}."""
     z, settings = peer
     results = {}
-    for p, (obs, t, raw) in enumerate(observed):
+    for p, (obs, t) in enumerate(observed):
         for r in ratios or settings["ratios_removed"]:
             ref = z[f"kept/{name}/{r:g}/{p}"].astype(np.int64)
             n = ref.shape[-1]
             assert n == int(t * (1 - r)), "fixture n_kept is not kvpress's int(T * (1 - ratio))"
-            ours = _kept(policy, obs, raw, n)
+            ours = _kept(policy, obs, n)
             agree = _agreement(ours, ref)
             results[p, r] = (agree.mean(), ours, ref)
             assert agree.mean() >= MIN_AGREEMENT, (
@@ -177,14 +179,14 @@ def test_scorer_matches_kvpress_up_to_float_ties(name, peer, observed):
 
 def test_knorm_scores_match_kvpress(peer, observed):
     z, _ = peer
-    for p, (obs, _, _) in enumerate(observed):
+    for p, (obs, _) in enumerate(observed):
         ours = np.asarray(KNorm().score(obs)[:, 0])
         np.testing.assert_allclose(ours, z[f"scores/knorm/{p}"], rtol=1e-5, atol=0)
 
 
 def test_tova_scores_match_kvpress(peer, observed):
     z, _ = peer
-    for p, (obs, t, _) in enumerate(observed):
+    for p, (obs, t) in enumerate(observed):
         ours = np.asarray(TOVA().score(obs)[:, 0])
         ref = z[f"scores/tova/{p}"]
         # the last token is protected in both (ours +inf, kvpress max+1); compare the rest
@@ -205,7 +207,7 @@ def test_snapkv_scores_match_kvpress_away_from_window_edge(peer, observed):
     lets window columns into the pool."""
     z, _ = peer
     pol = _policies()["snapkv"]
-    for p, (obs, t, _) in enumerate(observed):
+    for p, (obs, t) in enumerate(observed):
         ours = np.asarray(pol.score(obs)[:, 0], np.float64)
         ref = z[f"scores/snapkv/{p}"].astype(np.float64)
         stop = t - pol.window - pol.kernel // 2
@@ -239,7 +241,7 @@ def test_expected_attention_matches_kvpress(peer, observed):
 def test_expected_attention_scores_match_kvpress(peer, observed):
     z, _ = peer
     pol = ExpectedAttention()
-    for p, (obs, t, _) in enumerate(observed):
+    for p, (obs, t) in enumerate(observed):
         ours = np.asarray(pol.score(obs)[:, 0], np.float64)
         ref = z[f"scores/expected_attention/{p}"].astype(np.float64)
         n = pol.n_sink                  # sinks: ours +inf, kvpress max+1
@@ -252,7 +254,7 @@ def test_think_kept_channels_match_kvpress(peer, observed):
     """kvpress's ThinKPress alone prunes channels of ALL prompt keys; ours does it after its token
     eviction, so a budget of the whole prompt reproduces the standalone press."""
     z, settings = peer
-    for p, (obs, t, _) in enumerate(observed):
+    for p, (obs, t) in enumerate(observed):
         for r in settings["think_channel_ratios_removed"]:
             ref = z[f"kept/think/{r:g}/{p}"].astype(np.int64)
             pol = ThinK(pruning_ratio=r, query_window=32)
@@ -283,7 +285,7 @@ def test_continuation_logits_after_compression_match_kvpress(name, ratio, smollm
     feeds a question after the compressed context): logits agree with HF + kvpress within 1e-3."""
     config, params = smollm2
     z, _ = peer
-    obs, t, _ = observed[0]
+    obs, t = observed[0]
     cont = jnp.asarray(z["continuation/tokens"])[None]
     m = cont.shape[1]
     policy = _continuation_policy(name, ratio)
