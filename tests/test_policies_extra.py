@@ -444,7 +444,7 @@ def test_razor_finder_on_smollm2(smollm2, razor_heads):
     n_top = math.ceil(0.14 * ind.size)
     # the protected heads really do induction: their score is far above the median head's
     top = np.sort(ind.ravel())[::-1][:n_top]
-    assert top.min() > 5 * np.median(ind) and top.max() > 0.5
+    assert top.min() > 3 * np.median(ind) and top[:5].min() > 0.5
     assert 1 <= pat.sum() <= n_top + math.ceil(0.01 * echo.size)
 
 
@@ -484,7 +484,20 @@ def test_generate_with_policy_on_smollm2(name, smollm2, prompt, full_run, razor_
     policy, budget = _generate_cases(config, razor_heads[0])[name]
     res = generate(params, config, [prompt], max_new_tokens=4, compression=Compression(policy, budget))
     assert len(res.tokens[0]) == 4
-    assert res.stats["cache_bytes"] < full_run.stats["cache_bytes"], res.stats
+    if name in ("duo_attention", "razor"):
+        # head-split layout: R rows of n + new slots, Ss rows of sink + recent (+1) + new slots, where
+        # R / Ss are the most retrieval / streaming kv heads of any layer (layers are stacked)
+        pat = np.asarray(policy.pattern, bool)
+        r, ss = max(1, pat.sum(1).max()), max(1, (~pat).sum(1).max())
+        n, d, f4 = len(prompt), config.head_dim, 4
+        cf, cw = n + 4, policy.sink + policy.recent + (name == "razor") + 4
+        per_layer = (r * cf * (2 * d * f4 + f4) + ss * cw * (2 * d * f4 + 2 * f4)) + (r + ss) * f4
+        want = config.n_layers * (per_layer + (r + ss) * f4)      # + lengths and head maps
+        assert res.stats["cache_bytes"] == want
+        if r == 1:
+            assert res.stats["cache_bytes"] < 0.6 * full_run.stats["cache_bytes"]
+    else:
+        assert res.stats["cache_bytes"] < full_run.stats["cache_bytes"], res.stats
     # 200 KJV tokens: the first greedy token of a half-size cache still agrees with the full cache
     if name not in ("duo_attention", "razor"):
         assert res.tokens[0][0] == full_run.tokens[0][0]
