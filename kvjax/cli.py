@@ -114,7 +114,8 @@ def eval_config_from_args(args):
                       chunk_size=args.chunk_size, interval=args.interval, context_tokens=args.context_tokens,
                       continuation_tokens=args.continuation_tokens, needle_tasks=_names(args.needle),
                       needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens, seed=args.seed,
-                      stepwise=args.continuation_mode == "step", regime_policies=tuple(regime_policies))
+                      stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
+                      regime_policies=tuple(regime_policies))
 
 
 def cmd_eval(args) -> int:
@@ -171,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--interval", type=int, default=64, help="decode regime: compress every N new tokens")
     ev.add_argument("--context-tokens", type=int, default=1600)
     ev.add_argument("--continuation-tokens", type=int, default=128)
-    ev.add_argument("--continuation-mode", choices=("step", "forward"), default="step",
-                    help="feed the continuation as decode steps (timed) or in one forward")
+    ev.add_argument("--continuation-mode", choices=("step", "forward"), default="forward",
+                    help="feed the continuation as decode steps or in one forward (decode regime: always steps)")
+    ev.add_argument("--decode-probe", type=int, default=16,
+                    help="with --continuation-mode forward: time this many decode steps for decode ms/tok")
     ev.add_argument("--text-file", default=None, help="UTF-8 text for the fidelity context (default: KJV)")
     ev.add_argument("--needle", default="passkey,kv", help="needle tasks (comma-separated), '' for none")
     ev.add_argument("--needle-samples", type=int, default=2, help="samples per needle task")

@@ -113,6 +113,7 @@ def test_decode_regime_compresses_inside_the_continuation(params):
     logits, _, cache = fidelity.continuation_logits(params, CFG, pre, [cont], stepwise=False)
     assert logits.shape == (1, 24, CFG.vocab_size) and cache.capacity == 12
     assert int(jnp.max(cache.lengths)) <= 12 and np.isfinite(np.asarray(logits)).all()
+    assert fidelity.decode_seconds_per_token(params, CFG, pre, [cont], 5) > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_harness_tiny_model_writes_files(params, tmp_path):
                       regimes=("prefill", "chunk", "decode"),
                       regime_policies=(("chunk", ("h2o",)), ("decode", ("h2o",))),
                       chunk_size=16, interval=8, context_tokens=64, continuation_tokens=12,
-                      needle_per_kind=1, needle_tokens=300, stepwise=False)
+                      needle_per_kind=1, needle_tokens=300, stepwise=False, decode_probe=0)
     rows = run_grid(params, CFG, AsciiTokenizer(), text, ecfg, out_dir=tmp_path, progress=False)
     assert [(r["policy"], r["regime"]) for r in rows] == [
         ("full", "-"), ("snapkv:window=8", "prefill"), ("h2o", "prefill"), ("h2o", "chunk"), ("h2o", "decode")]
@@ -211,7 +212,8 @@ def test_harness_tiny_model_writes_files(params, tmp_path):
         assert r["kl"] > 0 and r["cache_bytes"] < rows[0]["cache_bytes"] and r["kept"] == 12
         assert np.isfinite([r["ppl"], r["needle_logprob"], r["needle_acc"], r["prefill_s"]]).all()
     assert rows[3]["peak_cache_bytes"] < rows[0]["peak_cache_bytes"]          # chunked: peak = budget + chunk
-    assert rows[4]["cache_bytes"] < rows[2]["cache_bytes"] and rows[4]["decode_ms_per_tok"] > 0
+    assert rows[4]["cache_bytes"] < rows[2]["cache_bytes"] and rows[4]["decode_ms_per_tok"] > 0  # decode: stepwise
+    assert math.isnan(rows[2]["decode_ms_per_tok"])  # no probe asked
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["policy"] for r in table][:2] == ["full", "snapkv:window=8"] and list(table[0]) == list(COLUMNS)

@@ -340,6 +340,25 @@ def continuation_logits(params, config: ModelConfig, pre: Prefilled, targets, *,
     return jnp.concatenate([first, logits], axis=1), secs, cache
 
 
+def decode_seconds_per_token(params, config: ModelConfig, pre: Prefilled, targets, n_steps: int,
+                             runner: Optional[Runner] = None) -> float:
+    """Time `n_steps` real decode steps (teacher-forced on targets[:, :n_steps]) over the prefilled
+    cache, as `teacher_forced_steps` runs them: seconds per step, compilation excluded.
+    A cheap decode-speed probe when the continuation's quality is computed in one forward."""
+    runner = runner or Runner()
+    targets = check_tokens(targets)
+    n = min(n_steps, targets.shape[1])
+    if n <= 0:
+        raise ValueError(f"n_steps must be positive, got {n_steps}")
+    in_loop = pre.compression is not None and pre.compression.when == "decode"
+    n_keep = jnp.asarray(pre.plan.n_keep if pre.plan.n_keep else (0,) * targets.shape[0], jnp.int32)
+    max_keep = pre.cache.capacity - pre.compression.interval if in_loop else 0
+    _, secs = runner.timed(teacher_forced_steps, params, pre.cache, targets[:, :n], start_positions(pre), pre.state,
+                           n_keep, config=config, compression=pre.compression if in_loop else None,
+                           max_keep=max_keep)
+    return secs / n
+
+
 def fidelity_metrics(full_logits, comp_logits, targets) -> dict:
     """kl (mean nats/token), kl_max, ppl (compressed), ppl_full and nll gap, over [batch, C]."""
     kl = kl_per_token(full_logits, comp_logits)

@@ -47,7 +47,9 @@ COLUMNS = ("policy", "budget", "regime", "kept", "kl", "kl_max", "ppl", "needle_
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate. policies: registry names, optionally with hyperparameters
+    """What to evaluate. stepwise: feed the continuation as decode steps (else one forward; the
+    "decode" regime is always stepwise); decode_probe: when not stepwise, time this many real
+    decode steps for `decode_ms_per_tok` (0: skip). policies: registry names, optionally with hyperparameters
     ("snapkv:window=32"); budgets: ratios (<= 1) or token counts; regimes: subset of
     compression.WHEN; regime_policies: optional ((regime, (policy, ...)), ...) restricting a
     regime to some policies (default: every policy in every regime)."""
@@ -64,7 +66,8 @@ class EvalConfig:
     needle_tokens: int = 1024
     needle_depths: tuple[float, float] = (0.5, 0.9)
     seed: int = 0
-    stepwise: bool = True
+    stepwise: bool = False
+    decode_probe: int = 16
     regime_policies: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class EvalConfig:
                 raise ValueError(f"unknown regime {regime!r} in regime_policies; known: {WHEN}")
             for name in names:
                 parse_policy(name)
+        if self.decode_probe < 0:
+            raise ValueError(f"decode_probe must be >= 0, got {self.decode_probe}")
         for field in ("chunk_size", "interval", "context_tokens", "continuation_tokens", "needle_per_kind",
                       "needle_tokens"):
             if getattr(self, field) <= 0:
@@ -226,7 +231,9 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
                 "needle": (f"{ecfg.needle_per_kind} x {'+'.join(ecfg.needle_tasks)} at {ecfg.needle_tokens} tokens, "
                            f"depths {ecfg.needle_depths[0]}-{ecfg.needle_depths[1]}") if ecfg.needle_tasks else "none",
                 "chunk_size": ecfg.chunk_size, "interval": ecfg.interval, "seed": ecfg.seed,
-                "continuation": "token by token (decode steps)" if ecfg.stepwise else "one forward",
+                "continuation": ("token by token (decode steps)" if ecfg.stepwise else
+                                 f"one forward (decode regime: decode steps); decode ms/tok timed over "
+                                 f"{ecfg.decode_probe} decode steps"),
                 "wall_s": time.perf_counter() - t_start, "compile_s": runner.compile_s,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         write_results(rows, out_dir, meta)
@@ -250,12 +257,17 @@ def _evaluate_row(params, config, tasks: dict, comp: Optional[Compression], ecfg
         if key == "fidelity":
             m = fidelity.fidelity_metrics(full_logits["fidelity"], logits, task.targets)
             c = task.targets.shape[1]
+            if (stepwise or (pre.compression is not None and pre.compression.when == "decode")) and c > 1:
+                decode_ms = 1000 * secs / (c - 1)
+            elif ecfg.decode_probe and c > 1:
+                decode_ms = 1000 * fidelity.decode_seconds_per_token(params, config, pre, task.targets[:, :-1],
+                                                                     ecfg.decode_probe, runner)
+            else:
+                decode_ms = math.nan
             row.update(kl=m["kl"], kl_max=m["kl_max"], ppl=m["ppl"],
                        kept=pre.plan.max_keep if pre.compression is not None else pre.context_len,
                        cache_bytes=cache.memory_bytes(), peak_cache_bytes=max(pre.peak_bytes, cache.memory_bytes()),
-                       prefill_s=pre.seconds,
-                       decode_ms_per_tok=1000 * secs / (c - 1) if (stepwise or (comp is not None and comp.when == "decode"))
-                       and c > 1 else math.nan)
+                       prefill_s=pre.seconds, decode_ms_per_tok=decode_ms)
         else:
             s = needle.score_answers(logits, task.targets, task.mask)
             kinds = np.asarray(task.kinds)
