@@ -26,6 +26,7 @@ from kvjax.policies.keyformer import Keyformer
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.razor import RazorAttention, find_retrieval_heads, head_scores
+from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.think import ThinK, ThinKCache
 from models.config import ModelConfig
 
@@ -263,22 +264,27 @@ def test_pyramid_selection_keeps_layer_budgets():
 # AdaKV
 
 def np_adakv_budgets(scores, n_keep, alpha):
-    """Flat top-(Hkv*n_keep) over a layer's heads; b_h = floor + cnt_h (1 - alpha), rounded so the sum is exact."""
+    """Official AdaKV for one layer [Hkv, S]: protected (+inf) tokens w_h outside, Bbase_h = n_keep - w_h;
+    flat top-(sum Bbase) of the rest; b_h = w_h + floor(alpha Bbase_h) + cnt_h (1 - alpha), rounded
+    so the total is exact (largest fractional part first)."""
     hkv, s = scores.shape
-    flat = scores.ravel()
-    top = np.argsort(-flat, kind="stable")[: hkv * n_keep]
+    prot = np.isposinf(scores).sum(1)
+    bbase = n_keep - prot
+    flat = np.where(np.isposinf(scores), -np.inf, scores).ravel()
+    top = np.argsort(-flat, kind="stable")[: bbase.sum()]
     cnt = np.bincount(top // s, minlength=hkv)
-    fl = int(np.floor(alpha * n_keep))
+    fl = np.floor(alpha * bbase).astype(int)
     share = cnt * (1 - alpha)
     base = np.floor(share + 1e-9).astype(int)
-    left = hkv * (n_keep - fl) - base.sum()
+    left = bbase.sum() - fl.sum() - base.sum()
     order = np.argsort(-np.round(share - base, 6), kind="stable")
     extra = np.zeros(hkv, int)
     extra[order[: left % hkv]] = 1
-    return fl + base + left // hkv + extra
+    return prot + fl + base + left // hkv + extra
 
 
-@pytest.mark.parametrize("scorer", [KNorm(), ExpectedAttention(n_sink=2)], ids=["knorm", "expected_attention"])
+@pytest.mark.parametrize("scorer", [KNorm(), ExpectedAttention(n_sink=2), SnapKV(window=4, kernel=3, pool="max")],
+                         ids=["knorm", "expected_attention", "snapkv"])
 @pytest.mark.parametrize("alpha", [0.2, 0.5])
 def test_adakv_budgets_and_selection(scorer, alpha):
     obs = random_obs(6, hkv=4, hq=8, s=32, pad=0)
@@ -291,7 +297,7 @@ def test_adakv_budgets_and_selection(scorer, alpha):
     newpos = np.asarray(new.positions)
     for l in range(L):
         for b in range(B):
-            want = np_adakv_budgets(np.where(np.isposinf(raw[l, b]), 1e30, raw[l, b]), n_keep, alpha)
+            want = np_adakv_budgets(raw[l, b], n_keep, alpha)
             np.testing.assert_array_equal(lengths[l, b], want)
             assert lengths[l, b].sum() == 4 * n_keep
             for h in range(4):   # each head keeps its own top-b_h, sorted
@@ -532,10 +538,10 @@ def test_bad_inputs_raise_clear_errors(smollm2, prompt):
     with pytest.raises(ValueError, match="window"):
         generate(params, config, [prompt[:20]], max_new_tokens=2,
                  compression=Compression(PyramidKV(n_layers=config.n_layers), Budget(tokens=10)))
-    # a pattern of the wrong shape for the model, Keyformer at decode time
+    # a pattern of the wrong shape for the cache; Keyformer asked to accumulate a decode step
+    obs = random_obs(11, n_layers=3)
     with pytest.raises(ValueError, match="pattern is"):
-        generate(params, config, [prompt], max_new_tokens=2,
-                 compression=Compression(DuoAttention(pattern=PATTERN, sink=2, recent=6), Budget(tokens=8)))
+        DuoAttention(pattern=PATTERN, sink=2, recent=6).score(obs)
+    decode = Observation(cache=obs.cache, config=obs.config, q_pre=obs.q_pre[..., -1:, :])
     with pytest.raises(ValueError, match="decode step"):
-        generate(params, config, [prompt[:80]], max_new_tokens=2,
-                 compression=Compression(Keyformer(), Budget(tokens=60), when="decode", interval=1))
+        Keyformer().accumulate(decode)

@@ -3,15 +3,15 @@ for Efficient LLM Inference", arXiv 2407.11550; FFY0/AdaKV `adaptive_snapkv/.../
 
 Head-adaptive budgets inside a layer, over ANY scorer (`AdaKV(scorer=ExpectedAttention())`):
 
-    Bbase = n_keep (per-head uniform budget) ; floor = int(alpha * Bbase)
-    cnt_h = #{entries of head h among the top Hkv*Bbase scores of all heads of the layer}
-    b_h   = floor + round(cnt_h * (1 - alpha)),  with the rounding remainders settled so that
-            sum_h b_h = Hkv * Bbase exactly (largest fractional parts first)
+    w_h   = tokens the scorer protects in head h (+inf: SnapKV's window, sinks)
+    Bbase = n_keep - w_h ;  floor = int(alpha * Bbase)
+    cnt_h = #{entries of head h among the top sum_h Bbase scores of the layer's unprotected slots}
+    b_h   = w_h + floor + round(cnt_h * (1 - alpha)),  with the rounding remainders settled so
+            that sum_h b_h = Hkv * n_keep exactly (largest fractional parts first)
 
 Scores are compared across heads as the scorer returns them (AdaKV's `normalize` option is not
-applied). Tokens a scorer protects (+inf: observation window, sinks) are counted inside b_h, so
-each head keeps at least its protected tokens when floor covers them. The official code keeps
-the window outside Bbase; here the window is part of n_keep (kvjax's budget includes it).
+applied). As in the official code the window is outside the adaptive part; kvjax's budget n_keep
+includes it (official C = Bbase + w).
 
 Memory: the cache is allocated at the largest head's budget and the other heads are ragged
 inside it. Shapes are static, so the capacity is the bound floor + (1 - alpha) min(Hkv Bbase, n)
@@ -33,27 +33,30 @@ from models.llama import Observe
 
 
 def adaptive_budgets(scores: jax.Array, n_keep: jax.Array, alpha: float) -> jax.Array:
-    """Per-head budgets [..., Hkv] summing to Hkv * n_keep per layer.
+    """Per-head budgets [L, B, Hkv] summing to Hkv * n_keep per layer.
 
-    scores [L, B, Hkv, S] (invalid slots -inf), n_keep [B] int."""
+    scores [L, B, Hkv, S] (invalid slots -inf, protected slots +inf), n_keep [B] int.
+    Protected slots (the scorer's window / sinks) are kept outside the adaptive part, as the
+    official code keeps the window outside Bbase: Bbase_h = n_keep - protected_h."""
     lead = scores.shape[:2]
     hkv, s = scores.shape[2], scores.shape[3]
-    flat = scores.reshape(*lead, hkv * s)
-    total = (hkv * n_keep)[None, :]                                             # [1, B]
+    prot = jnp.sum(jnp.isposinf(scores), axis=-1).astype(jnp.int32)             # [L, B, Hkv]
+    bbase = jnp.maximum(n_keep[None, :, None] - prot, 0)
+    flat = jnp.where(jnp.isposinf(scores), -jnp.inf, scores).reshape(*lead, hkv * s)
+    total = bbase.sum(-1)                                                       # [L, B]
     order = jnp.argsort(-flat, axis=-1, stable=True)                            # best first
     rank = jnp.argsort(order, axis=-1)                                          # rank of every entry
     chosen = (rank < total[..., None]) & (flat > -jnp.inf)
     cnt = chosen.reshape(*lead, hkv, s).sum(-1).astype(jnp.float32)             # [L, B, Hkv]
-    floor = jnp.floor(alpha * n_keep).astype(jnp.int32)[None, :, None]          # [1, B, 1]
-    # the counts sum to Hkv*n_keep (given enough live slots), so the shares sum to Hkv*(n_keep-floor)
+    floor = jnp.floor(alpha * bbase).astype(jnp.int32)
+    # the counts sum to sum_h Bbase_h (given enough live slots): distribute what the floors leave
     share = cnt * (1.0 - alpha)
-    rest = hkv * (n_keep[None, :, None] - floor)                                # to distribute
+    rest = total[..., None] - floor.sum(-1, keepdims=True)
     base = jnp.floor(share + 1e-4).astype(jnp.int32)
     left = rest - base.sum(-1, keepdims=True)                                   # remainders
     frac = jnp.round((share - base) * 1e3)      # ties (equal in exact arithmetic) -> lower head first
     pos = jnp.argsort(jnp.argsort(-frac, axis=-1, stable=True), axis=-1)
-    b = floor + base + left // hkv + (pos < left % hkv).astype(jnp.int32)
-    return b
+    return prot + floor + base + left // hkv + (pos < left % hkv).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
