@@ -250,7 +250,7 @@ def test_pyramid_selection_keeps_layer_budgets():
     cap = pol.max_keep(12, 64)
     new, _ = jcompress(pol, obs, 12, cap)
     b = np_pyramid(12, 64, 4, 4)
-    assert cap == b.max()
+    assert cap == b.max() and PyramidKV(window=4, kernel=3).max_keep(12, 64) >= cap
     np.testing.assert_array_equal(np.asarray(new.lengths)[:, 0, 0], b)
     assert np.asarray(new.lengths).sum() == 4 * B * HKV * 12
     # window always kept, chronological order
@@ -530,8 +530,6 @@ def test_bad_inputs_raise_clear_errors(smollm2, prompt):
         DuoAttention(pattern=PATTERN, sink=2, recent=6).max_keep(5, 32)
     with pytest.raises(ValueError, match="exceed the observation window"):
         PyramidKV(n_layers=2, window=32).max_keep(20, 100)
-    with pytest.raises(ValueError, match="n_layers"):
-        PyramidKV().max_keep(50, 100)
     with pytest.raises(ValueError, match="segment"):
         find_retrieval_heads(params, config, segment=1)
     # window longer than the context (generate's check)

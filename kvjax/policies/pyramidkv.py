@@ -57,7 +57,7 @@ class PyramidKV(SnapKV):
     kernel: int = 5
     pool: str = "avg"
     beta: int = 20
-    n_layers: int = 0  # 0: take it from the scores (the model's depth)
+    n_layers: int = 0  # the model's depth, only to size the cache exactly (0: a safe bound)
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,11 +74,14 @@ class PyramidKV(SnapKV):
                              f"observation window ({self.window})")
 
     def max_keep(self, n_keep: int, context: int) -> int:
-        if self.n_layers <= 0:
-            raise ValueError("PyramidKV needs n_layers (the model's depth) to size the cache: "
-                             "PyramidKV(n_layers=config.n_layers)")
+        """Layer 0's budget. Without `n_layers` the bound w + max_num (before the remainder is
+        taken back, which never adds) is used: at most a few slots more than needed."""
         self._check(n_keep, context)
-        return int(min(pyramid_budgets(n_keep, context, self.n_layers, self.window, self.beta).max(), context))
+        if self.n_layers > 0:
+            top = pyramid_budgets(n_keep, context, self.n_layers, self.window, self.beta).max()
+        else:
+            top = max(pyramid_budgets(n_keep, context, 2, self.window, self.beta).max(), n_keep)
+        return int(min(top, context))
 
     def head_budgets(self, scores: jax.Array, n_keep: jax.Array) -> jax.Array:
         n_layers = scores.shape[0]
