@@ -395,29 +395,33 @@ def test_duo_split_cache_attention_and_memory():
 
 
 def test_razor_compensation_token_matches_numpy():
+    """Layer 1 has no retrieval head: one of its streaming heads sits in a spare full row, so the
+    compensation token is checked in both parts of the layout."""
     obs = random_obs(10, s=32, pad=0)
-    pol = RazorAttention(pattern=PATTERN, sink=2, recent=6)
+    pattern = ((1, 0), (0, 0))
+    pol = RazorAttention(pattern=pattern, sink=2, recent=6)
     cap = pol.max_keep(8, 32)
     new, _ = jcompress(pol, obs, 8, cap)
-    layer = jax.tree_util.tree_map(lambda x: x[0], new)
     rng = np.random.default_rng(2)
     q = rng.normal(size=(B, HQ, 1, D)).astype(np.float32)
-    out, _ = jax.jit(lambda c, q_, p_: c.attend(q_, p_, stats=AttentionStats()))(layer, jnp.asarray(q), jnp.array([[40], [40]], jnp.int32))
-    out = np.asarray(out)
-    k = np.asarray(obs.cache.keys[0], np.float64)
-    v = np.asarray(obs.cache.values[0], np.float64)
-    for b in range(B):
-        for hq in range(HQ):
-            h = hq // 2
-            if PATTERN[0][h]:
-                want = np_attend(q[b, hq, 0], k[b, h], v[b, h])
-            else:
-                keep, drop = np.r_[0:2, 26:32], np.arange(2, 26)
-                kk = np.concatenate([k[b, h, keep], k[b, h, drop].mean(0, keepdims=True)])
-                vv = np.concatenate([v[b, h, keep], v[b, h, drop].mean(0, keepdims=True)])
-                bias = np.r_[np.zeros(8), np.log(24.0)]
-                want = np_attend(q[b, hq, 0], kk, vv, bias)
-            np.testing.assert_allclose(np.asarray(out[b, hq, 0]), want, rtol=1e-4, atol=1e-5)
+    attend = jax.jit(lambda c, q_, p_: jax.tree_util.tree_map(lambda x: x[0], c).attend(q_, p_, stats=AttentionStats()))
+    for l in range(L):
+        layer = jax.tree_util.tree_map(lambda x: x[l:l + 1], new)
+        out, _ = attend(layer, jnp.asarray(q), jnp.array([[40], [40]], jnp.int32))
+        out = np.asarray(out)
+        k = np.asarray(obs.cache.keys[l], np.float64)
+        v = np.asarray(obs.cache.values[l], np.float64)
+        for b in range(B):
+            for hq in range(HQ):
+                h = hq // 2
+                if pattern[l][h]:
+                    want = np_attend(q[b, hq, 0], k[b, h], v[b, h])
+                else:
+                    keep, drop = np.r_[0:2, 26:32], np.arange(2, 26)
+                    kk = np.concatenate([k[b, h, keep], k[b, h, drop].mean(0, keepdims=True)])
+                    vv = np.concatenate([v[b, h, keep], v[b, h, drop].mean(0, keepdims=True)])
+                    want = np_attend(q[b, hq, 0], kk, vv, np.r_[np.zeros(8), np.log(24.0)])
+                np.testing.assert_allclose(out[b, hq, 0], want, rtol=1e-4, atol=1e-5)
 
 
 def test_razor_echo_induction_scores_match_numpy():
@@ -493,11 +497,14 @@ def test_generate_with_policy_on_smollm2(name, smollm2, prompt, full_run, razor_
     if name in ("duo_attention", "razor"):
         # head-split layout: R rows of n + new slots, Ss rows of sink + recent (+1) + new slots, where
         # R / Ss are the most retrieval / streaming kv heads of any layer (layers are stacked)
+        # (a layer's spare full rows take streaming heads, so Ss = Hkv - R)
         pat = np.asarray(policy.pattern, bool)
-        r, ss = max(1, pat.sum(1).max()), max(1, (~pat).sum(1).max())
+        r = max(1, pat.sum(1).max())
+        ss = max(1, config.n_kv_heads - r)
         n, d, f4 = len(prompt), config.head_dim, 4
         cf, cw = n + 4, policy.sink + policy.recent + (name == "razor") + 4
-        per_layer = (r * cf * (2 * d * f4 + f4) + ss * cw * (2 * d * f4 + 2 * f4)) + (r + ss) * f4
+        # keys + values + position + bias per slot, lengths per row, head map per row
+        per_layer = (r * cf + ss * cw) * (2 * d * f4 + 2 * f4) + (r + ss) * f4
         want = config.n_layers * (per_layer + (r + ss) * f4)      # + lengths and head maps
         assert res.stats["cache_bytes"] == want
         if r == 1:
@@ -543,3 +550,14 @@ def test_bad_inputs_raise_clear_errors(smollm2, prompt):
     decode = Observation(cache=obs.cache, config=obs.config, q_pre=obs.q_pre[..., -1:, :])
     with pytest.raises(ValueError, match="decode step"):
         Keyformer().accumulate(decode)
+
+
+def test_duo_pattern_from_alphas():
+    alphas = np.random.default_rng(3).random((6, 4)) * 1.4 - 0.2          # some outside [0, 1]
+    for sparsity in (0.5, 0.75):
+        pat = np.asarray(DuoAttention.from_alphas(alphas, sparsity=sparsity, sink=2, recent=6).pattern)
+        clipped = np.clip(alphas, 0, 1)
+        np.testing.assert_array_equal(pat, clipped >= np.quantile(clipped, sparsity))
+        assert abs(pat.mean() - (1 - sparsity)) <= 1 / alphas.size + 1e-9
+    pat = np.asarray(DuoAttention.from_alphas(alphas, sink=2, recent=6).pattern)
+    np.testing.assert_array_equal(pat, np.clip(alphas, 0, 1) >= 0.5)

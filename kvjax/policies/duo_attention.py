@@ -8,11 +8,13 @@ retrieval heads keep the full cache, streaming heads keep the first `sink` token
 are appended to every head. Keys stay post-RoPE at their original positions.
 
 How memory is saved: the compressed cache is a `HeadSplitCache` with two dense parts,
-    full   [L, B, R,  n + new, d]    R  = most retrieval heads in any layer
-    stream [L, B, Ss, sink + recent + new, d]   Ss = most streaming heads in any layer
+    full   [L, B, R,       n + new, d]              R = most retrieval heads in any layer
+    stream [L, B, Hkv - R, sink + recent + new, d]
 plus a per-layer head map, so a streaming head really holds sink+recent slots. Bytes
-~ (R * n + Ss * (sink + recent)) / (Hkv * n) of the full cache (R, Ss are maxima over layers
-because layers are stacked for `lax.scan`; a layer with fewer such heads leaves rows empty).
+~ (R * n + (Hkv - R) * (sink + recent)) / (Hkv * n) of the full cache. R is a maximum over layers
+because layers are stacked for `lax.scan`: a layer with fewer retrieval heads puts streaming heads
+in its spare full rows (no saving for those), and a model with one layer full of retrieval heads
+saves nothing (it then costs about a dense cache: +1 float32 bias per slot).
 The Compression budget must be Budget(tokens=sink + recent): it is the streaming heads' budget.
 """
 from __future__ import annotations
@@ -57,12 +59,15 @@ class HeadSplitCache:
 
     full: KVCache [L, B, R, Sf, d]; full_heads [L, R] int32 kv-head of each row (-1 = unused)
     stream: KVCache [L, B, Ss, Sw, d]; stream_heads [L, Ss]
-    stream_bias [L, B, Ss, Sw] float32: log-multiplicity added to a slot's logit (RazorAttention's
-    compensation token counts |D| times; 0 elsewhere).
+    full_bias [L, B, R, Sf], stream_bias [L, B, Ss, Sw] float32: log-multiplicity added to a slot's
+    logit (RazorAttention's compensation token counts |D| times; 0 elsewhere).
+    Every kv head has exactly one row; a layer with fewer than R retrieval heads puts streaming
+    heads in its spare full rows, so Ss = Hkv - R (the layout is never larger than a dense cache).
     """
 
     full: kvcache.KVCache
     full_heads: jax.Array
+    full_bias: jax.Array
     stream: kvcache.KVCache
     stream_heads: jax.Array
     stream_bias: jax.Array
@@ -124,7 +129,8 @@ class HeadSplitCache:
             return jnp.einsum("brgts,brsv->brgtv", probs, part.values.astype(jnp.float32))
 
         dest = lambda heads: jnp.where(heads >= 0, heads, self.kv_heads)        # unused rows dropped
-        out = out.at[:, dest(self.full_heads)].set(part_out(self.full, self.full_heads, None), mode="drop")
+        out = out.at[:, dest(self.full_heads)].set(part_out(self.full, self.full_heads, self.full_bias),
+                                                   mode="drop")
         out = out.at[:, dest(self.stream_heads)].set(
             part_out(self.stream, self.stream_heads, self.stream_bias), mode="drop")
         return out.reshape(b, hq, t, -1).astype(q.dtype), {}
@@ -135,20 +141,28 @@ class HeadSplitCache:
         sw = self.stream.capacity + grow
         if sw < 1:
             raise ValueError(f"cannot resize a head-split cache to {capacity} slots")
-        bias = self.stream_bias
-        bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(0, max(grow, 0))])[..., :sw]
+        fit = lambda b, n: jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, max(grow, 0))])[..., :n]
         return dataclasses.replace(self, full=kvcache.resize(self.full, capacity),
-                                   stream=kvcache.resize(self.stream, sw), stream_bias=bias)
+                                   full_bias=fit(self.full_bias, capacity),
+                                   stream=kvcache.resize(self.stream, sw), stream_bias=fit(self.stream_bias, sw))
 
 
 def head_maps(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[L, Hkv] bool (True = retrieval) -> full_heads [L, R], stream_heads [L, Ss] (-1 padded)."""
-    rows = lambda sel: [np.flatnonzero(r) for r in sel]
-    fr, sr = rows(pattern), rows(~pattern)
-    r = max(1, max(len(x) for x in fr))
-    s = max(1, max(len(x) for x in sr))
-    pad = lambda xs, n: np.array([np.pad(x, (0, n - len(x)), constant_values=-1) for x in xs], np.int32)
-    return pad(fr, r), pad(sr, s)
+    """[L, Hkv] bool (True = retrieval) -> full_heads [L, R], stream_heads [L, Hkv - R] (-1 padded).
+
+    R = most retrieval heads in a layer; a layer's spare full rows take its first streaming heads."""
+    n_layers, hkv = pattern.shape
+    r = max(1, int(pattern.sum(1).max()))
+    full, stream = [], []
+    for row in pattern:
+        ret, st = list(np.flatnonzero(row)), list(np.flatnonzero(~row))
+        spare = r - len(ret)
+        full.append(ret + st[:spare])
+        stream.append(st[spare:])
+    ss = max(1, hkv - r)
+    pad = lambda xs, n: np.array([np.pad(np.asarray(x, np.int64), (0, n - len(x)), constant_values=-1)
+                                  for x in xs], np.int32)
+    return pad(full, r), pad(stream, ss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +233,9 @@ class DuoAttention(ScoringPolicy):
     def split(self, new: kvcache.KVCache, extra_stream_slots: int = 0) -> HeadSplitCache:
         full_heads, stream_heads = (jnp.asarray(x) for x in head_maps(self.retrieval))
         sw = min(self.streaming_slots + extra_stream_slots, new.capacity)
-        stream = _part(new, stream_heads, sw)
-        return HeadSplitCache(full=_part(new, full_heads, new.capacity), full_heads=full_heads,
+        stream, full = _part(new, stream_heads, sw), _part(new, full_heads, new.capacity)
+        return HeadSplitCache(full=full, full_heads=full_heads,
+                              full_bias=jnp.zeros(full.positions.shape, jnp.float32),
                               stream=stream, stream_heads=stream_heads,
                               stream_bias=jnp.zeros(stream.positions.shape, jnp.float32),
                               kv_heads=new.positions.shape[2])

@@ -14,7 +14,7 @@ Heads", arXiv 2407.15891). No public code: written from the paper and the spec (
    k^ = mean_D k, v^ = mean_D v counted |D| times in the softmax (logit q k^/sqrt(d) + ln|D|),
    at position max(D) so every later query sees it.
 Layout and memory: as DuoAttention's `HeadSplitCache` (the compensation slot is one extra slot of
-the streaming part, its ln|D| in `stream_bias`). Applied once, after prefill. The Compression
+a streaming head's row, its ln|D| in the part's bias array). Applied once, after prefill. The Compression
 budget is the streaming heads' sink + recent: Budget(tokens=sink + recent).
 """
 from __future__ import annotations
@@ -134,16 +134,20 @@ def add_compensation(split: HeadSplitCache, old: kvcache.KVCache, idx: jax.Array
     k_hat = (old.keys.astype(jnp.float32) * w).sum(-2) / denom                   # [L, B, Hkv, d]
     v_hat = (old.values.astype(jnp.float32) * w).sum(-2) / denom
     p_hat = jnp.max(jnp.where(dropped, old.positions, -1), axis=-1)
-    heads = split.stream_heads
-    take = lambda x: _take_heads(x, heads, 2)                                     # rows of the stream part
-    k_hat, v_hat, p_hat, cnt = take(k_hat), take(v_hat), take(p_hat), take(cnt)
-    st = split.stream
-    write = ((jnp.arange(st.capacity) == st.lengths[..., None]) & (cnt > 0)[..., None]
-             & (heads >= 0)[:, None, :, None])                                    # [L, B, Ss, Sw]
-    stream = kvcache.KVCache(
-        keys=jnp.where(write[..., None], k_hat[..., None, :].astype(st.keys.dtype), st.keys),
-        values=jnp.where(write[..., None], v_hat[..., None, :].astype(st.values.dtype), st.values),
-        positions=jnp.where(write, p_hat[..., None], st.positions),
-        lengths=st.lengths + write.any(-1).astype(jnp.int32))
-    bias = jnp.where(write, jnp.log(jnp.maximum(cnt, 1).astype(jnp.float32))[..., None], split.stream_bias)
-    return dataclasses.replace(split, stream=stream, stream_bias=bias)
+
+    def write_part(part: kvcache.KVCache, heads: jax.Array, bias: jax.Array):
+        take = lambda x: _take_heads(x, heads, 2)                                  # rows of this part
+        kh, vh, ph, c = take(k_hat), take(v_hat), take(p_hat), take(cnt)
+        write = ((jnp.arange(part.capacity) == part.lengths[..., None]) & (c > 0)[..., None]
+                 & (heads >= 0)[:, None, :, None])                                 # [L, B, rows, slots]
+        new = kvcache.KVCache(
+            keys=jnp.where(write[..., None], kh[..., None, :].astype(part.keys.dtype), part.keys),
+            values=jnp.where(write[..., None], vh[..., None, :].astype(part.values.dtype), part.values),
+            positions=jnp.where(write, ph[..., None], part.positions),
+            lengths=part.lengths + write.any(-1).astype(jnp.int32))
+        return new, jnp.where(write, jnp.log(jnp.maximum(c, 1).astype(jnp.float32))[..., None], bias)
+
+    # retrieval heads drop nothing (cnt = 0): only streaming heads, in either part, get a token
+    full, full_bias = write_part(split.full, split.full_heads, split.full_bias)
+    stream, stream_bias = write_part(split.stream, split.stream_heads, split.stream_bias)
+    return dataclasses.replace(split, full=full, full_bias=full_bias, stream=stream, stream_bias=stream_bias)
