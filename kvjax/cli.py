@@ -125,7 +125,8 @@ def cmd_eval(args) -> int:
     text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
     config, params, tokenizer, load_s = _load(args.model)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
-    rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out, progress=True, model_name=args.model)
+    rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out or None, progress=True,
+                    model_name=args.model)
     from kvjax.eval.harness import markdown_table
     print(markdown_table(rows))
     for r in rows:
