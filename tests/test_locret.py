@@ -293,12 +293,13 @@ def test_no_eviction_equals_full_cache(tiny):
     from models.llama import forward
     config, params = tiny
     heads = init_heads(HeadSpec.for_model(config, 16), jax.random.PRNGKey(8))
-    toks = jnp.asarray(np.random.default_rng(9).integers(0, config.vocab_size, (1, 40)), jnp.int32)
-    last, state = locret_prefill(params, config, heads, toks, Locret(budget=64, chunk=16, n_stabilizers=4, n_local=5))
-    cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, 40, config.head_dim)
-    want, _, _ = forward(params, toks, jnp.arange(40, dtype=jnp.int32)[None], cache, config)
+    toks = jnp.asarray(np.random.default_rng(9).integers(0, config.vocab_size, (1, 30)), jnp.int32)
+    last, state = locret_prefill(params, config, heads, toks, Locret(budget=64, chunk=8, n_stabilizers=2, n_local=4),
+                                 extra_capacity=6)   # same shapes as the generate test below (shared compiles)
+    cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, 30, config.head_dim)
+    want, _, _ = forward(params, toks, jnp.arange(30, dtype=jnp.int32)[None], cache, config)
     np.testing.assert_allclose(np.asarray(last), np.asarray(want[:, -1]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(state.origin)[:, 0, :, :40], np.broadcast_to(np.arange(40), (2, 2, 40)))
+    np.testing.assert_array_equal(np.asarray(state.origin)[:, 0, :, :30], np.broadcast_to(np.arange(30), (2, 2, 30)))
 
 
 def test_committed_smollm2_heads_load():
@@ -310,3 +311,16 @@ def test_committed_smollm2_heads_load():
     assert np.isfinite(np.asarray(heads["w1"])).all()
     with pytest.raises(ValueError, match="trained for model"):
         load_heads(path, LLAMA3_8B)
+
+
+def test_locret_generate_decodes_without_eviction(tiny):
+    """Plain decode after the Locret prefill: with nothing evicted, greedy tokens equal kvjax.generate's."""
+    from kvjax.generate import generate
+    from kvjax.policies.locret import locret_generate
+    config, params = tiny
+    heads = init_heads(HeadSpec.for_model(config, 16), jax.random.PRNGKey(10))
+    prompt = np.random.default_rng(11).integers(0, config.vocab_size, 30).tolist()
+    got = locret_generate(params, config, heads, prompt, Locret(budget=64, chunk=8, n_stabilizers=2, n_local=4),
+                          max_new_tokens=6, eos_ids=())
+    want = generate(params, config, [prompt], max_new_tokens=6, eos_ids=(), bucket=1).tokens[0]
+    assert got == want and len(got) == 6
