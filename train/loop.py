@@ -25,7 +25,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
