@@ -399,6 +399,9 @@ def test_razor_compensation_token_matches_numpy():
     compensation token is checked in both parts of the layout."""
     obs = random_obs(10, s=32, pad=0)
     pattern = ((1, 0), (0, 0))
+    none_streaming = RazorAttention(pattern=((1, 1), (0, 1)), sink=2, recent=6)   # R = Hkv: no stream rows
+    dense, _ = jcompress(none_streaming, obs, 8, 32)
+    assert dense.stream.keys.shape[2] == 0 and dense.full.keys.shape[2] == HKV
     pol = RazorAttention(pattern=pattern, sink=2, recent=6)
     cap = pol.max_keep(8, 32)
     new, _ = jcompress(pol, obs, 8, cap)
@@ -500,7 +503,7 @@ def test_generate_with_policy_on_smollm2(name, smollm2, prompt, full_run, razor_
         # (a layer's spare full rows take streaming heads, so Ss = Hkv - R)
         pat = np.asarray(policy.pattern, bool)
         r = max(1, pat.sum(1).max())
-        ss = max(1, config.n_kv_heads - r)
+        ss = config.n_kv_heads - r
         n, d, f4 = len(prompt), config.head_dim, 4
         cf, cw = n + 4, policy.sink + policy.recent + (name == "razor") + 4
         # keys + values + position + bias per slot, lengths per row, head map per row

@@ -159,9 +159,9 @@ def head_maps(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         spare = r - len(ret)
         full.append(ret + st[:spare])
         stream.append(st[spare:])
-    ss = max(1, hkv - r)
+    ss = hkv - r            # may be 0: every layer's heads then live in full rows
     pad = lambda xs, n: np.array([np.pad(np.asarray(x, np.int64), (0, n - len(x)), constant_values=-1)
-                                  for x in xs], np.int32)
+                                  for x in xs], np.int32).reshape(n_layers, n)
     return pad(full, r), pad(stream, ss)
 
 
