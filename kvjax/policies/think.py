@@ -16,7 +16,6 @@ Memory of the keys of pruned tokens shrinks by `ratio` (keys+values by ratio/2).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
