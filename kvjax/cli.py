@@ -113,7 +113,8 @@ def eval_config_from_args(args):
     return EvalConfig(policies=policies, budgets=parse_budgets(args.budget), regimes=_names(args.regime),
                       chunk_size=args.chunk_size, interval=args.interval, context_tokens=args.context_tokens,
                       continuation_tokens=args.continuation_tokens, needle_tasks=_names(args.needle),
-                      needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens, seed=args.seed,
+                      needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens,
+                      needle_query_aware=args.needle_query_aware, seed=args.seed,
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
                       regime_policies=tuple(regime_policies))
 
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--needle", default="passkey,kv", help="needle tasks (comma-separated), '' for none")
     ev.add_argument("--needle-samples", type=int, default=2, help="samples per needle task")
     ev.add_argument("--needle-tokens", type=int, default=1024)
+    ev.add_argument("--needle-query-aware", action="store_true",
+                    help="compress the prompt with the question in it (default: compress the haystack, then ask)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="docs/eval", help="output folder for results.csv/.md/.png ('' for none)")
     ev.set_defaults(func=cmd_eval)

@@ -153,6 +153,14 @@ def test_needle_batch_and_errors():
     assert round(samples[0].depth, 1) == 0.5 and 0.75 < samples[1].depth <= 0.9  # 0.9 is in the question here
     prompts, answers, mask = needle.answer_batch(samples)
     assert prompts.shape == (4, 400) and mask.sum(1).tolist() == [len(s.answer) for s in samples]
+    # question-agnostic: the haystack is compressed, then the (longest) question + answer are fed
+    ctx, targets, mask = needle.answer_batch(samples, query_aware=False)
+    q = max(400 - s.question for s in samples)
+    assert q == max(s.question_len for s in samples) and ctx.shape == (4, 400 - q)
+    for i, s in enumerate(samples):
+        assert tok.decode(s.prompt[s.question:]).startswith("\nWhat is the")
+        assert list(ctx[i]) + list(targets[i, :q]) == list(s.prompt)
+        assert list(targets[i, mask[i]]) == list(s.answer) and not mask[i, :q].any()
     with pytest.raises(ValueError, match="too short"):
         needle.passkey_sample(tok, n_tokens=50)
     with pytest.raises(ValueError, match="depth"):

@@ -8,7 +8,9 @@ and whenever the decode room fills) -- the row reports (DESIGN.md §Evaluation):
 
   kl, ppl        fidelity on a teacher-forced continuation of real text (`kvjax.eval.fidelity`)
   needle_*       passkey / key-value retrieval: answer log-prob, teacher-forced accuracy, greedy
-                 exact match (`kvjax.eval.needle`)
+                 exact match (`kvjax.eval.needle`); by default question-agnostic (the haystack is
+                 compressed, then question + answer are fed over the compressed cache, as kvpress
+                 does); `needle_query_aware` compresses the prompt with the question in it
   cache_bytes    bytes allocated for the cache during the continuation (peak_cache_bytes: the
                  largest cache allocated, prefill included)
   prefill_s, decode_ms_per_tok   execution time on the running backend, compilation excluded
@@ -65,6 +67,7 @@ class EvalConfig:
     needle_per_kind: int = 2
     needle_tokens: int = 1024
     needle_depths: tuple[float, float] = (0.5, 0.9)
+    needle_query_aware: bool = False
     seed: int = 0
     stepwise: bool = False
     decode_probe: int = 16
@@ -183,7 +186,7 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
     if ecfg.needle_tasks:
         samples = needle.make_samples(tokenizer, ecfg.needle_tasks, ecfg.needle_per_kind, ecfg.needle_tokens,
                                       ecfg.needle_depths, ecfg.seed)
-        prompts, answers, mask = needle.answer_batch(samples)
+        prompts, answers, mask = needle.answer_batch(samples, ecfg.needle_query_aware)
         tasks["needle"] = _Task(jnp.asarray(prompts), jnp.asarray(answers), mask, tuple(s.kind for s in samples))
 
     specs = [("full", None, "-")]
@@ -229,7 +232,10 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
         meta = {"model": model_name or config.name, "backend": jax.default_backend(),
                 "context_tokens": len(ctx), "continuation_tokens": len(cont),
                 "needle": (f"{ecfg.needle_per_kind} x {'+'.join(ecfg.needle_tasks)} at {ecfg.needle_tokens} tokens, "
-                           f"depths {ecfg.needle_depths[0]}-{ecfg.needle_depths[1]}") if ecfg.needle_tasks else "none",
+                           f"depths {ecfg.needle_depths[0]}-{ecfg.needle_depths[1]}, "
+                           + ("query-aware (question in the compressed prompt)" if ecfg.needle_query_aware else
+                              "question-agnostic (haystack compressed, then question + answer fed)"))
+                if ecfg.needle_tasks else "none",
                 "chunk_size": ecfg.chunk_size, "interval": ecfg.interval, "seed": ecfg.seed,
                 "continuation": ("token by token (decode steps)" if ecfg.stepwise else
                                  f"one forward (decode regime: decode steps); decode ms/tok timed over "

@@ -58,7 +58,8 @@ class NeedleSample:
 
     prompt: token ids (exactly the requested length); answer: token ids that follow the prompt;
     answer_text: the answer as text; needle: (start, end) token span of the needle inside the
-    prompt (the passkey sentence / the target key-value pair); depth: start / len(prompt)."""
+    prompt (the passkey sentence / the target key-value pair); depth: start / len(prompt);
+    question: index where the trailing question starts (prompt[:question] is the haystack)."""
 
     kind: str
     prompt: tuple[int, ...]
@@ -67,6 +68,12 @@ class NeedleSample:
     needle: tuple[int, int]
     depth: float
     seed: int
+    question: int = -1
+
+    @property
+    def question_len(self) -> int:
+        """Tokens of the trailing question (prompt[question:])."""
+        return len(self.prompt) - self.question
 
 
 def _split_answer(tokenizer, question_and_answer: str, answer: str) -> tuple[list[int], list[int]]:
@@ -126,7 +133,8 @@ def passkey_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: in
     needle = tokenizer.encode(PASSKEY_NEEDLE.format(key=key))
     question, answer = _split_answer(tokenizer, PASSKEY_QUESTION.format(key=key), key)
     prompt, span = _assemble(tokenizer, n_tokens, intro, units, needle, question, depth, cycle=True)
-    return NeedleSample("passkey", tuple(prompt), tuple(answer), key, span, span[0] / n_tokens, seed)
+    return NeedleSample("passkey", tuple(prompt), tuple(answer), key, span, span[0] / n_tokens, seed,
+                        n_tokens - len(question))
 
 
 def kv_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: int = 0,
@@ -162,7 +170,8 @@ def kv_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: int = 0
         units.append(sent)
     units[len(units):] = pairs[j:]
     prompt, span = _assemble(tokenizer, n_tokens, intro, units, needle, question, depth, cycle=False)
-    return NeedleSample("kv", tuple(prompt), tuple(answer), value, span, span[0] / n_tokens, seed)
+    return NeedleSample("kv", tuple(prompt), tuple(answer), value, span, span[0] / n_tokens, seed,
+                        n_tokens - len(question))
 
 
 TASKS = {"passkey": passkey_sample, "kv": kv_sample}
@@ -194,18 +203,29 @@ def make_samples(tokenizer, kinds: Sequence[str] = ("passkey", "kv"), n_per_kind
     return out
 
 
-def answer_batch(samples: Sequence[NeedleSample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """prompts [n, T] int32, answers [n, A] int32 (right-padded with 0), mask [n, A] bool."""
+def answer_batch(samples: Sequence[NeedleSample], query_aware: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token arrays for a batch: (context [n, T'], targets [n, F], mask [n, F] bool).
+
+    query_aware=True: the context is the whole prompt (question included, so the compression can
+    see it, as SnapKV intends) and targets are the answers (right-padded with 0).
+    query_aware=False (kvpress's default): the context stops before the longest question of the
+    batch, and targets = the rest of the prompt + the answer, fed over the compressed cache; the
+    mask marks only answer tokens for scoring. Note that with query-aware compression the first
+    answer token is predicted by the prefill itself, before any compression."""
     lens = {len(s.prompt) for s in samples}
     if len(lens) != 1:
         raise ValueError(f"samples must share one prompt length, got {sorted(lens)}")
+    n = lens.pop()
+    q = 0 if query_aware else max(s.question_len for s in samples)
     a = max(len(s.answer) for s in samples)
-    answers = np.zeros((len(samples), a), np.int32)
-    mask = np.zeros((len(samples), a), bool)
+    targets = np.zeros((len(samples), q + a), np.int32)
+    mask = np.zeros((len(samples), q + a), bool)
     for i, s in enumerate(samples):
-        answers[i, :len(s.answer)] = s.answer
-        mask[i, :len(s.answer)] = True
-    return np.asarray([s.prompt for s in samples], np.int32), answers, mask
+        targets[i, :q] = s.prompt[n - q:]
+        targets[i, q:q + len(s.answer)] = s.answer
+        mask[i, q:q + len(s.answer)] = True
+    return np.asarray([s.prompt[:n - q] for s in samples], np.int32), targets, mask
 
 
 def score_answers(logits, answers, mask) -> dict:
