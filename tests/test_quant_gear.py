@@ -8,8 +8,9 @@ import pytest
 
 from kvjax.cache import init_cache
 from kvjax.eval.text import kjv_text
+from kvjax.generate import forward_jit
 from kvjax.quant import gear
-from models.llama import forward
+from models.llama import Observe, forward
 
 # ----------------------------------------------------------------------------- numpy reference
 
@@ -82,7 +83,8 @@ def real_kv(model, smollm2_tokenizer):
     ids = smollm2_tokenizer.encode(kjv_text(book="Genesis", n_chars=800))[:97]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
-    logits, cache, _ = forward(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config)
+    logits, cache, _ = forward_jit(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache,
+                                     config, Observe(qkv=True), all_logits=True)  # one compile for all quant tests
     layers = [0, 7, 15]
     return np.asarray(cache.keys[layers, 0]), np.asarray(cache.values[layers, 0]), logits, ids
 

@@ -9,6 +9,7 @@ import pytest
 from kvjax.attention import AttentionStats, attend
 from kvjax.cache import init_cache
 from kvjax.eval.text import kjv_text
+from kvjax.generate import forward_jit
 from kvjax.quant import rotatekv as rk
 from models.config import get_config
 from models.llama import Observe, forward
@@ -66,8 +67,8 @@ def real_kv(model, smollm2_tokenizer):
     ids = smollm2_tokenizer.encode(kjv_text(book="Psalms", n_chars=800))[:97]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
-    logits, cache, obs = forward(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config,
-                                 Observe(qkv=True))
+    logits, cache, obs = forward_jit(params, jnp.asarray(ids)[None], jnp.arange(t, dtype=jnp.int32)[None], cache,
+                                     config, Observe(qkv=True), all_logits=True)  # one compile for all quant tests
     return np.asarray(obs["k_pre"][:, 0]), np.asarray(obs["v"][:, 0]), ids, logits
 
 
