@@ -86,19 +86,30 @@ def _softmax_out(logits, valid, values):
 # ----------------------------------------------------------------------------- dense
 
 
-def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
-                 scale: float | None = None) -> jax.Array:
+def _starts(starts, lengths):
+    if starts is None:
+        return jnp.zeros_like(lengths)
+    if starts.shape != lengths.shape:
+        raise ValueError(f"starts must be [batch, kv_heads]={lengths.shape}, got {starts.shape}")
+    return starts
+
+
+def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                 starts: jax.Array | None = None, *, scale: float | None = None) -> jax.Array:
     """Decode attention over a dense cache.
 
     q: [batch, q_heads, head_dim]; k, v: [batch, kv_heads, capacity, head_dim];
-    lengths: [batch, kv_heads] int32 (slots [0, lengths) are live).
+    lengths: [batch, kv_heads] int32; starts: optional [batch, kv_heads] int32 (default 0):
+    slots [starts, lengths) are live (leading slots of a left-padded row are masked).
     returns [batch, q_heads, head_dim] in q.dtype."""
     g = check_dense(q, k, v, lengths)
     b, hkv, cap, d = k.shape
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * scale
     logits = jnp.einsum("bhgd,bhsd->bhgs", qg, k.astype(jnp.float32))
-    valid = (jnp.arange(cap)[None, None, :] < lengths[:, :, None])[:, :, None, :]
+    st = _starts(starts, lengths)
+    t = jnp.arange(cap)[None, None, :]
+    valid = ((t < lengths[:, :, None]) & (t >= st[:, :, None]))[:, :, None, :]
     return _softmax_out(logits, valid, v).reshape(b, g * hkv, -1).astype(q.dtype)
 
 
@@ -151,7 +162,7 @@ def kivi_dequant_values(v_codes, v_scale, v_min, bits, group_size):
 
 
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
-                k_len, v_len, lengths, *, bits: int, group_size: int,
+                k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
                 scale: float | None = None) -> jax.Array:
     """Decode attention over a packed KIVI cache (layout: kvjax/quant/LAYOUT.md).
 
@@ -159,7 +170,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     k_scale/k_min [batch, kv_heads, capacity_q/G, head_dim]; v_scale/v_min [batch, kv_heads, capacity_q,
     head_dim/G]; k_resid/v_resid [batch, kv_heads, R, head_dim]; k_len, v_len, lengths [batch, kv_heads].
     Token t < lengths uses key k_codes[t] if t < k_len else k_resid[t - k_len], and value
-    v_codes[t] if t < v_len else v_resid[t - v_len].  returns [batch, q_heads, head_dim] in q.dtype."""
+    v_codes[t] if t < v_len else v_resid[t - v_len]. starts: optional [batch, kv_heads] (default 0),
+    tokens t < starts are masked (left padding: LAYOUT.md's t + pos_offset < 0).  returns [batch, q_heads, head_dim] in q.dtype."""
     g = check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                    k_len, v_len, lengths, bits, group_size)
     b, hkv, capq, _ = k_codes.shape
@@ -181,7 +193,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
                      take(v_resid, jnp.broadcast_to(t - vl, (b, hkv, capq + r))))
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * scale
     logits = jnp.einsum("bhgd,bhsd->bhgs", qg, keys)
-    valid = (t < lengths[:, :, None])[:, :, None, :]
+    st = _starts(starts, lengths)
+    valid = ((t < lengths[:, :, None]) & (t >= st[:, :, None]))[:, :, None, :]
     return _softmax_out(logits, valid, vals).reshape(b, g * hkv, d).astype(q.dtype)
 
 

@@ -9,7 +9,8 @@ length, so ragged heads (eviction) spread their live tokens over all splits and 
 slots past their length.
 
 Shapes: q [batch, q_heads, head_dim]; k, v [batch, kv_heads, capacity, head_dim];
-lengths [batch, kv_heads] int32 -> out [batch, q_heads, head_dim].
+lengths [batch, kv_heads] int32, optional starts [batch, kv_heads] (slots
+[starts, lengths) are live) -> out [batch, q_heads, head_dim].
 """
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from pallas_kernels.gpu import common
 def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, num_splits: int):
     split = pl.program_id(2)
     length = len_ref[0]
-    n_blocks = pl.cdiv(length, block_k)
+    first = len_ref[1]
+    b0 = jnp.minimum(first, length) // block_k
+    n_blocks = pl.cdiv(length, block_k) - b0
     per = pl.cdiv(n_blocks, num_splits)
-    lo = split * per
-    hi = jnp.minimum(lo + per, n_blocks)
+    lo = b0 + split * per
+    hi = jnp.minimum(lo + per, b0 + n_blocks)
     q = q_ref[...]
     gp, d = q.shape
 
@@ -40,7 +43,8 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, 
         start = pl.multiple_of(j * block_k, block_k)
         kb = k_ref[pl.ds(start, block_k), :]
         vb = v_ref[pl.ds(start, block_k), :]
-        valid = start + lax.iota(jnp.int32, block_k) < length
+        t = start + lax.iota(jnp.int32, block_k)
+        valid = (t < length) & (t >= first)
         s = plgpu.dot(q, kb, trans_b=True)
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         vb = jnp.where(valid[:, None], vb, jnp.zeros_like(vb))
@@ -57,7 +61,8 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps",
                                              "num_stages", "interpret"))
-def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
+def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                 starts: jax.Array | None = None, *,
                  scale: float | None = None, block_k: int = 64, num_splits: int | None = None,
                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
     """Split-K decode attention; same contract as `pallas_kernels.reference.dense_decode`.
@@ -83,7 +88,8 @@ def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *
     gp = common.padded_heads(g)
     qg = common.group_queries(q, hkv, scale, k.dtype, gp)
     splits = common.choose_splits(b, hkv, cap // block_k, num_splits)
-    lens = jnp.minimum(lengths.astype(jnp.int32), cap)[:, :, None]
+    st = reference._starts(starts, lengths)
+    lens = jnp.stack([jnp.minimum(lengths, cap), jnp.maximum(st, 0)], axis=-1).astype(jnp.int32)
     kernel = functools.partial(_kernel, block_k=block_k, num_splits=splits)
     o, m, l = pl.pallas_call(
         kernel,
@@ -92,7 +98,7 @@ def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *
             pl.BlockSpec((None, None, gp, d), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, cap, d), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, cap, d), lambda i, h, s: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, 2), lambda i, h, s: (i, h, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),

@@ -53,6 +53,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
     k_len = len_ref[0]
     v_len = len_ref[1]
     length = len_ref[2]
+    first = len_ref[3]
     n_units, gp, w = q_ref.shape
     mask_bits = (1 << bits) - 1
     r = kr_ref.shape[0]
@@ -131,7 +132,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         acc, m, l = carry
         t0 = pl.multiple_of(j * group, group)
         s = key_scores_quant(j, t0)
-        valid = jnp.full((group,), True)
+        valid = t0 + lax.iota(jnp.int32, group) >= first
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         acc = tuple(a * alpha[:, None] for a in acc)
         acc = value_quant(acc, p, t0, None)
@@ -142,11 +143,13 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         acc, m, l = carry
         j0 = lo + jb * sub
         ss = [key_scores_quant(j0 + k, pl.multiple_of((j0 + k) * group, group)) for k in range(sub)]
+        ok = [(j0 + k) * group + lax.iota(jnp.int32, group) >= first for k in range(sub)]
+        ss = [jnp.where(v[None, :], s, common.NEG_INF) for s, v in zip(ss, ok)]
         m_new = m
         for s in ss:
             m_new = jnp.maximum(m_new, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
-        ps = [jnp.exp2(s - m_new[:, None]) for s in ss]
+        ps = [jnp.where(v[None, :], jnp.exp2(s - m_new[:, None]), 0.0) for s, v in zip(ss, ok)]
         l = alpha * l + sum(p.sum(axis=1) for p in ps)
         acc = tuple(a * alpha[:, None] for a in acc)
         for k, p in enumerate(ps):
@@ -158,7 +161,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         t0 = pl.multiple_of(j * group, group)
         t = t0 + lax.iota(jnp.int32, group)
         s = key_scores_quant(j, t0)
-        valid = t < length
+        valid = (t < length) & (t >= first)
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         acc = tuple(a * alpha[:, None] for a in acc)
         acc = value_quant(acc, p, t0, t < v_len)
@@ -169,7 +172,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         acc, m, l = carry
         t = k_len + i * group + lax.iota(jnp.int32, group)
         s = key_scores_resid(t)
-        valid = t < length
+        valid = (t < length) & (t >= first)
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         acc = tuple(a * alpha[:, None] for a in acc)
         qrows = jnp.clip(t, 0, capq - 1)
@@ -194,7 +197,8 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale", "num_splits", "groups_per_step",
                                              "num_warps", "num_stages", "interpret"))
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
-                k_len, v_len, lengths, *, bits: int, group_size: int, scale: float | None = None,
+                k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
+                scale: float | None = None,
                 num_splits: int | None = None, groups_per_step: int = 4, num_warps: int = 4,
                 num_stages: int = 3, interpret: bool = False) -> jax.Array:
     """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`.
@@ -219,7 +223,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     q_units = qg.reshape(b, hkv, gp, d // w, w).transpose(0, 1, 3, 2, 4)    # [b, h, U, gp, W]
     n_units = d // w
     splits = common.choose_splits(b, hkv, max(capq // group_size, 1), num_splits)
-    lens = jnp.stack([k_len, v_len, lengths, jnp.zeros_like(lengths)], axis=-1).astype(jnp.int32)
+    st = jnp.maximum(reference._starts(starts, lengths), 0)
+    lens = jnp.stack([k_len, v_len, lengths, st], axis=-1).astype(jnp.int32)
     cdtype = jnp.bfloat16 if k_resid.dtype == jnp.bfloat16 else jnp.float16
     kernel = functools.partial(_kernel, bits=bits, group=group_size, width=w, units=units,
                                num_splits=splits, cdtype=cdtype,
