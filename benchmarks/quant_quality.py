@@ -32,11 +32,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax.generate import forward_jit  # noqa: E402
-from kvjax.quant import kivi, kvquant, qjl  # noqa: E402
+from kvjax.quant import kivi, kvquant, kvtuner, qjl  # noqa: E402
 from models.llama import forward  # noqa: E402
 
 
-def method_table(config, calib):
+def method_table(config, calib, tuner=None):
     d = config.head_dim
     g = 32
     kivi_b = lambda kb, vb: kivi.bytes_per_token(d, kb, vb, g)
@@ -44,7 +44,7 @@ def method_table(config, calib):
     qjl_b = lambda c: qjl.key_bytes_per_token(d, c) + d * c.value_bits / 8 + 4 * d / c.value_group
     q_small = qjl.QJLConfig(sketch_dim=128, outlier_sketch_dim=64)
     q_def = qjl.QJLConfig()
-    return {
+    table = {
         # name: (bytes per token per kv-head of the quantized part, from_dense(dense, capacity), init(capacity))
         "full (fp32 cache)": (2 * d * 4, lambda dn, c: dn,
                               lambda c: kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, c, config.head_dim)),
@@ -65,6 +65,12 @@ def method_table(config, calib):
         "QJL (m=128, m_out=64, V KIVI-2)": (qjl_b(q_small), lambda dn, c: qjl.from_dense(dn, q_small, c),
                                             lambda c: qjl.init_qjl_cache(config, 1, c, q_small)),
     }
+    if tuner is not None:
+        name = f"KVTuner (mean {tuner.average_bits:.2f} code bits, G32 R32, simulated)"
+        table[name] = (tuner.bytes_per_token(d),
+                       lambda dn, c: kivi.append_dense(kvtuner.init_sim_cache(config, 1, c, tuner), dn),
+                       lambda c: kvtuner.init_sim_cache(config, 1, c, tuner))
+    return table
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -127,7 +133,12 @@ def run(args) -> str:
 
     dec_in, fake_in = chunked(p, c), chunked(0, fc)
     rows = []
-    for name, (bpt, convert, init) in method_table(config, calib).items():
+    tuner = None
+    if args.kvtuner:
+        import json
+        layer_bits = json.loads(pathlib.Path(args.kvtuner).read_text())["layer_bits"]
+        tuner = kvtuner.KVTunerConfig(tuple(tuple(p) for p in layer_bits))
+    for name, (bpt, convert, init) in method_table(config, calib, tuner).items():
         if args.methods and not any(m.lower() in name.lower() for m in args.methods):
             continue
         t0 = time.time()
@@ -162,7 +173,11 @@ def run(args) -> str:
            f"the uncompressed float32 cache (bf16 would be half). bits / coord = 8 * B / (2 * head_dim).\n"
            f"* cache MiB: `memory_bytes()` after all {n} tokens, every layer, residual windows included.\n"
            f"* KVQuant calibrated on {args.calib_tokens} KJV tokens from verse 20000 on (k-means LUT per layer, "
-           f"uniform weights), 1 outlier above + 1 below per token-head kept exact (3.1 % at d = 64).\n\n"
+           f"uniform weights), 1 outlier above + 1 below per token-head kept exact (3.1 % at d = 64).\n"
+           + (f"* KVTuner: per-layer pairs {[tuple(p) for p in tuner.layer_bits]} from the sensitivity search "
+              f"(`python -m kvjax.quant.kvtuner search`, KJV verses 20000+), evaluated with the simulated "
+              f"(numerically identical, unpacked) cache; B / token is what packed per-layer KIVI would store.\n"
+              if tuner is not None else "") + "\n"
            + table)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +194,7 @@ def main(argv=None):
     ap.add_argument("--calibration", default=os.path.join("/tmp", "kvquant_smollm2_kjv.npz"))
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--methods", nargs="*", default=None, help="substrings of method names to run")
+    ap.add_argument("--kvtuner", default=None, help="JSON from `python -m kvjax.quant.kvtuner search --out`")
     ap.add_argument("--out", default="docs/quant_quality.md")
     args = ap.parse_args(argv)
     print(run(args))
