@@ -1,6 +1,7 @@
 """Decode-attention benchmark (GPU): copy bandwidth, XLA reference, JAX Pallas baselines, our kernels.
 
-    PYTHONPATH=. python benchmarks/decode.py                 # default shape set (Llama-3-8B heads)
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/decode.py 2>&1 | tee log   # default set
+    PYTHONPATH=. python benchmarks/decode.py --kinds dense,kivi4,kivi2,sweep   # tuning sweep at 8x32768
     PYTHONPATH=. python benchmarks/decode.py --quick         # two shapes
     PYTHONPATH=. python benchmarks/decode.py --configs 8x32768,32x32768
 
@@ -43,7 +44,7 @@ L2_BYTES = 50 * 2 ** 20
 SWEEP_AT = ["8x32768"]  # the config where the tuning sweep runs (--sweep-at)
 
 
-def timed(fn, args_list, q, reps, trials=5):
+def timed(fn, args_list, q, reps, trials=3):
     """Median seconds per call of fn(q, *args) over ~`reps` chained calls cycling through args_list.
 
     The calls run inside one jitted fori_loop (compiled once), chained through q."""
@@ -173,6 +174,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
                rand(jax.random.fold_in(kv, c), (b, HKV, t, D), jnp.bfloat16)) for c in range(copies)]
 
     def add(name, fn, args_list, bytes_read):
+        print(f"  .. {name} (compiling + timing; {time.strftime('%H:%M:%S')})", flush=True)
         try:
             s = timed(fn, args_list, q, reps)
             rows.append((b, t, name, s * 1e6, bytes_read / s / 1e12, bytes_read / s / bw))
@@ -249,7 +251,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="1x4096,1x32768,8x32768,32x32768,8x131072",
+    ap.add_argument("--configs", default="8x32768,1x32768,32x32768,8x131072",
                     help="comma list of BATCHxCONTEXT")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kinds", default="xla,paged,gqa,dense,kivi4,kivi2,sparse,qjl")
