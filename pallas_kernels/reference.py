@@ -117,17 +117,18 @@ def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
 
 
 def check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
-               k_len, v_len, lengths, bits, group_size):
-    if bits not in (2, 4):
-        raise ValueError(f"kivi_decode supports bits 2 or 4, got {bits}")
+               k_len, v_len, lengths, bits, group_size, v_bits=None):
+    v_bits = bits if v_bits is None else v_bits
+    if bits not in (2, 4) or v_bits not in (2, 4):
+        raise ValueError(f"kivi_decode supports bits 2 or 4, got k bits {bits}, v bits {v_bits}")
     if k_codes.dtype != jnp.uint8 or v_codes.dtype != jnp.uint8:
         raise ValueError(f"codes must be uint8, got {k_codes.dtype}, {v_codes.dtype}")
     b, hkv, capq, pk = k_codes.shape
     d = k_resid.shape[-1]
     g = _check_q(q, hkv, d, "k_resid")
-    if pk * 8 != d * bits or v_codes.shape != (b, hkv, capq, pk):
-        raise ValueError(f"codes must be [batch, kv_heads, capacity_q, head_dim*bits/8="
-                         f"{d * bits // 8}], got k {k_codes.shape}, v {v_codes.shape}")
+    if pk * 8 != d * bits or v_codes.shape != (b, hkv, capq, d * v_bits // 8):
+        raise ValueError(f"codes must be [batch, kv_heads, capacity_q, head_dim*bits/8] (k {d * bits // 8}"
+                         f" bytes, v {d * v_bits // 8}), got k {k_codes.shape}, v {v_codes.shape}")
     gs = group_size
     if gs <= 0 or capq % gs or d % gs:
         raise ValueError(f"group_size={gs} must divide capacity_q={capq} and head_dim={d}")
@@ -163,22 +164,24 @@ def kivi_dequant_values(v_codes, v_scale, v_min, bits, group_size):
 
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
-                scale: float | None = None) -> jax.Array:
+                v_bits: int | None = None, scale: float | None = None) -> jax.Array:
     """Decode attention over a packed KIVI cache (layout: kvjax/quant/LAYOUT.md).
 
-    q [batch, q_heads, head_dim]; k_codes/v_codes [batch, kv_heads, capacity_q, head_dim*bits/8] uint8;
+    q [batch, q_heads, head_dim]; k_codes/v_codes [batch, kv_heads, capacity_q, head_dim*bits/8] uint8
+    (bits = key bits, v_bits = value bits, default bits);
     k_scale/k_min [batch, kv_heads, capacity_q/G, head_dim]; v_scale/v_min [batch, kv_heads, capacity_q,
     head_dim/G]; k_resid/v_resid [batch, kv_heads, R, head_dim]; k_len, v_len, lengths [batch, kv_heads].
     Token t < lengths uses key k_codes[t] if t < k_len else k_resid[t - k_len], and value
     v_codes[t] if t < v_len else v_resid[t - v_len]. starts: optional [batch, kv_heads] (default 0),
     tokens t < starts are masked (left padding: LAYOUT.md's t + pos_offset < 0).  returns [batch, q_heads, head_dim] in q.dtype."""
     g = check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
-                   k_len, v_len, lengths, bits, group_size)
+                   k_len, v_len, lengths, bits, group_size, v_bits)
+    v_bits = bits if v_bits is None else v_bits
     b, hkv, capq, _ = k_codes.shape
     r, d = k_resid.shape[2], k_resid.shape[3]
     scale = d ** -0.5 if scale is None else scale
     kq = kivi_dequant_keys(k_codes, k_scale, k_min, bits, group_size)
-    vq = kivi_dequant_values(v_codes, v_scale, v_min, bits, group_size)
+    vq = kivi_dequant_values(v_codes, v_scale, v_min, v_bits, group_size)
     # Token-ordered logical cache of capacity capq + r, assembled per head with gathers.
     t = jnp.arange(capq + r)[None, None, :]
     kl, vl = k_len[:, :, None], v_len[:, :, None]

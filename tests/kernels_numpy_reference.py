@@ -49,12 +49,13 @@ def pack_planar(codes, bits):
     return out.astype(np.uint8)
 
 
-def make_kivi(rng, b, hkv, d, bits, group, r, capq, lengths, dtype_np=np.float32):
+def make_kivi(rng, b, hkv, d, bits, group, r, capq, lengths, dtype_np=np.float32, v_bits=None):
     """Random KIVI cache following LAYOUT.md for per-head total lengths [b, hkv].
 
     k_len = lengths - lengths % r (whole R-blocks quantised); v_len = max(lengths - r, 0).
     Returns (arrays dict in numpy, dequantised keys/values [b, hkv, maxlen, d] float64)."""
     lengths = np.asarray(lengths)
+    v_bits = bits if v_bits is None else v_bits
     k_len = lengths - lengths % r
     v_len = np.maximum(lengths - r, 0)
     assert k_len.max() <= capq and v_len.max() <= capq
@@ -63,7 +64,7 @@ def make_kivi(rng, b, hkv, d, bits, group, r, capq, lengths, dtype_np=np.float32
         k_codes=np.zeros((b, hkv, capq, pk), np.uint8),
         k_scale=np.zeros((b, hkv, capq // group, d), np.float16),
         k_min=np.zeros((b, hkv, capq // group, d), np.float16),
-        v_codes=np.zeros((b, hkv, capq, pk), np.uint8),
+        v_codes=np.zeros((b, hkv, capq, d * v_bits // 8), np.uint8),
         v_scale=np.zeros((b, hkv, capq, d // group), np.float16),
         v_min=np.zeros((b, hkv, capq, d // group), np.float16),
         k_resid=np.zeros((b, hkv, r, d), dtype_np),
@@ -91,8 +92,8 @@ def make_kivi(rng, b, hkv, d, bits, group, r, capq, lengths, dtype_np=np.float32
             kt[i, h, kl:n] = kres.astype(np.float64)
             if vl:
                 vg = vals[:vl].reshape(vl, d // group, group)
-                c, s, m = quantize_rtn(vg, bits, axis=2)
-                arr["v_codes"][i, h, :vl] = pack_planar(c.reshape(vl, d), bits)
+                c, s, m = quantize_rtn(vg, v_bits, axis=2)
+                arr["v_codes"][i, h, :vl] = pack_planar(c.reshape(vl, d), v_bits)
                 arr["v_scale"][i, h, :vl] = s[:, :, 0]
                 arr["v_min"][i, h, :vl] = m[:, :, 0]
                 vt[i, h, :vl] = (c * s + m).reshape(vl, d)

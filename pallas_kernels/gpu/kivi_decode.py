@@ -47,15 +47,15 @@ def _unit_layout(d: int, bits: int, group: int):
 
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref, len_ref,
-            o_ref, m_ref, l_ref, *, bits: int, group: int, width: int, units, num_splits: int,
+            o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int, kunits, vunits, num_splits: int,
             cdtype, sub: int):
     split = pl.program_id(2)
     k_len = len_ref[0]
     v_len = len_ref[1]
     length = len_ref[2]
     first = len_ref[3]
-    n_units, gp, w = q_ref.shape
-    mask_bits = (1 << bits) - 1
+    n_units, gp, w = q_ref.shape      # key units (width w)
+    wv = o_ref.shape[2]               # value units (width wv)
     r = kr_ref.shape[0]
     capq = kc_ref.shape[0]
 
@@ -67,18 +67,18 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
 
     qs = [q_ref[u] for u in range(n_units)]  # [gp, W] float32 each
 
-    def field(codes_u8, f):
-        return ((codes_u8.astype(jnp.int32) >> (bits * f)) & mask_bits).astype(jnp.float32)
+    def field(codes_u8, f, bits):
+        return ((codes_u8.astype(jnp.int32) >> (bits * f)) & ((1 << bits) - 1)).astype(jnp.float32)
 
     def key_scores_quant(j, t0):
         """s [gp, G] for quantised-key group j (tokens t0 .. t0+G)."""
         s = jnp.zeros((gp, group), jnp.float32)
         bias = jnp.zeros((gp,), jnp.float32)
         loaded = {}
-        for u, f, off, _ in units:
+        for u, f, off, _ in kunits:
             if off not in loaded:
                 loaded[off] = kc_ref[pl.ds(t0, group), pl.ds(off, w)]
-            code = field(loaded[off], f).astype(cdtype)                    # [G, W]
+            code = field(loaded[off], f, k_bits).astype(cdtype)                    # [G, W]
             sc = ks_ref[j, pl.ds(u * w, w)].astype(jnp.float32)              # [W]
             mn = km_ref[j, pl.ds(u * w, w)].astype(jnp.float32)
             s += plgpu.dot((qs[u] * sc[None, :]).astype(cdtype), code, trans_b=True)
@@ -89,7 +89,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         """s [gp, G] for fp-tail tokens t (vector), rows t - k_len of k_resid."""
         rows = jnp.clip(t - k_len, 0, r - 1)
         s = jnp.zeros((gp, group), jnp.float32)
-        for u, _, _, _ in units:
+        for u, _, _, _ in kunits:
             kr = kr_ref[rows, pl.ds(u * w, w)]
             s += plgpu.dot(qs[u].astype(kr.dtype), kr, trans_b=True)
         return s
@@ -100,13 +100,13 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
             p = jnp.where(rowmask[None, :], p, 0.0)
         out = []
         loaded = {}
-        for u, f, off, vg in units:
+        for u, f, off, vg in vunits:
             if off not in loaded:
                 if gather_rows is None:
-                    loaded[off] = vc_ref[pl.ds(t0, group), pl.ds(off, w)]
+                    loaded[off] = vc_ref[pl.ds(t0, group), pl.ds(off, wv)]
                 else:
-                    loaded[off] = vc_ref[gather_rows, pl.ds(off, w)]
-            code = field(loaded[off], f).astype(cdtype)                    # [G, W]
+                    loaded[off] = vc_ref[gather_rows, pl.ds(off, wv)]
+            code = field(loaded[off], f, v_bits).astype(cdtype)                    # [G, W]
             if gather_rows is None:
                 sc = vs_ref[pl.ds(t0, group), vg].astype(jnp.float32)       # [G]
                 mn = vm_ref[pl.ds(t0, group), vg].astype(jnp.float32)
@@ -122,8 +122,8 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         rows = jnp.clip(t - v_len, 0, r - 1)
         p = jnp.where(rowmask[None, :], p, 0.0)
         out = []
-        for u, _, _, _ in units:
-            vr = vr_ref[rows, pl.ds(u * w, w)]
+        for u, _, _, _ in vunits:
+            vr = vr_ref[rows, pl.ds(u * wv, wv)]
             vr = jnp.where(rowmask[:, None], vr, jnp.zeros_like(vr))
             out.append(acc[u] + plgpu.dot(p.astype(vr.dtype), vr))
         return tuple(out)
@@ -180,7 +180,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
         acc = value_resid(acc, p, t, (t >= v_len) & valid)
         return acc, m, l
 
-    carry = (tuple(jnp.zeros((gp, w), jnp.float32) for _ in range(n_units)),
+    carry = (tuple(jnp.zeros((gp, wv), jnp.float32) for _ in range(len(vunits))),
              jnp.full((gp,), common.NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32))
     n_super = jnp.maximum(n_pure - lo, 0) // sub
     carry = lax.fori_loop(0, n_super, super_body, carry)
@@ -188,25 +188,27 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
     carry = lax.fori_loop(jnp.maximum(lo, n_pure), hi, mixed_body, carry)
     n_tail = jnp.where(split == num_splits - 1, pl.cdiv(jnp.maximum(length - k_len, 0), group), 0)
     acc, m, l = lax.fori_loop(0, n_tail, tail_body, carry)
-    for u in range(n_units):
+    for u in range(len(vunits)):
         o_ref[u] = acc[u]
     m_ref[...] = m
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "scale", "num_splits", "groups_per_step",
+@functools.partial(jax.jit, static_argnames=("bits", "v_bits", "group_size", "scale", "num_splits", "groups_per_step",
                                              "num_warps", "num_stages", "interpret"))
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
-                scale: float | None = None,
+                v_bits: int | None = None, scale: float | None = None,
                 num_splits: int | None = None, groups_per_step: int = 4, num_warps: int = 4,
                 num_stages: int = 3, interpret: bool = False) -> jax.Array:
-    """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`.
+    """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`
+    (bits: key bits; v_bits: value bits, default = bits).
 
     groups_per_step: G-token groups processed per loop iteration in the all-quantised region
     (unrolled; more independent loads in flight per step)."""
     g = reference.check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid,
-                             v_resid, k_len, v_len, lengths, bits, group_size)
+                             v_resid, k_len, v_len, lengths, bits, group_size, v_bits)
+    v_bits = bits if v_bits is None else v_bits
     b, hkv, capq, _ = k_codes.shape
     r, d = k_resid.shape[2], k_resid.shape[3]
     if d & (d - 1) or group_size & (group_size - 1) or group_size < 16:
@@ -214,9 +216,10 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
                          f"got head_dim={d}, group_size={group_size}")
     if r % group_size:
         raise ValueError(f"residual length R={r} must be a multiple of group_size={group_size}")
-    w, units = _unit_layout(d, bits, group_size)
-    if w < 16:
-        raise ValueError(f"unit width {w} < 16 (head_dim*bits/8 too small for a tensor-core dot)")
+    w, kunits = _unit_layout(d, bits, group_size)
+    wv, vunits = _unit_layout(d, v_bits, group_size)
+    if min(w, wv) < 16:
+        raise ValueError(f"unit width {min(w, wv)} < 16 (head_dim*bits/8 too small for a tensor-core dot)")
     scale = d ** -0.5 if scale is None else scale
     gp = common.padded_heads(g)
     qg = common.group_queries(q, hkv, scale, jnp.float32, gp)               # [b, h, gp, d]
@@ -226,7 +229,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     st = jnp.maximum(reference._starts(starts, lengths), 0)
     lens = jnp.stack([k_len, v_len, lengths, st], axis=-1).astype(jnp.int32)
     cdtype = jnp.bfloat16 if k_resid.dtype == jnp.bfloat16 else jnp.float16
-    kernel = functools.partial(_kernel, bits=bits, group=group_size, width=w, units=units,
+    kernel = functools.partial(_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
+                               kunits=kunits, vunits=vunits,
                                num_splits=splits, cdtype=cdtype,
                                sub=max(1, groups_per_step))
     pk = k_codes.shape[-1]
@@ -238,23 +242,23 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
         in_specs=[
             full(n_units, gp, w),
             full(capq, pk), full(ng, d), full(ng, d),
-            full(capq, pk), full(capq, d // group_size), full(capq, d // group_size),
+            full(capq, v_codes.shape[-1]), full(capq, d // group_size), full(capq, d // group_size),
             full(r, d), full(r, d),
             full(4),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, n_units, gp, w), lambda i, h, s: (i, h, s, 0, 0, 0)),
+            pl.BlockSpec((None, None, None, d // wv, gp, wv), lambda i, h, s: (i, h, s, 0, 0, 0)),
             pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
             pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, splits, n_units, gp, w), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, d // wv, gp, wv), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"kvjax_kivi{bits}_decode",
+        name=f"kvjax_kivi_k{bits}v{v_bits}_decode",
     )(q_units, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid, lens)
     o = o.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, splits, gp, d)
     return common.combine_splits(o, m, l, g).astype(q.dtype)
