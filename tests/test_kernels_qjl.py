@@ -16,6 +16,17 @@ def test_qjl_kernel_matches_numpy(g, precise):
     b, hkv, cap, d, m, mo, group = 2, 2, 96, 32, 128, 128, 32
     arr, keys, s, si, so = make_qjl(rng, b, hkv, cap, d, m, mo, group, 4)
     lengths = np.array([[0, 1], [50, cap]], np.int32)
+    if not precise:  # a repeated outlier index counts once (kernel must match the mask semantics)
+        arr["outlier_idx"][1, 1, 0, 3] = arr["outlier_idx"][1, 1, 0, 1]
+        m_ = np.zeros(d)
+        m_[arr["outlier_idx"][1, 1, 0]] = 1
+        kg = keys[1, 1, :group]
+        so[1, 1, :group] = np.where((kg * m_) @ s[:, :mo] >= 0, 1, -1)
+        si[1, 1, :group] = np.where((kg * (1 - m_)) @ s >= 0, 1, -1)
+        arr["key_out_norms"][1, 1, :group] = np.linalg.norm(kg * m_, axis=1)
+        from kernels_numpy_reference import pack_signs
+        arr["key_signs"][1, 1, :group] = pack_signs(si[1, 1, :group])
+        arr["key_out_signs"][1, 1, :group] = pack_signs(so[1, 1, :group])
     q = rng.standard_normal((b, hkv * g, d)).astype(np.float32)
     names = ["key_signs", "key_out_signs", "key_norms", "key_out_norms", "outlier_idx", "sketch"]
     args = [jnp.asarray(q)] + [jnp.asarray(arr[n]) for n in names] + [jnp.asarray(lengths)]
