@@ -67,7 +67,7 @@ def _kernel(q_ref, qti_ref, si_ref, so_ref, ks_ref, kos_ref, kn_ref, kon_ref, oi
             qc = q_ref[:, pl.ds(c, 1)]                                 # [gp, 1]
             if o:  # a repeated index is one outlier channel (as in the reference's mask)
                 dup = functools.reduce(jnp.logical_or, [cs[p] == c for p in range(o)])
-                qc = qc * jnp.where(dup, 0.0, 1.0)
+                qc = jnp.where(dup, jnp.zeros_like(qc), qc)
             for i in range(8):
                 sub_in[i] += qc * si_ref[pl.ds(c, 1), pl.ds(i * m8, m8)]
                 add_out[i] += qc * so_ref[pl.ds(c, 1), pl.ds(i * mo8, mo8)]
