@@ -86,3 +86,16 @@ def test_sparse_kernel_matches_numpy(g):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
     ref = _f64(reference.sparse_decode(q, k, v, jnp.asarray(idx), jnp.asarray(counts)))
     np.testing.assert_allclose(ref, want, atol=TOL, rtol=TOL)
+
+
+def test_resolve_backends():
+    from pallas_kernels.tpu.dense_decode import dense_decode as tpu_dense
+    fn, is_kernel = pallas_kernels.resolve("dense_decode", "tpu")
+    assert fn is tpu_dense and is_kernel
+    fn, is_kernel = pallas_kernels.resolve("dense_decode", None, interpret=True)
+    assert fn is gpu_dense and is_kernel
+    assert pallas_kernels.resolve("qjl_scores", "reference") == (reference.qjl_scores, False)
+    with pytest.raises(ValueError, match="no tpu kernel"):
+        pallas_kernels.resolve("kivi_decode", "tpu")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        pallas_kernels.resolve("flash", None)
