@@ -330,7 +330,8 @@ def write_results(rows: Sequence[dict], out_dir, meta: dict) -> dict:
           "continuation; ppl = perplexity of that continuation; needle logprob = mean summed log-prob of "
           "the answer tokens (nats), acc = teacher-forced token accuracy, exact = greedy exact match; "
           "kept = tokens per head kept of the context; cache = bytes allocated during the continuation, "
-          "peak = largest cache allocated (prefill included); times exclude compilation. "
+          "peak = largest cache allocated (prefill included); times exclude compilation and are single "
+          "measurements (noisy on a shared CPU; rows sharing a prefill forward report its time). "
           "Regimes: prefill = compress once after the context, chunk = after every prefill chunk, "
           "decode = after prefill and every `interval` decode steps.\n\n"
           + markdown_table(rows) + "\n\n![quality vs budget](results.png)\n")
