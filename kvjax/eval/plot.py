@@ -35,7 +35,7 @@ def plot_quality(rows: Sequence[dict], path, title: str = "") -> pathlib.Path:
     fig = Figure(figsize=(16, 5))
     axes = fig.subplots(1, 3)
     styles = {"prefill": "-", "chunk": "--", "decode": ":"}
-    cmap = matplotlib.colormaps["tab20"]
+    cmap = matplotlib.colormaps["tab10" if len({p for p, _ in series}) <= 10 else "tab20"]
     policies = sorted({p for p, _ in series})
     for ax, (key, label, log) in zip(axes, metrics):
         for (policy, regime), rs in sorted(series.items()):
@@ -45,7 +45,7 @@ def plot_quality(rows: Sequence[dict], path, title: str = "") -> pathlib.Path:
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, styles.get(regime, "-."), marker="o", ms=4, color=cmap(policies.index(policy) % 20),
+            ax.plot(xs, ys, styles.get(regime, "-."), marker="o", ms=4, color=cmap(policies.index(policy) % cmap.N),
                     label=f"{policy} ({regime})")
         if full is not None and key != "kl" and not math.isnan(_num(full[key])):
             ax.axhline(_num(full[key]), color="k", ls="--", lw=1, label="full cache")
