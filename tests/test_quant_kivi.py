@@ -231,25 +231,19 @@ def test_real_smollm2_kv_quantization(dense_prefill):
     np.testing.assert_array_equal(np.asarray(v)[::7, :, :, 24:PROMPT], Vall[:, :, :, 24:PROMPT])
 
 
-def test_real_smollm2_decode_with_kivi_cache(smollm2, dense_prefill):
-    """prefill + decode_loop of kvjax.generate run unchanged on the quantized cache."""
-    from kvjax.generate import decode_loop, prefill
-    from kvjax.sampling import Sampling
+def test_real_smollm2_generate_with_kivi_cache(smollm2, dense_prefill):
+    """kvjax.generate.generate runs unchanged on the KIVI cache (cache_init), with left padding."""
+    import functools
+    from kvjax.generate import generate
     config, params = smollm2
-    ids, dense_logits, dense = dense_prefill
-    toks, pos = jnp.asarray([ids]), jnp.arange(PROMPT)[None]
-    first = jnp.argmax(dense_logits, -1).astype(jnp.int32)
-    start = jnp.asarray([PROMPT], jnp.int32)
-    run = lambda c: decode_loop(params, c, first, start, jax.random.PRNGKey(0), config=config,
-                                sampling=Sampling(), max_new_tokens=5, eos_ids=())
-    dense_out, _, _ = run(dense)
-    cache = kivi.init_kivi_cache(config, 1, 48, bits=8, group=32, residual=32)
-    logits, cache, _ = prefill(params, config, toks, pos, cache)
-    out, steps, cache = run(cache)
-    assert isinstance(cache, kivi.KIVICache)
-    np.testing.assert_array_equal(np.asarray(cache.lengths), PROMPT + 4)
-    np.testing.assert_array_equal(np.asarray(cache.k_len), 32)
-    # 8-bit KIVI is near-lossless: close logits, the same greedy continuation
-    d = np.asarray(dense_logits)
-    assert np.abs(np.asarray(logits) - d).max() < 0.05 * np.abs(d).max()
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(dense_out))
+    ids = dense_prefill[0]
+    kw = dict(max_new_tokens=5, bucket=16, eos_ids=())     # 40 tokens -> padded to 48 (8 pad tokens)
+    dense = generate(params, config, [ids], **kw)
+    init = functools.partial(kivi.init_kivi_cache, bits=8, group=32, residual=32)
+    k8 = generate(params, config, [ids], cache_init=init, **kw)
+    # 8-bit KIVI is near-lossless: the same greedy continuation
+    assert k8.tokens == dense.tokens and len(k8.tokens[0]) == 5
+    # the cache really is packed: 8-bit codes + fp16 stats + two 32-token fp32 windows per head
+    L, H, d = config.n_layers, config.n_kv_heads, config.head_dim
+    want = L * H * (64 * kivi.bytes_per_token(d, 8, 8, 32) + 2 * 32 * d * 4 + 4 * 4)
+    assert k8.stats["cache_bytes"] == want

@@ -116,6 +116,13 @@ def test_cache_pre_rope_sink_and_attention():
     kd, vd = kvquant.dequantize(layer)
     np.testing.assert_allclose(np.asarray(kd)[:, :, :T], kref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(vd)[:, :, :T], vref, rtol=1e-4, atol=1e-4)
+    big = kvquant.resize(layer, 30)                   # kvjax.cache.resize dispatches here (generate)
+    kb, vb = kvquant.dequantize(big)
+    assert big.capacity == 30
+    np.testing.assert_array_equal(np.asarray(kb)[:, :, :T], np.asarray(kd)[:, :, :T])
+    np.testing.assert_array_equal(np.asarray(vb)[:, :, :T], np.asarray(vd)[:, :, :T])
+    with pytest.raises(ValueError, match="cannot shrink"):
+        kvquant.resize(layer, 5)
 
     from kvjax.attention import AttentionStats
     from models.config import ModelConfig

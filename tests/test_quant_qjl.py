@@ -108,6 +108,13 @@ def test_cache_buffer_rule_and_contents(chunks):
     np.testing.assert_array_equal(k[:, :, kq:T], K[:, :, kq:])                 # fp buffer exact
     assert_matches_ref(v[:, :, :vq], V[:, :, :vq], 2, 8, axis=-1)              # KIVI values per token
     np.testing.assert_array_equal(v[:, :, vq:T], V[:, :, vq:])
+    big = qjl.resize(layer, 70)                                                # kvjax.cache.resize dispatches here
+    assert big.capacity == 72
+    kb, vb = qjl.dequantize(big)
+    np.testing.assert_array_equal(np.asarray(kb, np.float64)[:, :, :T], k[:, :, :T])
+    np.testing.assert_array_equal(np.asarray(vb)[:, :, :T], v[:, :, :T])
+    with pytest.raises(ValueError, match="cannot shrink"):
+        qjl.resize(layer, 16)
 
 
 def test_accounting_and_bad_input():

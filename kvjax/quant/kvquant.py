@@ -292,6 +292,9 @@ class KVQuantCache:
             raise ValueError("KVQuant quantizes pre-RoPE keys: append needs keys_pre_rope")
         return append(self, keys_pre_rope, values, positions)
 
+    def resize(self, capacity: int) -> "KVQuantCache":
+        return resize(self, capacity)
+
     def attend(self, q, query_positions, *, stats, rope=None):
         """Dequantize pre-RoPE keys, rotate them by their slot positions with `rope`, attend."""
         if rope is None:
@@ -390,6 +393,29 @@ def dequantize(layer: KVQuantCache) -> tuple[jax.Array, jax.Array]:
         k = jnp.where(in_sink, jnp.take_along_axis(layer.sink_k.astype(jnp.float32), sidx, axis=-2), k)
         v = jnp.where(in_sink, jnp.take_along_axis(layer.sink_v.astype(jnp.float32), sidx, axis=-2), v)
     return k, v
+
+
+def resize(cache: KVQuantCache, capacity: int) -> KVQuantCache:
+    """Same contents, new capacity (kvjax.cache.resize dispatches here); shrinking below the
+    longest row is an error."""
+    longest = int(jnp.max(cache.lengths))
+    if capacity < longest:
+        raise ValueError(f"cannot shrink KVQuant cache to {capacity} slots: a head holds {longest} tokens")
+    d = cache.sink_k.shape[-1]
+
+    def fit(x, axis, fill=0):
+        axis = axis % x.ndim
+        cur = x.shape[axis]
+        if capacity <= cur:
+            return jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, capacity - cur)
+        return jnp.pad(x, widths, constant_values=fill)
+
+    return dataclasses.replace(
+        cache, k_codes=fit(cache.k_codes, -2), k_out_val=fit(cache.k_out_val, -2),
+        k_out_idx=fit(cache.k_out_idx, -2, d), v_codes=fit(cache.v_codes, -2), v_offset=fit(cache.v_offset, -1),
+        v_range=fit(cache.v_range, -1), v_out_val=fit(cache.v_out_val, -2), v_out_idx=fit(cache.v_out_idx, -2, d))
 
 
 def from_dense(dense, calibration, config, bits: int = 4, capacity: Optional[int] = None, **kw) -> KVQuantCache:

@@ -105,6 +105,9 @@ class SimKIVICache:
     def memory_bytes(self) -> int:
         return self.dense.memory_bytes()
 
+    def resize(self, capacity: int) -> "SimKIVICache":
+        return dataclasses.replace(self, dense=kvcache.resize(self.dense, kivi.quantized_capacity(capacity, self.group)))
+
     def append(self, keys, values, positions, keys_pre_rope=None):
         return dataclasses.replace(self, dense=kvcache.append(self.dense, keys, values, positions))
 

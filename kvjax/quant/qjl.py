@@ -181,6 +181,9 @@ class QJLCache:
     def append(self, keys, values, positions, keys_pre_rope=None) -> "QJLCache":
         return append(self, keys, values, positions)
 
+    def resize(self, capacity: int) -> "QJLCache":
+        return resize(self, capacity)
+
     def attend(self, q, query_positions, *, stats, rope=None):
         from kvjax.attention import attend
         k, v = dequantize(self)
@@ -267,6 +270,31 @@ def dequantize(layer: QJLCache) -> tuple[jax.Array, jax.Array]:
     vq = packing.dequantize(packing.unpack(layer.v_codes, cfg.value_bits), layer.v_scale, layer.v_min,
                             cfg.value_group, axis=-1)
     return merge_resid(k_eff, layer.k_resid, layer.k_len), merge_resid(vq, layer.v_resid, layer.v_len)
+
+
+def resize(cache: QJLCache, capacity: int) -> QJLCache:
+    """Same contents, new capacity (rounded up to the groups); shrinking below the longest row is an error."""
+    cfg = cache.cfg
+    g = math.lcm(cfg.group, cfg.value_group)
+    c = -(-capacity // g) * g
+    longest = int(jnp.max(cache.lengths))
+    if c < longest:
+        raise ValueError(f"cannot shrink QJL cache to {c} slots: a head holds {longest} tokens")
+
+    def fit(x, axis, n):
+        axis = axis % x.ndim
+        cur = x.shape[axis]
+        if n <= cur:
+            return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, n - cur)
+        return jnp.pad(x, widths)
+
+    return dataclasses.replace(
+        cache, k_sign=fit(cache.k_sign, -2, c), k_out_sign=fit(cache.k_out_sign, -2, c),
+        k_norm=fit(cache.k_norm, -1, c), k_out_norm=fit(cache.k_out_norm, -1, c),
+        k_out_idx=fit(cache.k_out_idx, -2, c // cfg.group), v_codes=fit(cache.v_codes, -2, c),
+        v_scale=fit(cache.v_scale, -2, c), v_min=fit(cache.v_min, -2, c))
 
 
 def from_dense(dense, cfg: QJLConfig = QJLConfig(), capacity: Optional[int] = None) -> QJLCache:
