@@ -126,8 +126,10 @@ def cmd_eval(args) -> int:
     text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
     config, params, tokenizer, load_s = _load(args.model)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
+    command = "python -m kvjax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "python -m kvjax eval"
     rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out or None, progress=True,
-                    model_name=args.model)
+                    model_name=args.model, extra_meta={"command": f"`{command}`",
+                                                       "text": args.text_file or "King James Bible (Genesis on)"})
     from kvjax.eval.harness import markdown_table
     print(markdown_table(rows))
     for r in rows:

@@ -175,7 +175,8 @@ def _run_task(params, config, task: _Task, comp: Optional[Compression], ecfg: Ev
 
 
 def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig,
-             out_dir: Optional[str | pathlib.Path] = None, progress: bool = True, model_name: str = "") -> list[dict]:
+             out_dir: Optional[str | pathlib.Path] = None, progress: bool = True, model_name: str = "",
+             extra_meta: Optional[dict] = None) -> list[dict]:
     """Evaluate every (regime, policy, budget) of `ecfg` plus the full cache; returns the rows
     (full cache first) and, with `out_dir`, writes results.csv, results.md and results.png."""
     t_start = time.perf_counter()
@@ -242,6 +243,7 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
                                  f"{ecfg.decode_probe} decode steps"),
                 "wall_s": time.perf_counter() - t_start, "compile_s": runner.compile_s,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        meta.update(extra_meta or {})
         write_results(rows, out_dir, meta)
     return rows
 
@@ -333,7 +335,8 @@ def write_results(rows: Sequence[dict], out_dir, meta: dict) -> dict:
           "peak = largest cache allocated (prefill included); times exclude compilation and are single "
           "measurements (noisy on a shared CPU; rows sharing a prefill forward report its time). "
           "Regimes: prefill = compress once after the context, chunk = after every prefill chunk, "
-          "decode = after prefill and every `interval` decode steps.\n\n"
+          "decode = after prefill and every `interval` decode steps. results.csv also has per-task needle "
+          "columns (passkey_*, kv_*) and the max per-token KL.\n\n"
           + markdown_table(rows) + "\n\n![quality vs budget](results.png)\n")
     (out / "results.md").write_text(md)
     plot_quality(rows, out / "results.png", title=f"{meta.get('model', '')}: quality vs kept fraction")
