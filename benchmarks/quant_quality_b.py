@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import pathlib
 import sys
@@ -172,8 +173,10 @@ def run(args) -> str:
 
     rows = []
     d, L, H = config.head_dim, config.n_layers, config.n_kv_heads
-    for method in methods(config, n, p, buffer):
-        if args.methods and not any(m.lower() in method.name.lower() for m in args.methods):
+    all_methods = methods(config, n, p, buffer)
+    rows_path = pathlib.Path(args.rows) if args.rows else None
+    for method in all_methods:
+        if args.table_only or (args.methods and not any(m.lower() in method.name.lower() for m in args.methods)):
             continue
         t0 = time.time()
         # decode protocol
@@ -194,9 +197,18 @@ def run(args) -> str:
         ppl_f, kl_f = math.exp(nll / cnt_f), kl / cnt_f
         rows.append((method.name, method.bpt, method.bpt * 8 / (2 * d), ppl_d, 100 * (ppl_d / base_dec - 1), kl_d,
                      ppl_f, 100 * (ppl_f / base_fake - 1), kl_f, mem / 2 ** 20, mem / (L * H * n)))
+        if rows_path is not None:
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
         print(f"{method.name}: decode ppl {ppl_d:.4f} ({rows[-1][4]:+.2f}%) KL {kl_d:.4f} | fake-quant ppl "
               f"{ppl_f:.4f} ({rows[-1][7]:+.2f}%) KL {kl_f:.4f} | {time.time() - t0:.0f} s", flush=True)
 
+    if rows_path is not None and rows_path.exists():   # rows of every run that wrote to this file
+        saved = {}
+        for line in rows_path.read_text().splitlines():
+            r = json.loads(line)
+            saved[r[0]] = tuple(r)
+        rows = [saved[m.name] for m in all_methods if m.name in saved]
     hdr = ("| method | B / token / kv-head | bits / coord | decode ppl | Δppl | mean KL | fake-quant ppl | Δppl | "
            "mean KL | cache MiB at end | allocated B / token / kv-head |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {r[0]} | {r[1]:.1f} | {r[2]:.2f} | {r[3]:.4f} | {r[4]:+.2f}% | {r[5]:.4f} | {r[6]:.4f} | "
@@ -240,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--fake-chunk", type=int, default=256)
     ap.add_argument("--methods", nargs="*", default=None, help="substrings of method names to run")
     ap.add_argument("--out", default="docs/quant_quality_b.md")
+    ap.add_argument("--rows", default=None, help="jsonl file: append each method's row, build the table from all")
+    ap.add_argument("--table-only", action="store_true", help="only build the table from --rows")
     args = ap.parse_args(argv)
     print(run(args))
 
