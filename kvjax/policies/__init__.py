@@ -2,14 +2,30 @@
 
     from kvjax.policies import make_policy
     policy = make_policy("snapkv", window=32)
+    policy = make_policy("razor", params=params, config=config)   # finds its retrieval heads
+    policy = make_policy("duo_attention", pattern_file="pattern.json")
+
+Locret is not a scoring policy (it runs its own chunked prefill with trained heads): see
+`kvjax.policies.locret` and `python -m kvjax generate --policy locret --heads DIR`.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import pathlib
+
+from kvjax.policies.adakv import AdaKV
 from kvjax.policies.base import Budget, Observation, ScoringPolicy
+from kvjax.policies.duo_attention import DuoAttention
+from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.h2o import H2O
+from kvjax.policies.keyformer import Keyformer
 from kvjax.policies.knorm import KNorm
+from kvjax.policies.pyramidkv import PyramidKV
+from kvjax.policies.razor import RazorAttention
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
+from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
 
 POLICIES: dict[str, type] = {
@@ -18,15 +34,60 @@ POLICIES: dict[str, type] = {
     "knorm": KNorm,
     "h2o": H2O,
     "tova": TOVA,
+    "expected_attention": ExpectedAttention,
+    "think": ThinK,
+    "pyramidkv": PyramidKV,
+    "adakv": AdaKV,
+    "keyformer": Keyformer,
+    "razor": RazorAttention,
+    "duo_attention": DuoAttention,
 }
 
+# Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
+# pattern (`pattern=` or `pattern_file=`); RazorAttention finds its pattern from the model.
+NEEDS_PATTERN = ("duo_attention",)
+NEEDS_MODEL = ("razor",)
 
-def make_policy(name: str, **kwargs) -> ScoringPolicy:
-    """Instantiate a policy by registry name with hyperparameter overrides."""
+
+def load_pattern(path) -> tuple[tuple[int, ...], ...]:
+    """A per-(layer, kv-head) 0/1 pattern from a JSON file ([[0, 1, ...], ...] or {"pattern": ...})."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"head pattern file {p} not found")
+    data = json.loads(p.read_text())
+    if isinstance(data, dict):
+        data = data.get("pattern")
+    if not isinstance(data, list) or not data or not all(isinstance(r, list) for r in data):
+        raise ValueError(f"{p}: expected a JSON list of per-layer lists of 0/1 (or {{'pattern': ...}})")
+    return tuple(tuple(int(v) for v in row) for row in data)
+
+
+def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPolicy:
+    """Instantiate a policy by registry name with hyperparameter overrides.
+
+    config (a ModelConfig), when given, fills the fields that size caches tightly (`kv_heads` of
+    AdaKV, `n_layers` of PyramidKV); params + config let RazorAttention find its retrieval heads."""
     key = name.lower().replace("-", "_")
     if key not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
-    return POLICIES[key](**kwargs)
+    cls = POLICIES[key]
+    if "pattern_file" in kwargs:
+        kwargs["pattern"] = load_pattern(kwargs.pop("pattern_file"))
+    elif isinstance(kwargs.get("pattern"), list):
+        kwargs["pattern"] = tuple(tuple(int(v) for v in row) for row in kwargs["pattern"])
+    if config is not None:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for field, value in (("kv_heads", config.n_kv_heads), ("n_layers", config.n_layers)):
+            if field in fields and field not in kwargs:
+                kwargs[field] = value
+    if key in NEEDS_PATTERN and "pattern" not in kwargs:
+        raise ValueError(f"{name} needs a per-(layer, kv-head) pattern: pattern=... or pattern_file=PATH.json")
+    if key in NEEDS_MODEL and "pattern" not in kwargs:
+        if params is None or config is None:
+            raise ValueError(f"{name} finds its retrieval heads from the model: pass params= and config=")
+        return RazorAttention.from_model(params, config, **kwargs)
+    return cls(**kwargs)
 
 
-__all__ = ["Budget", "Observation", "ScoringPolicy", "POLICIES", "make_policy"]
+__all__ = ["Budget", "Observation", "ScoringPolicy", "POLICIES", "make_policy", "load_pattern",
+           "NEEDS_PATTERN", "NEEDS_MODEL"]

@@ -166,7 +166,8 @@ class Budget:
 
     def kept(self, context: int) -> int:
         """Tokens kept out of `context` (never more than the context)."""
-        n = self.tokens if self.tokens is not None else max(1, int(round(self.ratio * context)))
+        # floor, as kvpress (int(k_len * (1 - compression_ratio))); the epsilon absorbs float error
+        n = self.tokens if self.tokens is not None else max(1, int(self.ratio * context + 1e-6))
         return min(n, context)
 
     def __str__(self):

@@ -53,9 +53,10 @@ class SnapKV(ScoringPolicy):
         return Observe(window=self.window)
 
     def score(self, obs: Observation) -> jax.Array:
-        # Window queries attend to the window keys too (causally); those columns are protected
-        # anyway, so pooling over them only mirrors what the reference implementations do.
         s = window_scores(obs, self.window)                 # [L, B, Hq, S]
         s = group_reduce(s, obs.cache.keys.shape[2], self.reduce)
-        s = pool1d(s, self.kernel, self.pool)
-        return protect(s, newest_mask(obs.cache.positions, self.window))
+        # The window's own columns are zeroed before pooling (as kvpress and the paper code score
+        # only the prefix), so the tokens just before the window do not borrow their weight.
+        recent = newest_mask(obs.cache.positions, self.window)
+        s = pool1d(jnp.where(recent, 0.0, s), self.kernel, self.pool)
+        return protect(s, recent)
