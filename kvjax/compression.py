@@ -10,6 +10,15 @@
   is budget + chunk (Locret-style chunked prefill with eviction).
 - "decode": after prefill the cache is compressed to the budget, then every time `interval` new
   tokens have filled the room above it, it is compressed back (kvpress's DecodingPress).
+
+Decode-time observations: a decode step sees one query, so the decode loop keeps a rolling
+`QueryBuffer` of the last `decode_window(compression)` queries per layer (post-RoPE for window
+scorers, pre-RoPE for ExpectedAttention-style statistics) and, when it compresses, rebuilds the
+observation a forward over those queries would have returned (`buffer_observation`): the window
+attention of the buffered queries over the current cache under the causal rule (slot position <=
+query position). Between two compressions nothing is evicted, so for buffered queries newer than
+the last compression these are exactly the probabilities the decode steps computed (kvpress's
+DecodingPress similarly buffers hidden states and recomputes the queries).
 """
 from __future__ import annotations
 
@@ -39,6 +48,10 @@ class Compression:
             raise ValueError(f"when must be one of {WHEN}, got {self.when!r}")
         if self.interval <= 0:
             raise ValueError(f"interval must be positive, got {self.interval}")
+        if self.when != "prefill" and getattr(self.policy, "ragged", False):
+            # ragged final layouts (AdaKV's packed heads, PyramidKV's per-layer caches) cannot be
+            # observed and compressed again: chunk/decode schedules keep the padded stacked cache
+            object.__setattr__(self, "policy", dataclasses.replace(self.policy, ragged=False))
 
     @property
     def observe(self) -> Observe:
@@ -50,7 +63,8 @@ class Compression:
 
     @property
     def decode_observe(self) -> Observe:
-        """Observation during decode: at most the one new query."""
+        """Observation of one decode step: the new query (pushed into the QueryBuffer) and, for
+        accumulating policies, its column sums."""
         o = self.observe
         return dataclasses.replace(o, window=min(o.window, 1), qkv=o.qkv)
 
@@ -64,6 +78,119 @@ def compress_cache(policy: ScoringPolicy, config: ModelConfig, cache, obs: dict,
     """Jitted `policies.base.compress` from a forward's observation dict."""
     observation = Observation.from_forward(cache, config, obs, accumulated=state)
     return compress(policy, observation, n_keep, capacity, max_keep, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-time observations: a rolling buffer of the last queries.
+
+@dataclasses.dataclass(frozen=True)
+class QueryBuffer:
+    """The last `w` decode queries, oldest first (a pytree carried through the decode loop).
+
+    positions [B, w] int32 (-1 = not filled yet / invalidated); q_rot [L, B, Hq, w, d] post-RoPE
+    queries (window scorers) or None; q_pre [L, B, Hq, w, d] pre-RoPE queries (qkv scorers) or None."""
+
+    positions: jax.Array
+    q_rot: Optional[jax.Array] = None
+    q_pre: Optional[jax.Array] = None
+
+    def memory_bytes(self) -> int:
+        return sum(int(x.size) * x.dtype.itemsize for x in (self.positions, self.q_rot, self.q_pre)
+                   if x is not None)
+
+
+jax.tree_util.register_dataclass(QueryBuffer, data_fields=["positions", "q_rot", "q_pre"], meta_fields=[])
+
+
+def decode_window(compression: Optional[Compression]) -> int:
+    """Queries the decode-time observation holds: the policy's window (SnapKV, TOVA, PyramidKV,
+    AdaKV); for policies that fit statistics to pre-RoPE queries (ExpectedAttention) at least the
+    `interval` queries since the last compression. 0 when nothing needs buffering."""
+    if compression is None or compression.when != "decode":
+        return 0
+    o = compression.policy.observe
+    w = o.window
+    if o.qkv:
+        w = max(w, compression.interval)
+    return w
+
+
+def init_query_buffer(compression: Optional[Compression], config: ModelConfig, batch: int,
+                      dtype=jnp.float32) -> Optional[QueryBuffer]:
+    """An empty buffer for `compression`'s decode-time observation (None if it needs none)."""
+    w = decode_window(compression)
+    if w == 0:
+        return None
+    o = compression.policy.observe
+    shape = (config.n_layers, batch, config.n_heads, w, config.head_dim)
+    return QueryBuffer(positions=jnp.full((batch, w), -1, jnp.int32),
+                       q_rot=jnp.zeros(shape, dtype) if o.window else None,
+                       q_pre=jnp.zeros(shape, dtype) if o.qkv else None)
+
+
+def push_query(buf: Optional[QueryBuffer], obs: dict, pos: jax.Array) -> Optional[QueryBuffer]:
+    """Append one decode step's query (obs of a 1-token forward; pos [B]) and drop the oldest."""
+    if buf is None:
+        return None
+
+    def roll(x, new):
+        return jnp.concatenate([x[..., 1:, :], new.astype(x.dtype)], axis=-2)
+
+    return QueryBuffer(
+        positions=jnp.concatenate([buf.positions[:, 1:], pos[:, None].astype(jnp.int32)], axis=1),
+        q_rot=roll(buf.q_rot, obs["window_queries"][..., -1:, :]) if buf.q_rot is not None else None,
+        q_pre=roll(buf.q_pre, obs["q_pre"][..., -1:, :]) if buf.q_pre is not None else None)
+
+
+def window_attention(cache, q_rot: jax.Array, q_positions: jax.Array) -> jax.Array:
+    """Attention probabilities of the queries `q_rot [L, B, Hq, w, d]` (post-RoPE, positions
+    `q_positions [B, w]`, -1 = none) over the cache slots, causal by position, float32 softmax
+    with scale 1/sqrt(d) (as `kvjax.attention.attend`): [L, B, Hq, w, S]; rows of absent queries
+    and masked slots are 0."""
+    keys = getattr(cache, "keys", None)
+    if not isinstance(keys, jax.Array) or keys.ndim != 5:
+        raise ValueError(f"decode-time window attention needs a dense cache with keys [L, B, Hkv, S, d], "
+                         f"got {type(cache).__name__}")
+    n_layers, b, hq, w, d = q_rot.shape
+    hkv = keys.shape[2]
+    q = q_rot.reshape(n_layers, b, hkv, hq // hkv, w, d).astype(jnp.float32)
+    logits = jnp.einsum("lbhgwd,lbhsd->lbhgws", q, keys.astype(jnp.float32)) * d ** -0.5
+    sp = cache.positions[:, :, :, None, None, :]
+    mask = (sp >= 0) & (sp <= q_positions[None, :, None, None, :, None])
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    probs = jnp.where(mask, probs, 0.0)
+    return probs.reshape(n_layers, b, hq, w, -1)
+
+
+def buffer_observation(cache, buf: Optional[QueryBuffer]) -> dict:
+    """The observation dict a forward over the buffered queries would return (window_probs,
+    window_queries, q_pre), computed over the cache as it is now."""
+    if buf is None:
+        return {}
+    obs = {}
+    if buf.q_rot is not None:
+        obs["window_probs"] = window_attention(cache, buf.q_rot, buf.positions)
+        obs["window_queries"] = buf.q_rot
+    if buf.q_pre is not None:
+        obs["q_pre"] = buf.q_pre
+    return obs
+
+
+def decode_compress(compression: Compression, config: ModelConfig, cache, state, buf: Optional[QueryBuffer],
+                    n_keep: jax.Array, max_keep: int):
+    """Inside a decode loop: if a head's slots are full, compress back to `n_keep` [B] tokens per
+    head using the buffered queries' observation. Re-rotating policies invalidate the buffer
+    (its queries were rotated at positions that no longer exist). returns (cache, state, buf)."""
+    policy = compression.policy
+
+    def squeeze(c, s, b):
+        c2, s2 = compress_cache(policy, config, c, buffer_observation(c, b), n_keep, c.capacity, max_keep, s)
+        if b is not None and policy.rerotate:
+            b = dataclasses.replace(b, positions=jnp.full_like(b.positions, -1))
+        return c2, s2, b
+
+    full = jnp.max(cache.lengths) >= cache.capacity
+    return jax.lax.cond(full, squeeze, lambda c, s, b: (c, s, b), cache, state, buf)
 
 
 def accumulate(policy: ScoringPolicy, config: ModelConfig, cache, obs: dict, state):

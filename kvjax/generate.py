@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.compression import Compression, accumulate, compress_cache
+from kvjax.attention import attention_name
+from kvjax.compression import (Compression, accumulate, compress_cache, decode_compress, init_query_buffer,
+                               push_query)
 from kvjax.sampling import Sampling, sample
 from models.config import ModelConfig
 from models.llama import Observe, forward
@@ -27,11 +29,13 @@ from models.llama import Observe, forward
 
 @dataclasses.dataclass
 class GenerateResult:
-    """tokens: generated ids per row (EOS included when hit); stats: timings and memory."""
+    """tokens: generated ids per row (EOS included when hit); stats: timings and memory;
+    cache: the cache after the last decode step (for inspection)."""
 
     tokens: list[list[int]]
     stats: dict
     text: Optional[list[str]] = None
+    cache: Optional[object] = None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +118,8 @@ def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, ke
     first_token: [batch] int32, the token sampled from the prefill logits (output slot 0).
     start_positions: [batch] int32, the position of first_token for each row.
     compression (when == "decode"): whenever a head's slots are full, compress back to
-    `n_keep` [batch] tokens per head inside the loop (same capacity, so shapes stay static).
+    `n_keep` [batch] tokens per head inside the loop (same capacity, so shapes stay static);
+    window / query-statistics scorers observe the last decode queries (kvjax.compression.QueryBuffer).
     returns (tokens [batch, max_new_tokens] with eos_ids[0] (or 0) after a row stopped,
              n_steps: number of tokens written, cache)."""
     batch = first_token.shape[0]
@@ -125,38 +130,47 @@ def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, ke
     in_loop = compression is not None and compression.when == "decode"
     observe = compression.decode_observe if in_loop else Observe()
     max_keep = cache.capacity - compression.interval if in_loop else 0
+    # rolling buffer of the last decode queries: what window scorers observe when compressing
+    buf = init_query_buffer(compression, config, batch, _buffer_dtype(cache)) if in_loop else None
 
     def cond(carry):
-        step, _, _, _, _, done, _, _ = carry
+        step, _, _, _, _, done, _, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, tok, pos, out, done, key, state = carry
+        step, cache, tok, pos, out, done, key, state, buf = carry
         key, sub = jax.random.split(key)
         if in_loop:  # make room first: the new token must fit
-            full = jnp.max(cache.lengths) >= cache.capacity
-            cache, state = jax.lax.cond(
-                full, lambda c, s: compress_cache(compression.policy, config, c, last_obs(c), n_keep,
-                                                  c.capacity, max_keep, s),
-                lambda c, s: (c, s), cache, state)
+            cache, state, buf = decode_compress(compression, config, cache, state, buf, n_keep, max_keep)
             if compression.policy.rerotate:  # contiguous in-cache positions: continue after them
                 pos = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
         logits, cache, obs = forward(params, tok[:, None], pos[:, None], cache, config, observe, False)
         if in_loop:
             state = accumulate(compression.policy, config, cache, obs, state)
+            buf = push_query(buf, obs, pos)
         nxt = sample(logits[:, -1], sub, sampling)
         nxt = jnp.where(done, filler, nxt)
         out = out.at[:, step].set(nxt)
-        return step + 1, cache, nxt, pos + 1, out, done | jnp.isin(nxt, eos), key, state
+        return step + 1, cache, nxt, pos + 1, out, done | jnp.isin(nxt, eos), key, state, buf
 
-    def last_obs(c):
-        # Between steps the policy sees the cache itself; window/column statistics of the last
-        # query are folded into `state` by accumulating policies.
-        return {}
-
-    carry = (jnp.int32(1), cache, first_token, start_positions, out, done, key, state)
-    step, cache, _, _, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), cache, first_token, start_positions, out, done, key, state, buf)
+    step, cache, _, _, out, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return out, step, cache
+
+
+def _buffer_dtype(cache):
+    return cache.keys.dtype if isinstance(cache, kvcache.KVCache) else jnp.float32
+
+
+def decode_start(cache, prompt_lengths, compression: Optional[Compression]) -> jax.Array:
+    """[batch] position of the first decoded token.
+
+    Original-position regimes: the prompt length (the last prompt token may have been evicted
+    from every head, so the cache's highest position can be lower). Re-rotating policies: one
+    past the highest in-cache position (their kept keys sit at contiguous positions 0..kept-1)."""
+    if compression is not None and compression.policy.rerotate:
+        return (jnp.max(cache.positions, axis=(0, 2, 3)) + 1).astype(jnp.int32)
+    return jnp.asarray(prompt_lengths, jnp.int32)
 
 
 def _trim(row: np.ndarray, n: int, eos_ids: tuple[int, ...]) -> list[int]:
@@ -223,9 +237,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     first = sample(last_logits, sub, sampling)
     first.block_until_ready()
     t1 = time.perf_counter()
-    # Next position of each row: one past the highest position it holds (equals the prompt length
-    # unless a policy re-assigned contiguous positions).
-    start = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
+    start = decode_start(cache, lengths, plan.compression)
     out, steps, cache = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
                                     sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                     compression=plan.compression)
@@ -243,14 +255,21 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "decode_tok_per_s": len(prompts) * max(steps - 1, 1) / (t2 - t1),
         "cache_bytes": cache.memory_bytes(),
         "peak_cache_bytes": max(peak_bytes, cache.memory_bytes()),  # allocated, not live
+        "query_buffer_bytes": _query_buffer_bytes(plan.compression, config, len(prompts), cache),
         "cache_capacity": cache.capacity,
         "compression": str(plan.compression) if plan.compression else "none",
         "notes": plan.notes,
         "backend": jax.default_backend(),
-        "attention": "xla-reference",
+        "attention": attention_name(cache, plan.compression),
     }
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
-    return GenerateResult(tokens=rows, stats=stats, text=text)
+    return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)
+
+
+def _query_buffer_bytes(compression, config, batch: int, cache) -> int:
+    """Bytes of decode_loop's query buffer (decode-time compression of window/qkv scorers)."""
+    buf = init_query_buffer(compression, config, batch, _buffer_dtype(cache)) if compression is not None else None
+    return buf.memory_bytes() if buf is not None else 0
 
 
 @dataclasses.dataclass(frozen=True)

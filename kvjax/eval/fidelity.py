@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.compression import Compression, accumulate, compress_cache
-from kvjax.generate import CachePlan, continue_positions, forward_jit, plan_cache
+from kvjax.compression import (Compression, accumulate, compress_cache, decode_compress, init_query_buffer,
+                               push_query)
+from kvjax.generate import CachePlan, continue_positions, decode_start, forward_jit, plan_cache
 from models.config import ModelConfig
 from models.llama import Observe, forward
 
@@ -275,37 +276,34 @@ def teacher_forced_steps(params, cache, tokens, start, state, n_keep, *, config:
 
     start [batch]: position of tokens[:, 0]. With a "decode" compression, whenever a head's slots
     are full the cache is compressed back to `n_keep` before the step (same rule, same
-    observation as decode_loop), and re-rotating policies continue after the in-cache positions.
+    query-buffer observation as decode_loop), and re-rotating policies continue after the in-cache positions.
     returns (logits [batch, n, vocab] after each fed token, cache)."""
     in_loop = compression is not None and compression.when == "decode"
     observe = compression.decode_observe if in_loop else Observe()
+    buf = init_query_buffer(compression, config, tokens.shape[0],
+                            cache.keys.dtype if isinstance(cache, kvcache.KVCache) else jnp.float32) \
+        if in_loop else None
 
     def body(carry, tok):
-        cache, pos, state = carry
+        cache, pos, state, buf = carry
         if in_loop:
-            full = jnp.max(cache.lengths) >= cache.capacity
-            cache, state = jax.lax.cond(
-                full, lambda c, s: compress_cache(compression.policy, config, c, {}, n_keep, c.capacity,
-                                                  max_keep, s),
-                lambda c, s: (c, s), cache, state)
+            cache, state, buf = decode_compress(compression, config, cache, state, buf, n_keep, max_keep)
             if compression.policy.rerotate:
                 pos = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
         logits, cache, obs = forward(params, tok[:, None], pos[:, None], cache, config, observe, False)
         if in_loop:
             state = accumulate(compression.policy, config, cache, obs, state)
-        return (cache, pos + 1, state), logits[:, -1]
+            buf = push_query(buf, obs, pos)
+        return (cache, pos + 1, state, buf), logits[:, -1]
 
-    (cache, _, _), logits = jax.lax.scan(body, (cache, start, state), jnp.swapaxes(tokens, 0, 1))
+    (cache, _, _, _), logits = jax.lax.scan(body, (cache, start, state, buf), jnp.swapaxes(tokens, 0, 1))
     return jnp.swapaxes(logits, 0, 1), cache
 
 
 def start_positions(pre: Prefilled) -> jax.Array:
     """[batch] position of the first continuation token: the context length, or right after the
     highest in-cache position for re-rotating policies (kvjax.generate's convention)."""
-    b = pre.logits.shape[0]
-    if pre.compression is not None and pre.compression.policy.rerotate:
-        return (jnp.max(pre.cache.positions, axis=(0, 2, 3)) + 1).astype(jnp.int32)
-    return jnp.full((b,), pre.context_len, jnp.int32)
+    return decode_start(pre.cache, [pre.context_len] * pre.logits.shape[0], pre.compression)
 
 
 def continuation_logits(params, config: ModelConfig, pre: Prefilled, targets, *, stepwise: bool = True,
