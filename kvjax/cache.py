@@ -56,9 +56,11 @@ class KVCache:
         return append(self, keys, values, positions)
 
     def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
-        """q: post-RoPE `[batch, q_heads, new, dim]` -> (out, observations); see kvjax.attention."""
+        """q: post-RoPE `[batch, q_heads, new, dim]` -> (out, observations); see kvjax.attention
+        (a decode step runs the Pallas dense kernel on gpu/tpu)."""
         from kvjax.attention import attend
-        return attend(q, self.keys, self.values, self.positions, query_positions, stats=stats)
+        return attend(q, self.keys, self.values, self.positions, query_positions, stats=stats,
+                      lengths=self.lengths)
 
 
 def init_cache(n_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,

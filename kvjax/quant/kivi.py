@@ -263,8 +263,12 @@ class KIVICache:
 
     def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
         """q `[batch, q_heads, new, d]` (post-RoPE) -> (out, observations); XLA reference path:
-        dequantize to dense K/V, then `kvjax.attention.attend`."""
-        from kvjax.attention import attend
+        dequantize to dense K/V, then `kvjax.attention.attend`. A decode step runs the fused Pallas
+        KIVI kernel instead where `kvjax.attention.attend_kivi` says it applies (gpu)."""
+        from kvjax.attention import attend, attend_kivi
+        fused = attend_kivi(self, q, query_positions, stats)
+        if fused is not None:
+            return fused
         k, v = dequantize(self)
         return attend(q, k, v, self.positions, query_positions, stats=stats)
 

@@ -26,7 +26,8 @@ from pallas_kernels import reference
 from pallas_kernels.gpu import common
 
 
-def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, num_splits: int):
+def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, num_splits: int,
+            precision=None):
     split = pl.program_id(2)
     length = len_ref[0]
     first = len_ref[1]
@@ -45,10 +46,10 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, 
         vb = v_ref[pl.ds(start, block_k), :]
         t = start + lax.iota(jnp.int32, block_k)
         valid = (t < length) & (t >= first)
-        s = plgpu.dot(q, kb, trans_b=True)
+        s = plgpu.dot(q, kb, trans_b=True, precision=precision)
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         vb = jnp.where(valid[:, None], vb, jnp.zeros_like(vb))
-        o = alpha[:, None] * o + plgpu.dot(p.astype(vb.dtype), vb)
+        o = alpha[:, None] * o + plgpu.dot(p.astype(vb.dtype), vb, precision=precision)
         return o, m, l
 
     init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), common.NEG_INF, jnp.float32),
@@ -90,7 +91,9 @@ def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     splits = common.choose_splits(b, hkv, cap // block_k, num_splits)
     st = reference._starts(starts, lengths)
     lens = jnp.stack([jnp.minimum(lengths, cap), jnp.maximum(st, 0)], axis=-1).astype(jnp.int32)
-    kernel = functools.partial(_kernel, block_k=block_k, num_splits=splits)
+    # float32 caches: IEEE fp32 dots (Triton's default for fp32 is TF32, ~1e-3 relative error)
+    prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if k.dtype == jnp.float32 else None
+    kernel = functools.partial(_kernel, block_k=block_k, num_splits=splits, precision=prec)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
