@@ -251,6 +251,14 @@ class GEARCache:
         """keys (post-RoPE), values `[batch, kv_heads, new, d]`, positions `[batch, new]`."""
         return append(self, keys, values, positions)
 
+    def resize(self, capacity: int) -> "GEARCache":
+        """GEAR's regions are fixed at init: a capacity up to the allocated one keeps the cache as is
+        (generate calls this with the capacity it was built for); more is a ValueError."""
+        if capacity > self.capacity:
+            raise ValueError(f"cannot grow a GEAR cache from {self.capacity} to {capacity} slots: build it with "
+                             "the larger capacity")
+        return self
+
     def attend(self, q, query_positions, *, stats, rope=None):
         from kvjax.attention import attend
         k, v = dequantize(self)

@@ -192,6 +192,10 @@ class RotateKVCache:
             raise ValueError("RotateKV quantizes pre-RoPE keys: append needs keys_pre_rope")
         return append(self, keys_pre_rope, values, positions)
 
+    def resize(self, capacity: int) -> "RotateKVCache":
+        """Same tokens, `capacity` slots (grow for decode room; shrinking below the longest row is an error)."""
+        return resize(self, capacity)
+
     def attend(self, q, query_positions, *, stats, rope=None):
         if rope is None:
             raise ValueError("RotateKV stores pre-RoPE keys: attend needs the model's rope function")
@@ -275,3 +279,26 @@ def dequantize(layer: RotateKVCache, dtype=jnp.float32) -> tuple[jax.Array, jax.
     k = jnp.concatenate([layer.k_sink.astype(jnp.float32), k], axis=-2)
     v = jnp.concatenate([layer.v_sink.astype(jnp.float32), v], axis=-2)
     return k.astype(dtype), v.astype(dtype)
+
+
+def resize(cache: RotateKVCache, capacity: int) -> RotateKVCache:
+    """Grow or shrink the quantized rows to `capacity` slots in total (sinks included); ValueError if a
+    row holds more tokens than that."""
+    s = cache.k_sink.shape[-2]
+    if capacity < s:
+        raise ValueError(f"capacity {capacity} is smaller than the {s} sink slots")
+    if capacity == cache.capacity:
+        return cache
+    longest = int(jnp.max(cache.lengths))
+    if capacity < longest:
+        raise ValueError(f"cannot shrink the RotateKV cache to {capacity} slots: a row holds {longest} tokens")
+    cq = capacity - s
+
+    def fit(x):
+        n = x.shape[-2]
+        if cq <= n:
+            return x[..., :cq, :]
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, cq - n), (0, 0)])
+
+    return dataclasses.replace(cache, k_codes=fit(cache.k_codes), k_scale=fit(cache.k_scale), k_min=fit(cache.k_min),
+                               v_codes=fit(cache.v_codes), v_scale=fit(cache.v_scale), v_min=fit(cache.v_min))
