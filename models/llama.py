@@ -2,7 +2,8 @@
 
 One pure function serves prefill, chunked prefill and decode: the new tokens' keys/values are
 appended to the explicit `KVCache` pytree, then the new queries attend over everything the
-cache holds. Layers are scanned over stacked parameters, so compile time is flat in depth.
+cache holds. Layers are scanned over stacked parameters, so compile time is flat in depth
+(except for a `LayerwiseCache` of per-layer sizes, which is looped over: compile time ~ depth).
 Parameters follow the layout documented in `models.config.ModelConfig`.
 
 Observation hooks for compression policies are requested with a static `Observe` spec and come
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from kvjax import cache as kvcache
 from kvjax.attention import AttentionStats
+from kvjax.layerwise import LayerwiseCache
 from models.config import ModelConfig
 from models.rope import apply_rope
 
@@ -126,6 +128,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: kvca
     tokens:    [batch, new] int; positions: [batch, new] int (-1 marks left padding).
     cache:     KVCache stacked over layers, `[layers, batch, kv_heads, capacity, head_dim]`, or any
                cache pytree with the same protocol (`append`, `attend`, `lengths`; e.g. kvjax.quant).
+               A `kvjax.layerwise.LayerwiseCache` (layers of different sizes, e.g. PyramidKV) is run
+               with an unrolled Python loop over layers instead of `lax.scan`.
     returns (logits [batch, new or 1, vocab] float32, cache, observations dict stacked over layers).
     `all_logits=False` returns only the last position's logits (prefill of long prompts).
     """
@@ -137,7 +141,17 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: kvca
         x, lc, obs = decoder_layer(lp, x, positions, lc, config, observe)
         return x, (lc, obs)
 
-    x, (cache, obs) = jax.lax.scan(body, x, (params["layers"], cache))
+    if isinstance(cache, LayerwiseCache):
+        # layers of different sizes cannot be scanned: unrolled loop (compile time grows with depth)
+        outs = []
+        for i, lc in enumerate(cache.layers):
+            x, out = body(x, (jax.tree_util.tree_map(lambda a: a[i], params["layers"]), lc))
+            outs.append(out)
+        layers, obs = zip(*outs)
+        cache = dataclasses.replace(cache, layers=tuple(layers))
+        obs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *obs)
+    else:
+        x, (cache, obs) = jax.lax.scan(body, x, (params["layers"], cache))
     if not all_logits:
         x = x[:, -1:]
     x = rms_norm(x, params["final_norm"], config.norm_eps)

@@ -13,11 +13,13 @@ Scores are compared across heads as the scorer returns them (AdaKV's `normalize`
 applied). As in the official code the window is outside the adaptive part; kvjax's budget n_keep
 includes it (official C = Bbase + w).
 
-Memory: the cache is allocated at the largest head's budget and the other heads are ragged
-inside it. Shapes are static, so the capacity is the bound floor + (1 - alpha) min(Hkv Bbase, n)
-(+1 for rounding), not the data-dependent maximum: allocated bytes shrink by n / capacity versus
-the full cache, but are larger than a uniform cache of the same average budget (the live tokens
-are the same). The official varlen flattened cache has no such overhead.
+Memory: after the final compression (the "prefill" schedule) the kept tokens are packed into a
+`kvjax.packed.PackedCache`: the kv heads of a layer share one slot pool, so after generate's
+`resize` a layer allocates sum_h b_h = Hkv * n_keep slots (+ Hkv per decode token), exactly the
+bytes of a uniform cache of the same budget (+ a 2-byte head tag per slot). Selection itself runs
+on a padded [.., Hkv, max_keep] gather bounded by `max_keep` (transient, under jit). With the
+"chunk" / "decode" schedules the cache must be observed again, so `Compression` switches
+`ragged` off and the padded layout (capacity = the largest head's bound) is kept.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kvjax import cache as kvcache
+from kvjax.packed import pack
 from kvjax.policies.base import Observation, ScoringPolicy
 from kvjax.policies.snapkv import SnapKV
 from models.llama import Observe
@@ -67,6 +71,7 @@ class AdaKV(ScoringPolicy):
     scorer: ScoringPolicy = SnapKV(window=32, kernel=7, pool="max")
     alpha: float = 0.5
     kv_heads: int = 0  # the model's kv heads, to size the cache tightly (0: bound by the context)
+    ragged: bool = True  # pack the final cache per head (False: padded to the largest head)
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -108,4 +113,7 @@ class AdaKV(ScoringPolicy):
         return int(min(context, max(worst, n_keep)))
 
     def finalize(self, new, obs, idx):
-        return self.scorer.finalize(new, obs, idx)
+        new = self.scorer.finalize(new, obs, idx)
+        if self.ragged and isinstance(new, kvcache.KVCache):     # a scorer's own layout (ThinK) stays
+            return pack(new)
+        return new

@@ -4,18 +4,21 @@ and Streaming Heads", arXiv 2410.10819; mit-han-lab/duo-attention `duo_attn/util
 Deployment from a GIVEN per-kv-head pattern (1 = retrieval head, 0 = streaming head), e.g. the
 published `full_attention_heads.tsv` or `DuoAttention.from_alphas(alphas, sparsity=0.5)`:
 retrieval heads keep the full cache, streaming heads keep the first `sink` tokens and the newest
-`recent` (official deployment: sink 64 + recent 256). Applied once after prefill; decode tokens
-are appended to every head. Keys stay post-RoPE at their original positions.
+ones (official deployment: sink 64 + recent 256). Applied once after prefill; decode tokens are
+appended to every head. Keys stay post-RoPE at their original positions.
 
-How memory is saved: the compressed cache is a `HeadSplitCache` with two dense parts,
-    full   [L, B, R,       n + new, d]              R = most retrieval heads in any layer
-    stream [L, B, Hkv - R, sink + recent + new, d]
-plus a per-layer head map, so a streaming head really holds sink+recent slots. Bytes
-~ (R * n + (Hkv - R) * (sink + recent)) / (Hkv * n) of the full cache. R is a maximum over layers
-because layers are stacked for `lax.scan`: a layer with fewer retrieval heads puts streaming heads
-in its spare full rows (no saving for those), and a model with one layer full of retrieval heads
-saves nothing (it then costs about a dense cache: +1 float32 bias per slot).
-The Compression budget must be Budget(tokens=sink + recent): it is the streaming heads' budget.
+Budget: the Compression budget (ratio or tokens) is what a STREAMING head keeps: its first
+min(sink, n_keep) tokens and the newest n_keep - sink. Budget(tokens=sink + recent) is the
+official deployment; any other budget (e.g. a ratio in an eval grid) keeps sink + (n_keep - sink)
+recent tokens, so `recent` only documents the official default. Retrieval heads keep everything.
+
+How memory is saved: the compressed cache is a `kvjax.layerwise.LayerwiseCache` of one
+`HeadSplitCache` per layer with exactly that layer's R_l retrieval rows and Hkv - R_l streaming rows:
+    full   [B, R_l,       n + new, d]
+    stream [B, Hkv - R_l, n_keep + new, d]
+plus a per-slot float32 logit bias (RazorAttention's compensation token) and the row -> kv-head
+maps. After generate's `resize` the bytes are sum_l (R_l n + (Hkv - R_l) n_keep) (+ new per row)
+over L Hkv n for the full cache (+ ~1% for the bias). Layers are run by an unrolled loop.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import numpy as np
 
 from kvjax import cache as kvcache
 from kvjax.attention import NEG_INF, attention_mask
+from kvjax.layerwise import LayerwiseCache, fit_kv
 from kvjax.policies.base import Observation, ScoringPolicy, oldest_mask
 
 
@@ -43,26 +47,16 @@ def _take_heads(x: jax.Array, heads: jax.Array, axis: int) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=axis)
 
 
-def _part(kv: kvcache.KVCache, heads: jax.Array, slots: int) -> kvcache.KVCache:
-    """Rows `heads [L, R]` of a stacked cache [L, B, Hkv, S, d], truncated to `slots` (live first)."""
-    ok = (heads >= 0)[:, None, :, None]
-    pos = jnp.where(ok, _take_heads(kv.positions, heads, 2)[..., :slots], -1)
-    return kvcache.KVCache(keys=_take_heads(kv.keys, heads, 2)[..., :slots, :],
-                           values=_take_heads(kv.values, heads, 2)[..., :slots, :],
-                           positions=pos, lengths=jnp.sum(pos >= 0, axis=-1).astype(jnp.int32))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class HeadSplitCache:
-    """Retrieval heads and streaming heads in two dense parts (stacked over layers or one layer).
+    """One layer's retrieval heads and streaming heads in two dense parts.
 
-    full: KVCache [L, B, R, Sf, d]; full_heads [L, R] int32 kv-head of each row (-1 = unused)
-    stream: KVCache [L, B, Ss, Sw, d]; stream_heads [L, Ss]
-    full_bias [L, B, R, Sf], stream_bias [L, B, Ss, Sw] float32: log-multiplicity added to a slot's
+    full: KVCache [B, R, Sf, d]; full_heads [R] int32 kv-head of each row
+    stream: KVCache [B, Ss, Sw, d]; stream_heads [Ss] (R + Ss = Hkv; either may be 0)
+    full_bias [B, R, Sf], stream_bias [B, Ss, Sw] float32: log-multiplicity added to a slot's
     logit (RazorAttention's compensation token counts |D| times; 0 elsewhere).
-    Every kv head has exactly one row; a layer with fewer than R retrieval heads puts streaming
-    heads in its spare full rows, so Ss = Hkv - R (the layout is never larger than a dense cache).
+    Layers differ in R, so a model's cache is a `LayerwiseCache` of these (see the module doc).
     """
 
     full: kvcache.KVCache
@@ -135,34 +129,16 @@ class HeadSplitCache:
             part_out(self.stream, self.stream_heads, self.stream_bias), mode="drop")
         return out.reshape(b, hq, t, -1).astype(q.dtype), {}
 
-    def resize(self, capacity: int) -> "HeadSplitCache":
-        """Give both parts the same extra room (capacity is the full part's slots)."""
-        grow = capacity - self.full.capacity
-        sw = self.stream.capacity + grow
-        if sw < 1:
-            raise ValueError(f"cannot resize a head-split cache to {capacity} slots")
-        fit = lambda b, n: jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, max(grow, 0))])[..., :n]
-        return dataclasses.replace(self, full=kvcache.resize(self.full, capacity),
-                                   full_bias=fit(self.full_bias, capacity),
-                                   stream=kvcache.resize(self.stream, sw), stream_bias=fit(self.stream_bias, sw))
-
-
-def head_maps(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[L, Hkv] bool (True = retrieval) -> full_heads [L, R], stream_heads [L, Hkv - R] (-1 padded).
-
-    R = most retrieval heads in a layer; a layer's spare full rows take its first streaming heads."""
-    n_layers, hkv = pattern.shape
-    r = max(1, int(pattern.sum(1).max()))
-    full, stream = [], []
-    for row in pattern:
-        ret, st = list(np.flatnonzero(row)), list(np.flatnonzero(~row))
-        spare = r - len(ret)
-        full.append(ret + st[:spare])
-        stream.append(st[spare:])
-    ss = hkv - r            # may be 0: every layer's heads then live in full rows
-    pad = lambda xs, n: np.array([np.pad(np.asarray(x, np.int64), (0, n - len(x)), constant_values=-1)
-                                  for x in xs], np.int32).reshape(n_layers, n)
-    return pad(full, r), pad(stream, ss)
+    def fit(self, room: int) -> "HeadSplitCache":
+        """Eager, one layer: each part at its live tokens + `room` free slots per row."""
+        def fit_part(part, bias):
+            part = fit_kv(part, room)
+            size = part.capacity
+            w = [(0, 0)] * (bias.ndim - 1) + [(0, max(size - bias.shape[-1], 0))]
+            return part, jnp.pad(bias, w)[..., :size]
+        full, full_bias = fit_part(self.full, self.full_bias)
+        stream, stream_bias = fit_part(self.stream, self.stream_bias)
+        return dataclasses.replace(self, full=full, full_bias=full_bias, stream=stream, stream_bias=stream_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,18 +175,9 @@ class DuoAttention(ScoringPolicy):
     def retrieval(self) -> np.ndarray:
         return np.asarray(self.pattern, bool)
 
-    @property
-    def streaming_slots(self) -> int:
-        """Static slots of a streaming head right after compression."""
-        return self.sink + self.recent
-
     def max_keep(self, n_keep: int, context: int) -> int:
-        want = min(self.sink + self.recent, context)
-        if n_keep != want:
-            raise ValueError(f"{type(self).__name__}: streaming heads keep sink + recent = "
-                             f"{self.sink + self.recent} tokens; give Budget(tokens={self.sink + self.recent}) "
-                             f"(got a budget of {n_keep} of {context} tokens)")
-        return context                      # retrieval heads keep everything
+        """Retrieval heads keep the whole context (streaming heads keep n_keep, see the module doc)."""
+        return context
 
     def _check(self, cache) -> None:
         if not isinstance(cache, kvcache.KVCache):
@@ -230,15 +197,19 @@ class DuoAttention(ScoringPolicy):
         ret = jnp.asarray(self.retrieval)[:, None, :]
         return jnp.where(ret, live, jnp.minimum(n_keep[None, :, None], live)).astype(jnp.int32)
 
-    def split(self, new: kvcache.KVCache, extra_stream_slots: int = 0) -> HeadSplitCache:
-        full_heads, stream_heads = (jnp.asarray(x) for x in head_maps(self.retrieval))
-        sw = min(self.streaming_slots + extra_stream_slots, new.capacity)
-        stream, full = _part(new, stream_heads, sw), _part(new, full_heads, new.capacity)
-        return HeadSplitCache(full=full, full_heads=full_heads,
-                              full_bias=jnp.zeros(full.positions.shape, jnp.float32),
-                              stream=stream, stream_heads=stream_heads,
-                              stream_bias=jnp.zeros(stream.positions.shape, jnp.float32),
-                              kv_heads=new.positions.shape[2])
+    def split(self, new: kvcache.KVCache) -> LayerwiseCache:
+        """The gathered cache [L, B, Hkv, S, d] -> one HeadSplitCache per layer with exactly its
+        retrieval / streaming rows (both parts at S slots here; generate's `resize` trims them)."""
+        layers = []
+        for l, row in enumerate(self.retrieval):
+            ret, st = np.flatnonzero(row), np.flatnonzero(~row)
+            part = lambda heads: jax.tree_util.tree_map(lambda x: x[l][:, heads], new)
+            full, stream = part(ret), part(st)
+            layers.append(HeadSplitCache(
+                full=full, full_heads=jnp.asarray(ret, jnp.int32), full_bias=jnp.zeros(full.positions.shape, jnp.float32),
+                stream=stream, stream_heads=jnp.asarray(st, jnp.int32),
+                stream_bias=jnp.zeros(stream.positions.shape, jnp.float32), kv_heads=len(row)))
+        return LayerwiseCache(layers=tuple(layers), capacity=new.capacity)
 
-    def finalize(self, new: kvcache.KVCache, obs: Observation, idx) -> HeadSplitCache:
+    def finalize(self, new: kvcache.KVCache, obs: Observation, idx) -> LayerwiseCache:
         return self.split(new)

@@ -12,7 +12,12 @@ With average capacity C per head (window w included), context n, L layers and be
 for a pyramid) is kept. Because the arithmetic floors the step, the few surplus tokens are
 taken back from the top layers so that sum_l budget_l = L * C exactly (the spec's "budgets sum to
 L*C"; the floored step over-allocates by < L*(L-1)/2 tokens).
-Layers are stacked in one cache, so its capacity is the largest layer's budget (layer 0).
+Memory: after the final compression (the "prefill" schedule) the layers are split into a
+`kvjax.layerwise.LayerwiseCache` (one cache per layer, run by an unrolled layer loop), and
+generate's `resize` gives layer l exactly budget_l (+ decode room) slots per head: allocated bytes
+= sum_l budget_l = L * C, as a uniform cache of the same average budget. With the "chunk" /
+"decode" schedules `Compression` switches `ragged` off and the layers stay stacked (capacity =
+layer 0's budget).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import cache as kvcache
+from kvjax.layerwise import from_stacked
 from kvjax.policies.base import Observation
 from kvjax.policies.snapkv import SnapKV
 
@@ -58,6 +65,7 @@ class PyramidKV(SnapKV):
     pool: str = "avg"
     beta: int = 20
     n_layers: int = 0  # the model's depth, only to size the cache exactly (0: a safe bound)
+    ragged: bool = True  # final cache as one cache per layer of its own budget (False: stacked)
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,3 +98,8 @@ class PyramidKV(SnapKV):
         context = jnp.sum(scores > -jnp.inf, axis=-1)[0, :, 0]               # [B]
         b = pyramid_budgets(n_keep, context, n_layers, self.window, self.beta)  # [L, B]
         return jnp.broadcast_to(b[:, :, None], scores.shape[:3]).astype(jnp.int32)
+
+    def finalize(self, new, obs, idx):
+        if self.ragged and isinstance(new, kvcache.KVCache):
+            return from_stacked(new)
+        return new

@@ -13,9 +13,10 @@ Heads", arXiv 2407.15891). No public code: written from the paper and the spec (
 3. Compensation token: the dropped set D of each non-retrieval head is replaced by ONE extra slot
    k^ = mean_D k, v^ = mean_D v counted |D| times in the softmax (logit q k^/sqrt(d) + ln|D|),
    at position max(D) so every later query sees it.
-Layout and memory: as DuoAttention's `HeadSplitCache` (the compensation slot is one extra slot of
-a streaming head's row, its ln|D| in the part's bias array). Applied once, after prefill. The Compression
-budget is the streaming heads' sink + recent: Budget(tokens=sink + recent).
+Layout, memory and budget: as DuoAttention (a `LayerwiseCache` of per-layer `HeadSplitCache`s; the
+compensation slot is one extra slot of a streaming head's row, its ln|D| in the part's bias array).
+Applied once, after prefill. The Compression budget is what a non-retrieval head keeps: sink +
+(budget - sink) newest; Budget(tokens=sink + recent) is the paper's setting.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
+from kvjax.layerwise import LayerwiseCache
 from kvjax.policies.base import Observation
-from kvjax.policies.duo_attention import DuoAttention, HeadSplitCache, _take_heads
+from kvjax.policies.duo_attention import DuoAttention, _take_heads
 from models.config import ModelConfig
 from models.llama import Observe, forward
 
@@ -109,18 +111,19 @@ class RazorAttention(DuoAttention):
         pattern, _, _ = find_retrieval_heads(params, config, **find)
         return RazorAttention(pattern=pattern, **kwargs)
 
-    def finalize(self, new: kvcache.KVCache, obs: Observation, idx) -> HeadSplitCache:
-        out = self.split(new, extra_stream_slots=int(self.compensation))
+    def finalize(self, new: kvcache.KVCache, obs: Observation, idx) -> LayerwiseCache:
+        out = self.split(new)
         if not self.compensation:
             return out
         return add_compensation(out, obs.cache, idx)
 
 
-def add_compensation(split: HeadSplitCache, old: kvcache.KVCache, idx: jax.Array) -> HeadSplitCache:
+def add_compensation(split: LayerwiseCache, old: kvcache.KVCache, idx: jax.Array) -> LayerwiseCache:
     """Write each streaming head's compensation token (mean of its dropped keys/values, logit bias
     ln|D|, position max(D)) into the first free slot of its row.
 
-    old: the cache before compression [L, B, Hkv, S, d]; idx: kept slots [L, B, Hkv, K] (-1 = none)."""
+    split: per-layer HeadSplitCaches; old: the cache before compression [L, B, Hkv, S, d];
+    idx: kept slots [L, B, Hkv, K] (-1 = none)."""
     s_old = old.capacity
     lead = idx.shape[:3]
     grid = jnp.meshgrid(*(jnp.arange(n) for n in lead), indexing="ij")
@@ -135,11 +138,10 @@ def add_compensation(split: HeadSplitCache, old: kvcache.KVCache, idx: jax.Array
     v_hat = (old.values.astype(jnp.float32) * w).sum(-2) / denom
     p_hat = jnp.max(jnp.where(dropped, old.positions, -1), axis=-1)
 
-    def write_part(part: kvcache.KVCache, heads: jax.Array, bias: jax.Array):
-        take = lambda x: _take_heads(x, heads, 2)                                  # rows of this part
+    def write_part(part: kvcache.KVCache, heads: jax.Array, bias: jax.Array, l: int):
+        take = lambda x: _take_heads(x[l], heads, 1)                               # rows of this part
         kh, vh, ph, c = take(k_hat), take(v_hat), take(p_hat), take(cnt)
-        write = ((jnp.arange(part.capacity) == part.lengths[..., None]) & (c > 0)[..., None]
-                 & (heads >= 0)[:, None, :, None])                                 # [L, B, rows, slots]
+        write = (jnp.arange(part.capacity) == part.lengths[..., None]) & (c > 0)[..., None]  # [B, rows, slots]
         new = kvcache.KVCache(
             keys=jnp.where(write[..., None], kh[..., None, :].astype(part.keys.dtype), part.keys),
             values=jnp.where(write[..., None], vh[..., None, :].astype(part.values.dtype), part.values),
@@ -147,7 +149,10 @@ def add_compensation(split: HeadSplitCache, old: kvcache.KVCache, idx: jax.Array
             lengths=part.lengths + write.any(-1).astype(jnp.int32))
         return new, jnp.where(write, jnp.log(jnp.maximum(c, 1).astype(jnp.float32))[..., None], bias)
 
-    # retrieval heads drop nothing (cnt = 0): only streaming heads, in either part, get a token
-    full, full_bias = write_part(split.full, split.full_heads, split.full_bias)
-    stream, stream_bias = write_part(split.stream, split.stream_heads, split.stream_bias)
-    return dataclasses.replace(split, full=full, full_bias=full_bias, stream=stream, stream_bias=stream_bias)
+    # retrieval heads drop nothing (cnt = 0): only streaming heads get a token
+    layers = []
+    for l, lc in enumerate(split.layers):
+        full, full_bias = write_part(lc.full, lc.full_heads, lc.full_bias, l)
+        stream, stream_bias = write_part(lc.stream, lc.stream_heads, lc.stream_bias, l)
+        layers.append(dataclasses.replace(lc, full=full, full_bias=full_bias, stream=stream, stream_bias=stream_bias))
+    return dataclasses.replace(split, layers=tuple(layers))
