@@ -52,10 +52,6 @@ class Compression:
             # ragged final layouts (AdaKV's packed heads, PyramidKV's per-layer caches) cannot be
             # observed and compressed again: chunk/decode schedules keep the padded stacked cache
             object.__setattr__(self, "policy", dataclasses.replace(self.policy, ragged=False))
-        if self.when != "prefill" and getattr(self.policy, "ragged", False):
-            # ragged final layouts (AdaKV's packed heads, PyramidKV's per-layer caches) cannot be
-            # observed and compressed again: chunk/decode schedules keep the padded stacked cache
-            object.__setattr__(self, "policy", dataclasses.replace(self.policy, ragged=False))
 
     @property
     def observe(self) -> Observe:
