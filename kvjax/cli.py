@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,25 +39,80 @@ def run_prompt(config, params, tokenizer, prompt: str, *, chat: bool, max_new_to
     return result.text[0], result.stats
 
 
-def compression_from_args(args):
-    """`--policy NAME --budget B [--when prefill|chunk|decode] [--interval N]` -> Compression or None."""
+def compression_from_args(args, params=None, config=None):
+    """`--policy NAME[:key=value...] --budget B [--when prefill|chunk|decode] [--interval N]` ->
+    Compression or None (params + config: RazorAttention's head search, AdaKV/PyramidKV sizes)."""
     if not args.policy:
         return None
     from kvjax.compression import Compression
-    from kvjax.policies import Budget, make_policy
+    from kvjax.eval.harness import build_policy
+    from kvjax.policies import Budget
     if args.budget is None:
         raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
-    return Compression(make_policy(args.policy), Budget.parse(args.budget), when=args.when,
+    return Compression(build_policy(args.policy, params, config), Budget.parse(args.budget), when=args.when,
                        interval=args.interval)
+
+
+def check_generate_args(args) -> None:
+    """Input errors of `generate` that need no model (raised before loading it)."""
+    from kvjax.eval.harness import is_locret, parse_policy, quant_cache_init
+    if args.policy:
+        parse_policy(args.policy)
+        if args.budget is None:
+            raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
+    if args.policy and is_locret(args.policy):
+        if not args.heads:
+            raise ValueError("--policy locret needs --heads PATH (a directory exported by `python -m train.locret`)")
+        if args.when != "prefill" or args.kv_quant:
+            raise ValueError("--policy locret runs its own chunked prefill (chunk = --chunk-size) and plain "
+                             "decode: --when and --kv-quant do not apply")
+    elif args.heads:
+        raise ValueError("--heads is only used with --policy locret")
+    if args.kv_quant:
+        if args.policy:
+            raise ValueError("--kv-quant (a quantized full cache) cannot be combined with --policy eviction")
+        quant_cache_init(args.kv_quant)
+
+
+def run_locret(config, params, tokenizer, args):
+    """`generate --policy locret --heads PATH`: Locret's chunked prefill with the trained heads, then
+    plain decode (`kvjax.policies.locret.locret_generate`). Returns (answer, stats line)."""
+    from kvjax.eval.harness import locret_policy
+    from kvjax.policies import Budget
+    from kvjax.policies.locret import load_heads, locret_generate
+    from kvjax.sampling import Sampling
+    heads = load_heads(args.heads, config)
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tokenizer.encode(text)
+    policy = locret_policy(args.policy, Budget.parse(args.budget), len(ids), args.chunk_size or 256)
+    t0 = time.perf_counter()
+    out = locret_generate(params, config, heads, ids, policy, args.max_new_tokens, seed=args.seed,
+                          sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                          eos_ids=tuple(tokenizer.stop_ids))
+    secs = time.perf_counter() - t0
+    return (tokenizer.decode(out, skip_special_tokens=True),
+            f"prompt {len(ids)} tok | locret budget {policy.budget}+{policy.n_local} local, chunk {policy.chunk}, "
+            f"{policy.n_stabilizers} stabilizers | {len(out)} tok in {secs:.2f} s (compilation included)")
 
 
 def cmd_generate(args) -> int:
     from kvjax.sampling import Sampling
+    check_generate_args(args)
     config, params, tokenizer, load_s = _load(args.model)
+    from kvjax.eval.harness import is_locret, quant_cache_init
+    if args.policy and is_locret(args.policy):
+        answer, line = run_locret(config, params, tokenizer, args)
+        print(answer)
+        print(f"[{config.name} loaded in {load_s:.1f} s] {line}", file=sys.stderr)
+        return 0
     answer, stats = run_prompt(config, params, tokenizer, args.prompt, chat=args.chat,
                                max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                                sampling=Sampling(args.temperature, args.top_k, args.top_p),
-                               seed=args.seed, progress=True, compression=compression_from_args(args))
+                               seed=args.seed, progress=True,
+                               compression=compression_from_args(args, params, config),
+                               cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None)
     print(answer)
     print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}", file=sys.stderr)
     for note in stats["notes"]:
@@ -101,35 +157,78 @@ def _names(spec: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in spec.split(",") if x.strip())
 
 
-def eval_config_from_args(args):
+def expand_policies(spec: str, heads: str = "", notes: Optional[list] = None) -> tuple[str, ...]:
+    """Comma-separated policy specs; 'all' expands to every registered policy that can be built
+    from the model alone (RazorAttention finds its heads; DuoAttention needs a trained pattern,
+    so give it as 'duo_attention:pattern_file=PATH'), plus Locret when `heads` is given."""
+    from kvjax.policies import NEEDS_PATTERN, POLICIES
+    out: list[str] = []
+    for name in _names(spec):
+        if name != "all":
+            out.append(name)
+            continue
+        for key in POLICIES:
+            if key in NEEDS_PATTERN:
+                if notes is not None and not any(n.split(":")[0] == key for n in _names(spec)):
+                    notes.append(f"'all' skips {key}: it needs a per-head pattern "
+                                 f"(add '{key}:pattern_file=PATH.json')")
+                continue
+            out.append(key)
+        if heads:
+            out.append("locret")
+        elif notes is not None:
+            notes.append("'all' skips locret: give --heads PATH")
+    return tuple(dict.fromkeys(out))
+
+
+def eval_config_from_args(args, notes: Optional[list] = None):
     """EvalConfig from the `eval` arguments; ValueError on unknown policies, budgets <= 0, ..."""
     from kvjax.eval.harness import EvalConfig, parse_budgets
-    from kvjax.policies import POLICIES
-    policies = tuple(POLICIES) if args.policy == "all" else _names(args.policy)
+    policies = expand_policies(args.policy, args.heads, notes)
     regime_policies = []
     for regime, spec in (("chunk", args.chunk_policies), ("decode", args.decode_policies)):
         if spec:
-            regime_policies.append((regime, tuple(POLICIES) if spec == "all" else _names(spec)))
+            regime_policies.append((regime, expand_policies(spec, args.heads)))
     return EvalConfig(policies=policies, budgets=parse_budgets(args.budget), regimes=_names(args.regime),
                       chunk_size=args.chunk_size, interval=args.interval, context_tokens=args.context_tokens,
                       continuation_tokens=args.continuation_tokens, needle_tasks=_names(args.needle),
                       needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens,
                       needle_query_aware=args.needle_query_aware, seed=args.seed,
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
-                      regime_policies=tuple(regime_policies))
+                      regime_policies=tuple(regime_policies), locret_heads=args.heads or "",
+                      kv_quant=_names(args.kv_quant))
+
+
+def _git_commit() -> str:
+    """The kvjax checkout's commit (+ "dirty" with uncommitted changes), or "unknown"."""
+    import pathlib
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + (" (uncommitted changes present)" if dirty else "")) if sha else "unknown"
 
 
 def cmd_eval(args) -> int:
     from kvjax.eval.harness import run_grid
     from kvjax.eval.text import kjv_text, read_text_file
-    ecfg = eval_config_from_args(args)  # validate before loading anything
+    notes: list[str] = []
+    ecfg = eval_config_from_args(args, notes)  # validate before loading anything
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
     config, params, tokenizer, load_s = _load(args.model)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
     command = "python -m kvjax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "python -m kvjax eval"
     rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out or None, progress=True,
                     model_name=args.model, extra_meta={"command": f"`{command}`",
-                                                       "text": args.text_file or "King James Bible (Genesis on)"})
+                                                       "text": args.text_file or "King James Bible (Genesis on)",
+                                                       "commit": _git_commit()})
     from kvjax.eval.harness import markdown_table
     print(markdown_table(rows))
     for r in rows:
@@ -163,11 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
+    gen.add_argument("--heads", default=None, help="--policy locret: directory of trained retaining heads")
+    gen.add_argument("--kv-quant", default=None,
+                     help="quantized KV cache from kvjax.quant (e.g. kivi2, kivi4, kivi2:residual=64)")
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="fidelity (KL, perplexity), needle tasks, memory and time per policy x budget x regime")
     ev.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
-    ev.add_argument("--policy", default="all", help="comma-separated registered policies, or 'all'")
+    ev.add_argument("--policy", default="all",
+                    help="comma-separated policy specs (name[:key=value...]), 'all' (every policy buildable from "
+                         "the model; duo_attention only as duo_attention:pattern_file=PATH), 'locret' (needs --heads)")
+    ev.add_argument("--heads", default=None, help="Locret's trained retaining heads (rows in the chunk regime)")
+    ev.add_argument("--kv-quant", default="", help="quantized-cache rows at the full token budget, e.g. kivi2,kivi4")
     ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated: ratios (<= 1) or token counts (> 1)")
     ev.add_argument("--regime", default="prefill", help="comma-separated subset of prefill,chunk,decode")
     ev.add_argument("--chunk-policies", default="", help="restrict the chunk regime to these policies")

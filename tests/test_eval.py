@@ -246,5 +246,54 @@ def test_bad_inputs_raise_clear_errors(capsys):
     assert "unknown policy 'nope'" in capsys.readouterr().err
     assert main(["eval", "--budget", "0", "--out", ""]) == 2
     assert "budget" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--heads"):
+        EvalConfig(policies=("snapkv", "locret"))
+    with pytest.raises(ValueError, match="unknown locret option"):
+        EvalConfig(policies=("locret:budget=3",), locret_heads="x")
+    assert main(["generate", "--prompt", "x", "--policy", "locret", "--budget", "0.5"]) == 2
+    assert "--heads PATH" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--kv-quant", "kivi9"]) == 2
+    assert "unknown quantized cache" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--policy", "knorm", "--budget", "0.5", "--kv-quant", "kivi2"]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
     with pytest.raises(ValueError, match="need"):
         fidelity.split_text(AsciiTokenizer(), "short text", 100, 10)
+
+
+def test_policy_all_builds_every_registered_policy():
+    from kvjax.cli import expand_policies
+    from kvjax.policies import POLICIES
+    notes = []
+    got = expand_policies("all", notes=notes)
+    assert set(got) == set(POLICIES) - {"duo_attention"} and "razor" in got and "locret" not in got
+    assert any("duo_attention" in n and "pattern_file" in n for n in notes) and any("--heads" in n for n in notes)
+    notes = []
+    got = expand_policies("all,duo_attention:pattern_file=p.json", heads="h", notes=notes)
+    assert "duo_attention:pattern_file=p.json" in got and "locret" in got and len(got) == len(POLICIES) + 1
+    assert notes == []
+
+
+def test_harness_razor_locret_and_quantized_rows(params, tmp_path):
+    from kvjax.policies.locret import HeadSpec, init_heads, save_heads
+    spec = HeadSpec.for_model(CFG)
+    save_heads(tmp_path / "heads", init_heads(spec, jax.random.PRNGKey(0)), spec)
+    text = " ".join(["In the beginning God created the heaven and the earth."] * 20)
+    ecfg = EvalConfig(policies=("razor", "locret:n_local=4"), budgets=parse_budgets("0.5"), regimes=("prefill",),
+                      chunk_size=16, context_tokens=64, continuation_tokens=12, needle_tasks=(), decode_probe=0,
+                      locret_heads=str(tmp_path / "heads"),
+                      kv_quant=("kivi4:group=8:residual=8", "kivi2:group=8:residual=8"))
+    rows = run_grid(params, CFG, AsciiTokenizer(), text, ecfg, out_dir=tmp_path, progress=False)
+    assert [(r["policy"], r["regime"]) for r in rows] == [
+        ("full", "-"), ("razor", "prefill"), ("locret:n_local=4", "chunk"),
+        ("kivi4:group=8:residual=8", "quant"), ("kivi2:group=8:residual=8", "quant")]
+    full, razor, locret, q4, q2 = rows
+    for r in rows[1:]:
+        assert not r["notes"].startswith("error"), r
+        assert np.isfinite([r["kl"], r["ppl"]]).all() and r["cache_bytes"] < full["cache_bytes"]
+    assert razor["kl"] >= 0
+    # Locret keeps 28 chunk-evicted + 4 local = 32 entries; the chunk loop never holds the whole context
+    assert locret["kept"] == 32 and locret["kl"] > 0 and locret["peak_cache_bytes"] < full["peak_cache_bytes"]
+    # quantized rows keep every token; 4 bits are closer to the full cache than 2 bits
+    assert q4["kept"] == q2["kept"] == 64 and 0 < q4["kl"] < q2["kl"]
+    assert q2["cache_bytes"] < q4["cache_bytes"]
+    assert "| kivi2:group=8:residual=8 | 1 | quant |" in (tmp_path / "results.md").read_text()

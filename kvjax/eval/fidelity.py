@@ -154,6 +154,7 @@ class Prefilled:
     seconds: float
     peak_bytes: int
     notes: tuple[str, ...] = ()
+    start: Optional[jax.Array] = None  # [batch] first continuation position, when not the default
 
 
 @dataclasses.dataclass
@@ -302,7 +303,10 @@ def teacher_forced_steps(params, cache, tokens, start, state, n_keep, *, config:
 
 def start_positions(pre: Prefilled) -> jax.Array:
     """[batch] position of the first continuation token: the context length, or right after the
-    highest in-cache position for re-rotating policies (kvjax.generate's convention)."""
+    highest in-cache position for re-rotating policies (kvjax.generate's convention); `pre.start`
+    when the prefill set it (Locret's contiguous in-cache positions)."""
+    if pre.start is not None:
+        return pre.start
     return decode_start(pre.cache, [pre.context_len] * pre.logits.shape[0], pre.compression)
 
 
@@ -355,6 +359,54 @@ def decode_seconds_per_token(params, config: ModelConfig, pre: Prefilled, target
                            n_keep, config=config, compression=pre.compression if in_loop else None,
                            max_keep=max_keep)
     return secs / n
+
+
+def prefill_locret(params, config: ModelConfig, tokens, heads: dict, policy, max_new_tokens: int = 1,
+                   runner: Optional[Runner] = None) -> Prefilled:
+    """Locret's chunked prefill with trained retaining heads (`kvjax.policies.locret.locret_prefill`)
+    of `tokens [batch, T]`, with room for `max_new_tokens`. The continuation then goes at the
+    contiguous in-cache positions (`Prefilled.start`). `seconds` is a second (compiled) run; peak
+    bytes: the largest cache the loop allocates (retained + chunk, or the final one)."""
+    from kvjax.policies.locret import locret_prefill
+    runner = runner or Runner()
+    tokens = check_tokens(tokens)
+    b, t = tokens.shape
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    run = lambda: jax.block_until_ready(locret_prefill(params, config, heads, tokens, policy,
+                                                       extra_capacity=max_new_tokens))
+    t0 = time.perf_counter()
+    run()                                        # compiles chunk_step for these shapes
+    runner.compile_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits, state = run()
+    secs = time.perf_counter() - t0
+    cache = state.cache
+    n_loc = min(policy.n_local, t - 1)
+    m = t - n_loc
+    chunk_cap = min(policy.budget + policy.chunk, m) if m > policy.chunk else m
+    per_slot = cache.memory_bytes() / cache.capacity
+    peak = int(max(chunk_cap, cache.capacity) * per_slot)
+    kept = int(jnp.max(cache.lengths))
+    plan = CachePlan(chunk_cap, cache.capacity, kept, (kept,) * b)
+    start = (jnp.max(cache.positions, axis=(0, 2, 3)) + 1).astype(jnp.int32)
+    return Prefilled(logits, cache, None, plan, None, t, secs, peak, (), start)
+
+
+def prefill_quantized(params, config: ModelConfig, tokens, cache_init: Callable, max_new_tokens: int = 1,
+                      runner: Optional[Runner] = None) -> Prefilled:
+    """Prefill `tokens [batch, T]` into a quantized cache `cache_init(config, batch, T + max_new_tokens)`
+    (e.g. `kvjax.quant.make_cache_init("kivi2")`): the whole context is kept (full token budget)."""
+    runner = runner or Runner()
+    tokens = check_tokens(tokens)
+    b, t = tokens.shape
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    cache = cache_init(config, b, t + max_new_tokens)
+    (logits, cache, _), secs = runner.timed(forward_jit, params, tokens, _positions(tokens), cache,
+                                            config=config, observe=Observe(), all_logits=False)
+    plan = CachePlan(t + max_new_tokens, t + max_new_tokens, t, (t,) * b)
+    return Prefilled(logits[:, -1], cache, None, plan, None, t, secs, cache.memory_bytes())
 
 
 def fidelity_metrics(full_logits, comp_logits, targets) -> dict:

@@ -72,12 +72,19 @@ class EvalConfig:
     stepwise: bool = False
     decode_probe: int = 16
     regime_policies: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    locret_heads: str = ""
+    kv_quant: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not self.policies:
+        if not self.policies and not self.kv_quant:
             raise ValueError("no policies given")
         for name in self.policies:
             parse_policy(name)
+        names = list(self.policies) + [n for _, ns in self.regime_policies for n in ns]
+        if any(is_locret(n) for n in names) and not self.locret_heads:
+            raise ValueError("policy locret needs its trained retaining heads: --heads PATH (locret_heads=...)")
+        for spec in self.kv_quant:
+            quant_cache_init(spec)  # unknown names / options fail here, before anything runs
         if not self.budgets:
             raise ValueError("no budgets given")
         for r in self.regimes:
@@ -105,14 +112,36 @@ class EvalConfig:
         return self.policies
 
 
+LOCRET = "locret"
+LOCRET_DEFAULTS = {"n_local": 32, "stab_frac": 0.25}  # as train/locret_eval (budget = k - n_local)
+
+
+def is_locret(spec: str) -> bool:
+    return spec.split(":")[0].strip().lower() == LOCRET
+
+
 def parse_policy(spec: str) -> tuple[str, dict]:
     """'snapkv' or 'snapkv:window=32:kernel=7' -> (registry name, hyperparameter overrides).
 
-    Values are Python literals (ints, floats, bools, strings). ValueError for unknown names."""
+    Values are Python literals (ints, floats, bools, strings). ValueError for unknown names.
+    'locret[:n_local=32:stab_frac=0.25]' names Locret (trained heads, chunked prefill)."""
+    name, kwargs = _split_spec(spec)
+    if name.lower() == LOCRET:
+        unknown = sorted(set(kwargs) - set(LOCRET_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown locret option(s) {unknown}; known: {sorted(LOCRET_DEFAULTS)}")
+        return LOCRET, kwargs
+    if name.lower().replace("-", "_") not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES) + [LOCRET]}")
+    return name, kwargs
+
+
+def _split_spec(spec: str) -> tuple[str, dict]:
+    """'name:key=value:...' -> (name, {key: literal value})."""
     import ast
     name, *items = [p.strip() for p in spec.split(":")]
-    if name.lower().replace("-", "_") not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+    if not name:
+        raise ValueError(f"empty name in {spec!r}")
     kwargs = {}
     for item in items:
         if "=" not in item:
@@ -125,10 +154,40 @@ def parse_policy(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def build_policy(spec: str):
-    """The policy object of a spec string (see `parse_policy`)."""
+def build_policy(spec: str, params=None, config: Optional[ModelConfig] = None):
+    """The policy object of a spec string (see `parse_policy`); params + config let RazorAttention
+    find its retrieval heads and size AdaKV/PyramidKV caches for the model."""
     name, kwargs = parse_policy(spec)
-    return make_policy(name, **kwargs)
+    if name == LOCRET:
+        raise ValueError("locret is not a scoring policy: it runs its own chunked prefill (see run_grid)")
+    return make_policy(name, params=params, config=config, **kwargs)
+
+
+def quant_cache_init(spec: str):
+    """'kivi2' or 'kivi2:residual=64' -> `cache_init` from the kvjax.quant registry."""
+    try:
+        from kvjax.quant import make_cache_init
+    except ImportError as err:  # the registry is optional
+        raise ValueError(f"quantized caches are not available ({err})") from None
+    name, kwargs = _split_spec(spec)
+    return make_cache_init(name, **kwargs)
+
+
+def locret_policy(spec: str, budget: Budget, context: int, chunk: int):
+    """Locret at `budget` of `context` tokens: `k = budget.kept(context)` entries at the end of the
+    prompt = top-(k - n_local) after every evicting chunk + the n_local tail (train/locret_eval;
+    n_local defaults to min(32, k // 2)), n_stabilizers = stab_frac * (k - n_local)."""
+    from kvjax.policies.locret import Locret
+    _, given = parse_policy(spec)
+    opts = {**LOCRET_DEFAULTS, **given}
+    k = budget.kept(context)
+    if "n_local" not in given:  # short prompts: the default tail takes at most half the budget
+        opts["n_local"] = min(opts["n_local"], k // 2)
+    b = k - int(opts["n_local"])
+    if b <= 0:
+        raise ValueError(f"locret: budget {budget} keeps {k} tokens, not more than n_local={opts['n_local']}")
+    return Locret(budget=b, chunk=chunk, n_stabilizers=max(1, int(opts["stab_frac"] * b)),
+                  n_local=int(opts["n_local"]))
 
 
 def parse_budgets(spec: str) -> tuple[Budget, ...]:
@@ -164,11 +223,29 @@ def _nan_row(**kw) -> dict:
     return row
 
 
-def _run_task(params, config, task: _Task, comp: Optional[Compression], ecfg: EvalConfig, runner, shared,
+@dataclasses.dataclass(frozen=True)
+class _Method:
+    """What one row runs: a Compression (None = full cache), Locret (spec, budget, heads) or a
+    quantized cache (cache_init)."""
+
+    comp: Optional[Compression] = None
+    locret: Optional[tuple] = None
+    cache_init: Optional[object] = None
+
+
+def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, runner, shared,
               stepwise: bool):
-    chunk = ecfg.chunk_size if comp is not None and comp.when == "chunk" else None
-    pre = fidelity.prefill_context(params, config, task.tokens, comp, task.targets.shape[1], chunk,
-                                   runner=runner, shared=shared)
+    comp, n_new = method.comp, task.targets.shape[1]
+    if method.locret is not None:
+        spec, budget, heads = method.locret
+        pol = locret_policy(spec, budget, task.tokens.shape[1], ecfg.chunk_size)
+        pre = fidelity.prefill_locret(params, config, task.tokens, heads, pol, n_new, runner=runner)
+    elif method.cache_init is not None:
+        pre = fidelity.prefill_quantized(params, config, task.tokens, method.cache_init, n_new, runner=runner)
+    else:
+        chunk = ecfg.chunk_size if comp is not None and comp.when == "chunk" else None
+        pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner,
+                                       shared=shared)
     logits, secs, cache = fidelity.continuation_logits(params, config, pre, task.targets, stepwise=stepwise,
                                                        runner=runner)
     return pre, logits, secs, cache
@@ -193,18 +270,46 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
     specs = [("full", None, "-")]
     for regime in ecfg.regimes:
         for name in ecfg.policies_for(regime):
+            if is_locret(name) and regime != "chunk":
+                continue  # Locret is a chunked-prefill method
             for budget in ecfg.budgets:
                 specs.append((name, budget, regime))
+    if "chunk" not in ecfg.regimes:
+        for name in ecfg.policies:
+            if is_locret(name):
+                specs += [(name, budget, "chunk") for budget in ecfg.budgets]
+    specs += [(q, None, "quant") for q in ecfg.kv_quant]
+    heads = None
+    if any(is_locret(n) for n, _, _ in specs):
+        from kvjax.policies.locret import load_heads
+        heads = load_heads(ecfg.locret_heads, config)
+    built: dict = {}
+
+    def method_of(name, budget, regime) -> _Method:
+        if regime == "quant":
+            return _Method(cache_init=quant_cache_init(name))
+        if budget is None:
+            return _Method()
+        if is_locret(name):
+            return _Method(locret=(name, budget, heads))
+        if name not in built:  # RazorAttention's head search runs once per spec
+            try:
+                built[name] = build_policy(name, params, config)
+            except Exception as err:
+                built[name] = err
+        if isinstance(built[name], Exception):
+            raise built[name]
+        return _Method(comp=Compression(built[name], budget, regime, ecfg.interval))
     # Compute order: rows that can share a prefill forward next to each other (grouped by what
     # their policy observes); chunked rows last. The table keeps the spec order.
     def order_key(i):
         name, budget, regime = specs[i]
-        if regime == "chunk":
-            return (2, "", i)
+        if regime in ("chunk", "quant"):
+            return (2, regime, i)
         if name == "full":
             return (0, str(Observe()), i)
         try:
-            obs = str(Compression(build_policy(name), budget, regime, ecfg.interval).observe)
+            obs = str(method_of(name, budget, regime).comp.observe)
         except Exception:  # reported when the row runs
             obs = "~"
         return (1, obs, i)
@@ -222,8 +327,8 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
         if progress:
             bar.set_postfix_str(f"{name} {budget or ''} {regime}")
         try:
-            comp = None if budget is None else Compression(build_policy(name), budget, regime, ecfg.interval)
-            rows[i] = _evaluate_row(params, config, tasks, comp, ecfg, runner, shared, full_logits)
+            rows[i] = _evaluate_row(params, config, tasks, method_of(name, budget, regime), ecfg, runner, shared,
+                                    full_logits)
         except Exception as err:  # keep the grid going, but say so loudly
             msg = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
             warnings.warn(f"{name} {budget} {regime}: {msg}")
@@ -248,19 +353,26 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
     return rows
 
 
-def _evaluate_row(params, config, tasks: dict, comp: Optional[Compression], ecfg: EvalConfig, runner,
+def _evaluate_row(params, config, tasks: dict, method: _Method, ecfg: EvalConfig, runner,
                   shared: dict, full_logits: dict) -> dict:
     row = _nan_row()
     notes = []
+    comp = method.comp
+    if comp is not None and comp.when == "decode":
+        from kvjax.compression import init_query_buffer
+        buf = init_query_buffer(comp, config, 1)
+        if buf is not None:
+            notes.append(f"+{buf.memory_bytes() / 2 ** 20:.2f} MiB decode query buffer")
+    plain = method.locret is None and method.cache_init is None
     for key, task in tasks.items():
         want = comp.observe if comp is not None else Observe()
-        if comp is None or comp.when != "chunk":
+        if plain and (comp is None or comp.when != "chunk"):
             if key not in shared or shared[key].observe != want:
                 shared[key] = fidelity.forward_context(params, config, task.tokens, want, runner)
         stepwise = ecfg.stepwise if key == "fidelity" else False
-        pre, logits, secs, cache = _run_task(params, config, task, comp, ecfg, runner, shared.get(key), stepwise)
+        pre, logits, secs, cache = _run_task(params, config, task, method, ecfg, runner, shared.get(key), stepwise)
         notes += [f"{key}: {n}" for n in pre.notes]
-        if comp is None:
+        if comp is None and plain:
             full_logits[key] = logits
         if key == "fidelity":
             m = fidelity.fidelity_metrics(full_logits["fidelity"], logits, task.targets)
@@ -273,7 +385,7 @@ def _evaluate_row(params, config, tasks: dict, comp: Optional[Compression], ecfg
             else:
                 decode_ms = math.nan
             row.update(kl=m["kl"], kl_max=m["kl_max"], ppl=m["ppl"],
-                       kept=pre.plan.max_keep if pre.compression is not None else pre.context_len,
+                       kept=pre.plan.max_keep if pre.plan.max_keep else pre.context_len,
                        cache_bytes=cache.memory_bytes(), peak_cache_bytes=max(pre.peak_bytes, cache.memory_bytes()),
                        prefill_s=pre.seconds, decode_ms_per_tok=decode_ms)
         else:

@@ -45,7 +45,7 @@ def plot_quality(rows: Sequence[dict], path, title: str = "") -> pathlib.Path:
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, styles.get(regime, "-."), marker="o", ms=4, color=cmap(policies.index(policy) % cmap.N),
+            ax.plot(xs, ys, styles.get(regime, "-."), marker="s" if regime == "quant" else "o", ms=4, color=cmap(policies.index(policy) % cmap.N),
                     label=f"{policy} ({regime})")
         if full is not None and key != "kl" and not math.isnan(_num(full[key])):
             ax.axhline(_num(full[key]), color="k", ls="--", lw=1, label="full cache")
