@@ -82,8 +82,15 @@ def test_registered_cache_runs_in_generate(name, tiny, overrides, dense_logits):
     assert [len(r) for r in res.tokens] == [6, 6]
     assert all(0 <= t < CFG.vocab_size for r in res.tokens for t in r)
     assert res.stats["cache_bytes"] > 0
-    # the prompt teacher-forced through the cache: its distributions stay nearer the dense cache's
-    # than an unrelated distribution (the dense logits of the previous position) is
+
+
+@pytest.mark.parametrize("name", ["kvquant4", "qjl", "kvtuner"])
+def test_registered_cache_fidelity(name, tiny, overrides, dense_logits):
+    """The prompt teacher-forced through the cache: its distributions stay nearer the dense cache's
+    than an unrelated distribution (the dense logits of the previous position) is. (KIVI, GEAR and
+    RotateKV are checked at 8 bits below, where a wrong position/rotation would show.)"""
+    params, ids = tiny
+    init = make_cache_init(name, **overrides.get(name, {}))
     kl = _kl(dense_logits, _teacher_forced(params, ids, init(CFG, 2, CAP)))
     base = _kl(dense_logits, np.roll(dense_logits, 1, axis=0))
     assert np.isfinite(kl) and kl < 0.75 * base, (name, kl, base)

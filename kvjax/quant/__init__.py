@@ -4,6 +4,7 @@
     result = generate(params, config, prompts, cache_init=make_cache_init("kivi2"))
     make_cache_init("kivi2", group=64, residual=64)          # overrides of the method's config
     make_cache_init("kvquant4", calibration="calib.npz")     # needs `python -m kvjax.quant.kvquant calibrate`
+    make_cache_init("kivi2", sink=1)                         # opt-in: first token fp (kvjax.quant.sink)
 
 `QUANT_CACHES` maps each name to a `QuantSpec` (description, defaults, what it needs);
 `make_cache_init(name, **overrides)` returns `cache_init(config, batch, capacity) -> cache` and
@@ -61,13 +62,13 @@ _REQUIRE_HELP = {
                "`python -m kvjax.quant.kvtuner search --out search.json`",
 }
 
-_KIVI_KEYS = ("bits", "k_bits", "v_bits", "group", "residual", "dtype")
+_KIVI_KEYS = ("bits", "k_bits", "v_bits", "group", "residual", "dtype", "sink")
 _QJL_KEYS = ("sketch_dim", "outlier_sketch_dim", "outlier_count", "group", "buffer", "value_bits", "value_group",
              "value_residual", "seed", "dtype")
 _GEAR_KEYS = ("bits", "group", "loop", "prefill_rank", "rank", "outlier_ratio", "streaming_gap", "seed", "dtype")
 _ROT_KEYS = ("bits", "group", "head_group", "sink_tokens", "dtype")
-_ZIP_KEYS = ("lo_ratio", "hi_bits", "lo_bits", "interval", "probe_recent", "probe_random", "seed", "dtype")
-_MIKV_KEYS = ("keep_ratio", "hi_bits", "lo_bits", "group", "balance", "interval", "window", "dtype")
+_ZIP_KEYS = ("hi_bits", "lo_bits", "unimportant_ratio", "interval", "dtype")
+_MIKV_KEYS = ("keep_ratio", "hi_bits", "lo_bits", "group", "interval", "dtype")
 
 QUANT_CACHES: dict[str, QuantSpec] = {s.name: s for s in (
     QuantSpec("kivi2", "kivi", "KIVI 2-bit: K per channel (G32), V per token, fp residual R128",
@@ -89,6 +90,13 @@ QUANT_CACHES: dict[str, QuantSpec] = {s.name: s for s in (
     QuantSpec("rotatekv2", "rotatekv", "RotateKV 2-bit: pre-RoPE grouped-head FWHT keys, rotated values, "
               "per-token quantization, first 4 tokens fp", (("bits", 2),), _ROT_KEYS),
     QuantSpec("rotatekv4", "rotatekv", "RotateKV 4-bit", (("bits", 4),), _ROT_KEYS),
+    QuantSpec("zipcache", "zipcache", "ZipCache 60% 4-bit / 40% 2-bit by normalized-attention saliency (buffered "
+              "keys as probe queries), re-compressed by the cache every `interval` (100) tokens",
+              (("interval", 100),), _ZIP_KEYS),
+    QuantSpec("mikv", "mikv", "MiKV: KNorm-scored 20% fp16, the other 80% kept at per-token INT2 instead of "
+              "evicted, re-compressed by the cache every `interval` (100) tokens", (("interval", 100),), _MIKV_KEYS),
+    QuantSpec("mikv4", "mikv", "MiKV with INT4 for the low-importance 80%", (("lo_bits", 4), ("interval", 100)),
+              _MIKV_KEYS),
     QuantSpec("kvtuner", "kvtuner", "KVTuner per-layer KIVI bits (simulated, unpacked storage; needs layer_bits)",
               (("layer_bits", None),), ("layer_bits", "group", "residual"), ("layer_bits",)),
 )}
@@ -133,9 +141,13 @@ def _build(spec: QuantSpec, kw: dict, config, batch: int, capacity: int):
     L, H, d = config.n_layers, config.n_kv_heads, config.head_dim
     if spec.method == "kivi":
         from kvjax.quant import kivi
-        return kivi.init_kivi_cache(config, batch, capacity, bits=kw["bits"], group=kw["group"],
-                                    residual=kw["residual"], dtype=dtype, k_bits=kw.get("k_bits"),
-                                    v_bits=kw.get("v_bits"))
+        cache = kivi.init_kivi_cache(config, batch, capacity, bits=kw["bits"], group=kw["group"],
+                                     residual=kw["residual"], dtype=dtype, k_bits=kw.get("k_bits"),
+                                     v_bits=kw.get("v_bits"))
+        if kw.get("sink"):  # opt-in extension: first tokens fp, out of the groups (kvjax.quant.sink)
+            from kvjax.quant import sink
+            cache = sink.with_sink(cache, int(kw["sink"]), dtype)
+        return cache
     if spec.method == "kvquant":
         from kvjax.quant import kvquant
         return kvquant.init_kvquant_cache(config, batch, capacity, kw["calibration"], bits=kw["bits"],
