@@ -29,6 +29,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache import KVCache
 from kvjax.policies.base import Budget, Observation, ScoringPolicy, compress
 from models.config import ModelConfig
 from models.llama import Observe
@@ -147,11 +148,11 @@ def window_attention(cache, q_rot: jax.Array, q_positions: jax.Array) -> jax.Arr
     `q_positions [B, w]`, -1 = none) over the cache slots, causal by position, float32 softmax
     with scale 1/sqrt(d) (as `kvjax.attention.attend`): [L, B, Hq, w, S]; rows of absent queries
     and masked slots are 0."""
-    keys = getattr(cache, "keys", None)
-    if not isinstance(keys, jax.Array) or keys.ndim != 5:
-        raise ValueError(f"decode-time window attention needs a dense cache with keys [L, B, Hkv, S, d], "
-                         f"got {type(cache).__name__}")
     n_layers, b, hq, w, d = q_rot.shape
+    if not isinstance(cache, KVCache) or cache.keys.shape[-1] != d:
+        raise ValueError(f"decode-time compression observes a dense KVCache with keys [L, B, Hkv, S, {d}]; a "
+                         f"{type(cache).__name__} (e.g. ThinK's pruned keys) cannot be compressed again")
+    keys = cache.keys
     hkv = keys.shape[2]
     q = q_rot.reshape(n_layers, b, hkv, hq // hkv, w, d).astype(jnp.float32)
     logits = jnp.einsum("lbhgwd,lbhsd->lbhgws", q, keys.astype(jnp.float32)) * d ** -0.5

@@ -241,3 +241,9 @@ def test_rerotating_policy_continues_after_in_cache_positions(params, prompt):
         for kv in range(CFG.n_kv_heads):
             p = pos[l, 0, kv]
             assert p[p >= 0].tolist() == list(range(n_keep + steps - 1))
+
+
+def test_decode_time_compression_of_a_pruned_cache_is_a_clear_error(params, prompt):
+    think = make_policy("think", query_window=8, token_policy=make_policy("snapkv", window=8))
+    with pytest.raises(ValueError, match="cannot be compressed again"):
+        generate(params, CFG, [prompt], 20, compression=Compression(think, Budget(tokens=24), "decode", 8), eos_ids=())
