@@ -24,7 +24,9 @@ def _format_stats(stats: dict) -> str:
     return (f"prompt {stats['prompt_tokens']} tok, prefill {stats['prefill_tok_per_s']:.0f} tok/s "
             f"({stats['prefill_s']:.2f} s) | decode {stats['generated_tokens']} tok at "
             f"{stats['decode_tok_per_s']:.1f} tok/s | cache {stats['cache_bytes'] / 2**20:.1f} MiB "
-            f"({stats['cache_capacity']} slots/head, peak {stats['peak_cache_bytes'] / 2**20:.1f} MiB) | "
+            f"({stats['cache_capacity']} slots/head, peak {stats['peak_cache_bytes'] / 2**20:.1f} MiB"
+            + (f", +{stats['query_buffer_bytes'] / 2**20:.1f} MiB decode query buffer"
+               if stats.get("query_buffer_bytes") else "") + ") | "
             f"compression {stats['compression']} | {stats['backend']} {stats['attention']}")
 
 
@@ -114,7 +116,8 @@ def cmd_generate(args) -> int:
                                compression=compression_from_args(args, params, config),
                                cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None)
     print(answer)
-    print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}", file=sys.stderr)
+    quant = f" | kv-quant {args.kv_quant}" if args.kv_quant else ""
+    print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}{quant}", file=sys.stderr)
     for note in stats["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return 0
