@@ -136,3 +136,33 @@ def test_bad_names_and_options():
         make_cache_init("gear2", group=48)(CFG, 1, 64)
     with pytest.raises(ValueError, match="bits"):
         make_cache_init("rotatekv2", bits=3)(CFG, 1, 64)
+
+
+# bad input through the registry, for every method: an unsupported bit width, a group size that does
+# not divide head_dim (where the method has groups), NaN/inf in appended K/V (eager calls)
+BAD_BITS = {"kivi2": {"bits": 3}, "kivi4": {"k_bits": 5}, "kvquant4": {"bits": 5}, "kvquant3": {"bits": 1},
+            "qjl": {"value_bits": 3}, "gear4": {"bits": 3}, "gear2": {"bits": 1}, "rotatekv2": {"bits": 3},
+            "rotatekv4": {"bits": 5}, "kvtuner": {"layer_bits": [(3, 3), (2, 2)]}, "zipcache": {"hi_bits": 3},
+            "mikv": {"lo_bits": 3}, "mikv4": {"hi_bits": 5}}
+BAD_GROUP = {"kivi2": {"group": 48}, "kivi4": {"group": 24}, "qjl": {"value_group": 48}, "gear4": {"group": 48},
+             "gear2": {"group": 24}, "rotatekv2": {"group": 48}, "rotatekv4": {"group": 24},
+             "kvtuner": {"group": 24, "residual": 48}, "mikv": {"group": 48}, "mikv4": {"group": 24}}
+
+
+@pytest.mark.parametrize("name", sorted(QUANT_CACHES))
+def test_bad_input_every_method(name, overrides):
+    assert set(BAD_BITS) == set(QUANT_CACHES)
+    base = overrides.get(name, {})
+    with pytest.raises(ValueError, match="bit"):
+        make_cache_init(name, **{**base, **BAD_BITS[name]})(CFG, 1, 64)
+    if name in BAD_GROUP:
+        with pytest.raises(ValueError, match="divid"):
+            make_cache_init(name, **{**base, **BAD_GROUP[name]})(CFG, 1, 64)
+    layer = jax.tree_util.tree_map(lambda x: x[0], make_cache_init(name, **base)(CFG, 1, 64))
+    k = jax.random.normal(jax.random.PRNGKey(0), (1, CFG.n_kv_heads, 8, CFG.head_dim))
+    pos = jnp.arange(8, dtype=jnp.int32)[None]
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match="NaN|inf|finite"):
+            layer.append(k.at[0, 1, 3, 5].set(bad), k, pos, keys_pre_rope=k.at[0, 1, 3, 5].set(bad))
+        with pytest.raises(ValueError, match="NaN|inf|finite"):
+            layer.append(k, k.at[0, 0, 7, 0].set(-bad), pos, keys_pre_rope=k)

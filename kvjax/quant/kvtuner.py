@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.quant import kivi
+from kvjax.quant import kivi, packing
 
 CANDIDATES: tuple[tuple[int, int], ...] = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
 
@@ -109,6 +109,7 @@ class SimKIVICache:
         return dataclasses.replace(self, dense=kvcache.resize(self.dense, kivi.quantized_capacity(capacity, self.group)))
 
     def append(self, keys, values, positions, keys_pre_rope=None):
+        packing.check_finite("append keys/values", keys, values)
         return dataclasses.replace(self, dense=kvcache.append(self.dense, keys, values, positions))
 
     def attend(self, q, query_positions, *, stats, rope=None):
@@ -135,6 +136,8 @@ def simulated_kv(layer: SimKIVICache):
 
 
 def init_sim_cache(config, batch: int, capacity: int, tuner: KVTunerConfig) -> SimKIVICache:
+    if tuner.group <= 0 or config.head_dim % tuner.group:
+        raise ValueError(f"KVTuner group size {tuner.group} must be positive and divide head_dim={config.head_dim}")
     if len(tuner.layer_bits) != config.n_layers:
         raise ValueError(f"{len(tuner.layer_bits)} bit pairs for a model of {config.n_layers} layers")
     cap = kivi.quantized_capacity(capacity, tuner.group)

@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.quant import mikv, zipcache
+from kvjax.quant import mikv, packing, zipcache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,7 @@ class StreamingMixedCache:
     def append(self, keys, values, positions, keys_pre_rope=None) -> "StreamingMixedCache":
         """keys (post-RoPE), values `[batch, kv_heads, new, d]`; a compression round first if the new
         tokens do not fit the buffer. Works on a layer slice (inside the model's scan)."""
+        packing.check_finite("append keys/values", keys, values)
         n = keys.shape[-2]
         if n > self.buffer_size:
             raise ValueError(f"{n} new tokens do not fit the {self.buffer_size}-token buffer: append fewer at a time "
