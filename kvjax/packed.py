@@ -118,6 +118,11 @@ class PackedCache:
         return dataclasses.replace(fit_pool(self, max(size, 1)), capacity=capacity, room=room)
 
 
+    def fit(self, room: int) -> "PackedCache":
+        """Eager, as a layer of a LayerwiseCache: the live slots + kv_heads * room free slots."""
+        return fit_pool(self, max(int(jnp.max(self.used, initial=0)) + self.kv_heads * room, 1))
+
+
 def fit_pool(cache: PackedCache, size: int) -> PackedCache:
     """Truncate (live slots are first) or pad the pool to `size` slots."""
     cur = cache.pool

@@ -122,6 +122,20 @@ def test_pyramid_layerwise_budgets_and_bytes():
     assert sizes[16] / sizes[32] == pytest.approx(0.5, abs=0.02)
 
 
+def test_adakv_over_pyramid_packs_each_layer():
+    """Layer totals from PyramidKV, heads adaptive inside: one packed pool of Hkv * budget_l per layer."""
+    obs = random_obs(8)
+    pol = AdaKV(scorer=PyramidKV(window=8, kernel=3, n_layers=L), kv_heads=HKV)
+    c = compressed(pol, obs, 24, room=2)
+    assert isinstance(c, LayerwiseCache) and all(isinstance(lc, PackedCache) for lc in c.layers)
+    b = pyramid_budgets(24, S, L, 8)
+    lengths = np.asarray(c.lengths)
+    np.testing.assert_array_equal(lengths.sum(-1), np.broadcast_to(HKV * b[:, None], (L, B)))
+    assert len(np.unique(lengths[0])) > 1
+    assert [lc.pool for lc in c.layers] == [HKV * (int(x) + 2) for x in b]
+    assert c.memory_bytes() == B * (HKV * (b + 2).sum() * (SLOT + F32 + 2) + L * F32)
+
+
 PATTERN = ((1, 0), (0, 0), (1, 1))
 
 
@@ -131,6 +145,7 @@ def test_duo_any_budget_sets_streaming_heads(n_keep):
     keeps sink + (n_keep - sink) newest tokens in streaming heads; bytes = per-layer rows."""
     obs = random_obs(3)
     pol = DuoAttention(pattern=PATTERN, sink=2, recent=6)
+    assert pol.default_budget.kept(S) == 8
     c = compressed(pol, obs, n_keep, room=1)
     sets = kept_sets(c)
     for l, row in enumerate(PATTERN):
@@ -225,11 +240,12 @@ def duo_sets(pattern, lengths, n_keep, sink):
     return sets
 
 
-@pytest.mark.parametrize("name", ["adakv", "pyramidkv", "duo"])
+@pytest.mark.parametrize("name", ["adakv", "pyramidkv", "pyramid_adakv", "duo"])
 def test_generate_first_logits_equal_masked_full_cache(name, tiny_model):
     config, params, prompts, tokens, positions, full, logits = tiny_model
     policy = {"adakv": AdaKV(scorer=SnapKV(window=4, kernel=3), kv_heads=HKV),
               "pyramidkv": PyramidKV(window=4, kernel=3, n_layers=L),
+              "pyramid_adakv": AdaKV(scorer=PyramidKV(window=4, kernel=3, n_layers=L), kv_heads=HKV),
               "duo": DuoAttention(pattern=PATTERN, sink=2, recent=6)}[name]
     comp = Compression(policy, Budget(ratio=0.25))
     lengths = [len(p) for p in prompts]

@@ -20,6 +20,8 @@ bytes of a uniform cache of the same budget (+ a 2-byte head tag per slot). Sele
 on a padded [.., Hkv, max_keep] gather bounded by `max_keep` (transient, under jit). With the
 "chunk" / "decode" schedules the cache must be observed again, so `Compression` switches
 `ragged` off and the padded layout (capacity = the largest head's bound) is kept.
+Over PyramidKV (`AdaKV(scorer=PyramidKV(...))`) each layer's total is PyramidKV's layer budget,
+distributed over its heads adaptively; the result is one packed pool per layer (LayerwiseCache).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as kvcache
+from kvjax.layerwise import LayerwiseCache
 from kvjax.packed import pack
 from kvjax.policies.base import Observation, ScoringPolicy
 from kvjax.policies.snapkv import SnapKV
@@ -39,13 +42,15 @@ from models.llama import Observe
 def adaptive_budgets(scores: jax.Array, n_keep: jax.Array, alpha: float) -> jax.Array:
     """Per-head budgets [L, B, Hkv] summing to Hkv * n_keep per layer.
 
-    scores [L, B, Hkv, S] (invalid slots -inf, protected slots +inf), n_keep [B] int.
+    scores [L, B, Hkv, S] (invalid slots -inf, protected slots +inf), n_keep [B] int, or the
+    scorer's per-head budgets [L, B, Hkv] (e.g. PyramidKV's layer budgets: the layer total is kept).
     Protected slots (the scorer's window / sinks) are kept outside the adaptive part, as the
     official code keeps the window outside Bbase: Bbase_h = n_keep - protected_h."""
     lead = scores.shape[:2]
     hkv, s = scores.shape[2], scores.shape[3]
     prot = jnp.sum(jnp.isposinf(scores), axis=-1).astype(jnp.int32)             # [L, B, Hkv]
-    bbase = jnp.maximum(n_keep[None, :, None] - prot, 0)
+    n_keep = n_keep[None, :, None] if n_keep.ndim == 1 else n_keep
+    bbase = jnp.maximum(n_keep - prot, 0)
     flat = jnp.where(jnp.isposinf(scores), -jnp.inf, scores).reshape(*lead, hkv * s)
     total = bbase.sum(-1)                                                       # [L, B]
     order = jnp.argsort(-flat, axis=-1, stable=True)                            # best first
@@ -103,17 +108,26 @@ class AdaKV(ScoringPolicy):
     def head_budgets(self, scores: jax.Array, n_keep: jax.Array) -> jax.Array:
         if self.kv_heads and self.kv_heads != scores.shape[2]:
             raise ValueError(f"AdaKV(kv_heads={self.kv_heads}) but the cache has {scores.shape[2]} kv heads")
-        return adaptive_budgets(scores, n_keep, self.alpha)
+        # the scorer's own allocation (uniform, or PyramidKV's per layer) sets each layer's total
+        return adaptive_budgets(scores, self.scorer.head_budgets(scores, n_keep), self.alpha)
 
     def max_keep(self, n_keep: int, context: int) -> int:
         """Static bound on the largest head budget: floor + (1 - alpha) * min(Hkv * n_keep, context)
         (a head is picked at most Hkv * n_keep times and holds at most `context` tokens)."""
+        n_keep = self.scorer.max_keep(n_keep, context)     # the largest layer's budget (PyramidKV)
         picks = context if self.kv_heads <= 0 else min(self.kv_heads * n_keep, context)
         worst = math.floor(self.alpha * n_keep) + math.ceil((1 - self.alpha) * picks) + 1
         return int(min(context, max(worst, n_keep)))
 
     def finalize(self, new, obs, idx):
-        new = self.scorer.finalize(new, obs, idx)
-        if self.ragged and isinstance(new, kvcache.KVCache):     # a scorer's own layout (ThinK) stays
+        scorer = self.scorer
+        if hasattr(scorer, "ragged"):                  # PyramidKV: per-layer caches iff we are ragged
+            scorer = dataclasses.replace(scorer, ragged=self.ragged)
+        new = scorer.finalize(new, obs, idx)
+        if not self.ragged:
+            return new
+        if isinstance(new, kvcache.KVCache):
             return pack(new)
-        return new
+        if isinstance(new, LayerwiseCache) and all(isinstance(lc, kvcache.KVCache) for lc in new.layers):
+            return dataclasses.replace(new, layers=tuple(pack(lc) for lc in new.layers))
+        return new                                     # a scorer's own layout (ThinK) stays

@@ -9,8 +9,11 @@ A scoring policy is a frozen dataclass of hyperparameters (hashable: a static ji
 Shared code here turns scores and a budget into a compressed cache (`compress`): empty slots
 are never kept, ties break toward older slots, kept indices are sorted chronologically, and the
 new cache is allocated at the budget (plus room for what comes next), so memory really shrinks.
-Budgets are uniform, per layer (`layer_budgets`) or per head (`head_budgets`, e.g. AdaKV); per-head
-budgets allocate the capacity of the largest head and leave the others ragged inside it.
+Budgets are uniform, per layer or per head (`head_budgets`: PyramidKV, AdaKV). Selection gathers
+into a padded [L, B, Hkv, max_keep] cache (under jit); a policy's `finalize` then turns it into its
+final layout: AdaKV a head-packed pool per layer (`kvjax.packed`), PyramidKV and DuoAttention /
+RazorAttention one cache per layer (`kvjax.layerwise`), whose eager `resize` allocates exactly the
+kept tokens (+ decode room), so per-head and per-layer budgets save real memory.
 
 Position regimes: by default keys stay post-RoPE at their original positions. A policy with
 `rerotate = True` has its kept keys re-rotated to contiguous in-cache positions 0..kept-1

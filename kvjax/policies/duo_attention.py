@@ -9,8 +9,8 @@ appended to every head. Keys stay post-RoPE at their original positions.
 
 Budget: the Compression budget (ratio or tokens) is what a STREAMING head keeps: its first
 min(sink, n_keep) tokens and the newest n_keep - sink. Budget(tokens=sink + recent) is the
-official deployment; any other budget (e.g. a ratio in an eval grid) keeps sink + (n_keep - sink)
-recent tokens, so `recent` only documents the official default. Retrieval heads keep everything.
+official deployment (`policy.default_budget`); any other budget (e.g. a ratio in an eval grid)
+keeps sink + (n_keep - sink) recent tokens. Retrieval heads keep everything.
 
 How memory is saved: the compressed cache is a `kvjax.layerwise.LayerwiseCache` of one
 `HeadSplitCache` per layer with exactly that layer's R_l retrieval rows and Hkv - R_l streaming rows:
@@ -32,7 +32,7 @@ import numpy as np
 from kvjax import cache as kvcache
 from kvjax.attention import NEG_INF, attention_mask
 from kvjax.layerwise import LayerwiseCache, fit_kv
-from kvjax.policies.base import Observation, ScoringPolicy, oldest_mask
+from kvjax.policies.base import Budget, Observation, ScoringPolicy, oldest_mask
 
 
 def _take_heads(x: jax.Array, heads: jax.Array, axis: int) -> jax.Array:
@@ -174,6 +174,11 @@ class DuoAttention(ScoringPolicy):
     @property
     def retrieval(self) -> np.ndarray:
         return np.asarray(self.pattern, bool)
+
+    @property
+    def default_budget(self) -> Budget:
+        """The deployment budget of the paper / official code: Budget(tokens=sink + recent)."""
+        return Budget(tokens=self.sink + self.recent)
 
     def max_keep(self, n_keep: int, context: int) -> int:
         """Retrieval heads keep the whole context (streaming heads keep n_keep, see the module doc)."""

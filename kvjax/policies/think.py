@@ -209,7 +209,10 @@ class ThinK(ScoringPolicy):
     def finalize(self, new: kvcache.KVCache, obs: Observation, idx) -> ThinKCache:
         if obs.window_queries is None:
             raise ValueError("ThinK needs the window queries (Observe(window=...))")
-        new = self.token_policy.finalize(new, obs, idx)
+        tp = self.token_policy
+        if getattr(tp, "ragged", False):   # channel pruning needs the stacked per-head layout
+            tp = dataclasses.replace(tp, ragged=False)
+        new = tp.finalize(new, obs, idx)
         hkv, d = new.keys.shape[2], new.keys.shape[-1]
         q = obs.window_queries[..., -self.query_window:, :]
         chans = kept_channels(channel_scores(q, new.keys, new.valid, hkv), self.n_pruned(d))
