@@ -139,20 +139,26 @@ def test_cache_odd_lengths_sinks_and_rope():
     v = rng.standard_normal((1, h, total, d)).astype(np.float32)
     cfg = rk.RotateKVConfig(bits=2, head_group=1, sink_tokens=sinks)
     layer = jax.tree_util.tree_map(lambda x: x[0], rk.init_rotatekv_cache(cfg, 1, 1, h, 50, d))
-    pos = jnp.arange(total, dtype=jnp.int32)[None] + 5              # positions start at 5
+    pos = jnp.arange(total, dtype=jnp.int32)[None]
     app = jax.jit(lambda c, kk, vv, pp: c.append(None, vv, pp, keys_pre_rope=kk))
-    layer = app(layer, jnp.asarray(k[:, :, :n0]), jnp.asarray(v[:, :, :n0]), pos[:, :n0])
+    # 5 slots of left padding first: the sinks are the tokens at positions 0..3, not slots 0..3
+    pad = 5
+    padk = np.concatenate([np.full((1, h, pad, d), 50.0, np.float32), k[:, :, :n0]], 2)
+    padv = np.concatenate([np.full((1, h, pad, d), -50.0, np.float32), v[:, :, :n0]], 2)
+    padpos = jnp.concatenate([jnp.full((1, pad), -1, jnp.int32), pos[:, :n0]], 1)
+    layer = app(layer, jnp.asarray(padk), jnp.asarray(padv), padpos)
     for t in range(n0, total):
         layer = app(layer, jnp.asarray(k[:, :, t:t + 1]), jnp.asarray(v[:, :, t:t + 1]), pos[:, t:t + 1])
     dk, dv = rk.dequantize(layer)
     rkh, rvh = np_rotatekv(k[0].astype(np.float64), v[0].astype(np.float64), 2, 1)
     rkh[:, :sinks], rvh[:, :sinks] = k[0, :, :sinks], v[0, :, :sinks]          # sinks stay exact
-    assert_mostly_close(np.asarray(dk[0, :, :total]), rkh, 1e-3, np.abs(k).max())
-    assert_mostly_close(np.asarray(dv[0, :, :total]), rvh, 1e-3, np.abs(v).max())
-    np.testing.assert_array_equal(np.asarray(dk[0, :, :sinks]), k[0, :, :sinks])
+    assert_mostly_close(np.asarray(dk[0, :, pad:pad + total]), rkh, 1e-3, np.abs(k).max())
+    assert_mostly_close(np.asarray(dv[0, :, pad:pad + total]), rvh, 1e-3, np.abs(v).max())
+    np.testing.assert_array_equal(np.asarray(dk[0, :, pad:pad + sinks]), k[0, :, :sinks])
     positions = np.asarray(layer.positions[0, 0])
-    np.testing.assert_array_equal(positions[:total], np.arange(total) + 5)
-    assert (positions[total:] == -1).all()
+    assert (positions[:pad] == -1).all()
+    np.testing.assert_array_equal(positions[pad:pad + total], np.arange(total))
+    assert (positions[pad + total:] == -1).all()
     # attend re-applies RoPE at each slot's position: same as attention over the rotated keys
     q = jnp.asarray(rng.standard_normal((1, 9, 2, d)), jnp.float32)
     qpos = pos[:, total - 2:]
@@ -167,7 +173,7 @@ def test_cache_odd_lengths_sinks_and_rope():
 def test_memory_bytes():
     cfg = rk.RotateKVConfig(bits=2, head_group=1, sink_tokens=4)
     cache = rk.init_rotatekv_cache(cfg, 2, 1, 3, 1000, 64, dtype=jnp.float16)
-    per_row = (1000 - 4) * rk.bytes_per_token(64, 2, 64) + 2 * 4 * 64 * 2 + 2 * 4
+    per_row = 1000 * rk.bytes_per_token(64, 2, 64) + 2 * 4 * 64 * 2 + 2 * 4   # codes for every slot + sinks
     assert rk.bytes_per_token(64, 2, 64) == 2 * (16 + 4)
     assert cache.memory_bytes() == 2 * 3 * per_row
     dense = init_cache(2, 1, 3, 1000, 64, jnp.float16).memory_bytes()

@@ -24,10 +24,13 @@ inverse FWHT before RoPE").
 
 Layout per layer slice (stacked cache: leading `layers` axis; C = capacity, S = sink_tokens):
 
-    k_codes, v_codes [B, H, C - S, d*bits/8] uint8      token t >= S at row t - S
-    k_scale, k_min, v_scale, v_min [B, H, C - S, d/G] f16
-    k_sink [B, H, S, d]   pre-RoPE keys of tokens t < S (cache dtype);  v_sink [B, H, S, d]
-    lengths, pos_offset [B, H] int32                   position of token t = t + pos_offset
+    k_codes, v_codes [B, H, C, d*bits/8] uint8          slot t at row t (padding included)
+    k_scale, k_min, v_scale, v_min [B, H, C, d/G] f16
+    k_sink [B, H, S, d]   exact pre-RoPE keys of the tokens at positions 0..S-1 (cache dtype), index =
+                          position;  v_sink [B, H, S, d]. Their quantized rows exist too but are
+                          replaced by the sink copies at dequantization. (Sinks are chosen by position,
+                          not by slot, so left padding does not take their place.)
+    lengths, pos_offset [B, H] int32                   position of slot t = t + pos_offset
 
 Bad input -> ValueError: bits not in {2, 4, 8}, G not dividing head_dim, head_dim or head_group not
 a power of two, head_group not dividing kv_heads, missing pre-RoPE keys or rope, NaN/inf (eager).
@@ -174,7 +177,7 @@ class RotateKVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k_codes.shape[-2] + self.k_sink.shape[-2]
+        return self.k_codes.shape[-2]
 
     def memory_bytes(self) -> int:
         """Bytes of every array held: codes, scales, mins, fp sink tokens, counters."""
@@ -217,8 +220,8 @@ def init_rotatekv_cache(cfg: RotateKVConfig, n_layers: int, batch: int, kv_heads
     cfg.validate(head_dim, kv_heads)
     if min(n_layers, batch, kv_heads, capacity, head_dim) <= 0:
         raise ValueError("cache dimensions must be positive")
-    s = min(cfg.sink_tokens, capacity)
-    cq = capacity - s
+    s = cfg.sink_tokens
+    cq = capacity
     g = cfg.group_size(head_dim)
     lead = (n_layers, batch, kv_heads)
     z = lambda *sh, dt=jnp.float16: jnp.zeros(lead + sh, dt)
@@ -239,9 +242,9 @@ def _update_offset(offset, length, positions):
 
 
 def append(layer: RotateKVCache, keys_pre_rope, values, positions) -> RotateKVCache:
-    """Append pre-RoPE keys and values `[batch, kv_heads, new, d]` to one layer (pure). Tokens
-    t < S go to the fp sink buffer, the others are rotated and quantized at row t - S. Writes past
-    the capacity are dropped (callers size the cache)."""
+    """Append pre-RoPE keys and values `[batch, kv_heads, new, d]` to one layer (pure). Every slot is
+    rotated and quantized at its row; tokens at positions 0..S-1 are also kept exactly in the fp sink
+    buffer (index = position). Writes past the capacity are dropped (callers size the cache)."""
     if keys_pre_rope.shape != values.shape or keys_pre_rope.ndim != 4 or keys_pre_rope.shape[-1] != layer.head_dim:
         raise ValueError(f"keys {keys_pre_rope.shape} / values {values.shape} must be [batch, kv_heads, new, "
                          f"{layer.head_dim}]")
@@ -253,10 +256,10 @@ def append(layer: RotateKVCache, keys_pre_rope, values, positions) -> RotateKVCa
     s = layer.k_sink.shape[-2]
     kc, ks, km = quantize(rotate_keys(keys_pre_rope.astype(jnp.float32), cfg.head_group), cfg.bits, g)
     vc, vs, vm = quantize(rotate_values(values.astype(jnp.float32)), cfg.bits, g)
-    tok = layer.lengths[..., None] + jnp.arange(n, dtype=jnp.int32)          # [B, H, n]
+    qrow = layer.lengths[..., None] + jnp.arange(n, dtype=jnp.int32)         # [B, H, n]
     big = jnp.int32(np.iinfo(np.int32).max)
-    qrow = jnp.where(tok >= s, tok - s, big)
-    srow = jnp.where(tok < s, tok, big)
+    pos = jnp.broadcast_to(positions[:, None, :], qrow.shape).astype(jnp.int32)
+    srow = jnp.where((pos >= 0) & (pos < s), pos, big)
 
     def put(dst, rows, src):
         return jax.vmap(jax.vmap(lambda a, r, u: a.at[r].set(u.astype(a.dtype), mode="drop")))(dst, rows, src)
@@ -270,29 +273,32 @@ def append(layer: RotateKVCache, keys_pre_rope, values, positions) -> RotateKVCa
 
 
 def dequantize(layer: RotateKVCache, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """Dense **pre-RoPE** keys and values `[batch, kv_heads, capacity, d]` (sinks first, then the
-    dequantized, un-rotated rows); slots past `lengths` are masked by `positions`."""
+    """Dense **pre-RoPE** keys and values `[batch, kv_heads, capacity, d]` in slot order (dequantized,
+    un-rotated rows; the rows of positions 0..S-1 replaced by the exact sink copies); slots past
+    `lengths` are masked by `positions`."""
     cfg = layer.config
     g = cfg.group_size(layer.head_dim)
     k = rotate_keys(dequantize_rows(layer.k_codes, layer.k_scale, layer.k_min, cfg.bits, g), cfg.head_group)
     v = rotate_values(dequantize_rows(layer.v_codes, layer.v_scale, layer.v_min, cfg.bits, g))
-    k = jnp.concatenate([layer.k_sink.astype(jnp.float32), k], axis=-2)
-    v = jnp.concatenate([layer.v_sink.astype(jnp.float32), v], axis=-2)
+    s = layer.k_sink.shape[-2]
+    if s:
+        pos = layer.positions
+        is_sink = ((pos >= 0) & (pos < s))[..., None]
+        idx = jnp.clip(pos, 0, s - 1)
+        take = lambda buf: jnp.take_along_axis(buf.astype(jnp.float32), idx[..., None], axis=-2)
+        k = jnp.where(is_sink, take(layer.k_sink), k)
+        v = jnp.where(is_sink, take(layer.v_sink), v)
     return k.astype(dtype), v.astype(dtype)
 
 
 def resize(cache: RotateKVCache, capacity: int) -> RotateKVCache:
-    """Grow or shrink the quantized rows to `capacity` slots in total (sinks included); ValueError if a
-    row holds more tokens than that."""
-    s = cache.k_sink.shape[-2]
-    if capacity < s:
-        raise ValueError(f"capacity {capacity} is smaller than the {s} sink slots")
+    """Grow or shrink the quantized rows to `capacity` slots; ValueError if a row holds more tokens."""
     if capacity == cache.capacity:
         return cache
     longest = int(jnp.max(cache.lengths))
     if capacity < longest:
         raise ValueError(f"cannot shrink the RotateKV cache to {capacity} slots: a row holds {longest} tokens")
-    cq = capacity - s
+    cq = capacity
 
     def fit(x):
         n = x.shape[-2]
