@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax.generate import forward_jit  # noqa: E402
-from kvjax.quant import kivi, kvquant, kvtuner, qjl  # noqa: E402
+from kvjax.quant import kivi, kvquant, kvtuner, qjl, sink  # noqa: E402
 from models.llama import forward  # noqa: E402
 
 
@@ -44,6 +44,8 @@ def method_table(config, calib, tuner=None):
     qjl_b = lambda c: qjl.key_bytes_per_token(d, c) + d * c.value_bits / 8 + 4 * d / c.value_group
     q_small = qjl.QJLConfig(sketch_dim=128, outlier_sketch_dim=64)
     q_def = qjl.QJLConfig()
+    kivi_sink = lambda bits, n_sink, c: sink.with_sink(
+        kivi.init_kivi_cache(config, 1, c, bits=bits, group=32, residual=128), n_sink)
     table = {
         # name: (bytes per token per kv-head of the quantized part, from_dense(dense, capacity), init(capacity))
         "full (fp32 cache)": (2 * d * 4, lambda dn, c: dn,
@@ -54,6 +56,13 @@ def method_table(config, calib, tuner=None):
                               lambda c: kivi.init_kivi_cache(config, 1, c, bits=2, group=32, residual=128)),
         "KIVI-2 (G32 R32)": (kivi_b(2, 2), lambda dn, c: kivi.from_dense(dn, kivi.KIVIConfig(2, 2, 32, 32), c),
                              lambda c: kivi.init_kivi_cache(config, 1, c, bits=2, group=32, residual=32)),
+        # opt-in extension (kvjax.quant.sink): the first token(s) in fp, left out of the quantized groups
+        "KIVI-2 (G32 R128) + 1 fp sink token": (kivi_b(2, 2), lambda dn, c: kivi.append_dense(kivi_sink(2, 1, c), dn),
+                                                lambda c: kivi_sink(2, 1, c)),
+        "KIVI-2 (G32 R128) + 4 fp sink tokens": (kivi_b(2, 2), lambda dn, c: kivi.append_dense(kivi_sink(2, 4, c), dn),
+                                                 lambda c: kivi_sink(2, 4, c)),
+        "KIVI-4 (G32 R128) + 1 fp sink token": (kivi_b(4, 4), lambda dn, c: kivi.append_dense(kivi_sink(4, 1, c), dn),
+                                                lambda c: kivi_sink(4, 1, c)),
         "KVQuant-4 (nuq4-1%, sink 5)": (kvquant.bytes_per_token(d, 4, n_side),
                                         lambda dn, c: kvquant.from_dense(dn, calib, config, 4, c),
                                         lambda c: kvquant.init_kvquant_cache(config, 1, c, calib, bits=4)),

@@ -51,7 +51,7 @@ class Method:
         self.name, self.bpt, self.init, self.convert, self.observe, self.rounds = name, bpt, init, convert, observe, rounds
 
 
-def methods(config, n, p, buffer):
+def methods(config, n, p, buffer, regap=96):
     d, L, H = config.head_dim, config.n_layers, config.n_kv_heads
 
     def gear_m(bits):
@@ -93,6 +93,20 @@ def methods(config, n, p, buffer):
                                                                  dtype=jnp.float16),
                       observe=mikv.observe_for(MIKV_POLICY), rounds="mikv")
 
+    def in_generate(name, label, bpt_name, **kw):
+        """A registry cache that compresses itself (kvjax.quant.streaming): decode protocol = the dense
+        prompt appended, then `resize` (what generate calls after prefill) runs the first round; the
+        fake-quant protocol rounds every `fake_chunk` tokens."""
+        from kvjax.quant import bytes_per_token_head, make_cache_init
+
+        def init(cap, pre=None):
+            if pre is None:   # decode protocol: rounds every `regap` tokens after the prompt
+                return make_cache_init(name, interval=regap, dtype=jnp.float16, **kw)(config, 1, cap)
+            c = make_cache_init(name, interval=pre, dtype=jnp.float16, **kw)(config, 1, cap)
+            return c.resize(cap)  # empty: only shrinks the buffer to `pre` (= fake_chunk) slots
+        return Method(label, bytes_per_token_head(name, config, interval=regap, **kw), init,
+                      lambda dense, cap: kivi.append_dense(init(cap), dense).resize(cap))
+
     kcfg = kivi.KIVIConfig(2, 2, 32, 128)
     return [
         Method("full (fp32 cache)", 2 * d * 4,
@@ -101,6 +115,10 @@ def methods(config, n, p, buffer):
                lambda cap, pre=None: kivi.init_kivi_cache(config, 1, cap, bits=2, group=32, residual=128),
                lambda dense, cap: kivi.from_dense(dense, kcfg, cap)),
         gear_m(4), gear_m(2), zip_m, mikv_m(2), mikv_m(4), rot_m(2), rot_m(4),
+        in_generate("zipcache", "ZipCache in generate (registry `zipcache`: key-probe saliency, rounds inside "
+                    "the cache)", "zipcache"),
+        in_generate("mikv", "MiKV in generate (registry `mikv`: KNorm 20% fp16, 80% INT2, no balancer)", "mikv"),
+        in_generate("mikv4", "MiKV in generate (registry `mikv4`: KNorm 20% fp16, 80% INT4, no balancer)", "mikv4"),
     ]
 
 
@@ -173,7 +191,7 @@ def run(args) -> str:
 
     rows = []
     d, L, H = config.head_dim, config.n_layers, config.n_kv_heads
-    all_methods = methods(config, n, p, buffer)
+    all_methods = methods(config, n, p, buffer, regap)
     rows_path = pathlib.Path(args.rows) if args.rows else None
     for method in all_methods:
         if args.table_only or (args.methods and not any(m.lower() in method.name.lower() for m in args.methods)):
