@@ -52,16 +52,17 @@ def random_obs(seed=0, window=8):
                        window_queries=jnp.asarray(rng.normal(size=(L, B, HQ, window, D)), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "n_keep", "max_keep"))
-def _compress(policy, cache, wp, wq, *, n_keep, max_keep):
+@functools.partial(jax.jit, static_argnames=("policy", "max_keep"))
+def _compress(policy, cache, wp, wq, n_keep, *, max_keep):
     obs = Observation(cache=cache, config=tiny_config(), window_probs=wp, window_queries=wq)
-    return compress(policy, obs, jnp.full((B,), n_keep, jnp.int32), max_keep, max_keep)[0]
+    return compress(policy, obs, n_keep, max_keep, max_keep)[0]
 
 
 def compressed(policy, obs, n_keep, room=0):
     """compress (jit) then generate's eager resize to max_keep + room."""
     max_keep = policy.max_keep(n_keep, S)
-    new = _compress(policy, obs.cache, obs.window_probs, obs.window_queries, n_keep=n_keep, max_keep=max_keep)
+    new = _compress(policy, obs.cache, obs.window_probs, obs.window_queries, jnp.full((B,), n_keep, jnp.int32),
+                    max_keep=max_keep)
     return kvcache.resize(new, max_keep + room)
 
 
@@ -95,10 +96,10 @@ def test_adakv_packed_budgets_and_bytes():
         # keys + values + position (int32) + head tag (int16) per slot, used [L, B]
         want = L * B * pool * (SLOT + F32 + 2) + L * B * F32
         assert c.memory_bytes() == want
-        # the uniform SnapKV cache of the same budget: same slots; the 2-byte head tag is 3% of a
-        # 68-byte slot here (0.4% at head_dim 64 in float32)
-        uni = compressed(SnapKV(window=8, kernel=3, pool="max"), obs, n_keep, room)
-        assert 0 < c.memory_bytes() - uni.memory_bytes() <= 0.03 * uni.memory_bytes()
+        if n_keep == 32:  # the uniform SnapKV cache of the same budget: same slots; the 2-byte head
+            # tag is 3% of a 68-byte slot here (0.4% at head_dim 64 in float32)
+            uni = compressed(SnapKV(window=8, kernel=3, pool="max"), obs, n_keep, room)
+            assert 0 < c.memory_bytes() - uni.memory_bytes() <= 0.03 * uni.memory_bytes()
         sizes[n_keep] = compressed(pol, obs, n_keep).memory_bytes()
     assert sizes[16] / sizes[32] == pytest.approx(0.5, abs=0.01)
 
