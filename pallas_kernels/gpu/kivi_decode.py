@@ -199,13 +199,15 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_re
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
                 v_bits: int | None = None, scale: float | None = None,
-                num_splits: int | None = None, groups_per_step: int = 4, num_warps: int = 4,
-                num_stages: int = 3, interpret: bool = False) -> jax.Array:
+                num_splits: int | None = None, groups_per_step: int = 1, num_warps: int = 4,
+                num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
     groups_per_step: G-token groups processed per loop iteration in the all-quantised region
-    (unrolled; more independent loads in flight per step)."""
+    (unrolled; more independent loads in flight per step). Defaults (1 group, 2 stages) are the
+    ones measured on an H200 (BENCHMARKS.md, 2026-12-02): with 4 groups and 3 stages, Triton did
+    not finish compiling the head_dim-128 4-bit kernel within 8 minutes."""
     g = reference.check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid,
                              v_resid, k_len, v_len, lengths, bits, group_size, v_bits)
     v_bits = bits if v_bits is None else v_bits
