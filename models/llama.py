@@ -149,6 +149,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: kvca
             outs.append(out)
         layers, obs = zip(*outs)
         cache = dataclasses.replace(cache, layers=tuple(layers))
+        if any(len({x.shape for x in xs}) > 1 for xs in zip(*(jax.tree_util.tree_leaves(o) for o in obs))):
+            raise ValueError("a LayerwiseCache with layers of different sizes cannot return per-slot "
+                             "observations (it is a final layout: compress before converting to it)")
         obs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *obs)
     else:
         x, (cache, obs) = jax.lax.scan(body, x, (params["layers"], cache))

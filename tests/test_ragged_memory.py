@@ -299,6 +299,10 @@ def test_bad_inputs(tiny_model):
     with pytest.raises(ValueError, match="cannot be compressed again"):
         jax.tree_util.tree_map(lambda x: x[0], c).attend(
             jnp.zeros((B, HQ, 1, D)), jnp.zeros((B, 1), jnp.int32), stats=AttentionStats(window=1))
+    # per-slot observations of a layer-wise cache whose layers differ in size
+    from models.llama import Observe, forward
+    with pytest.raises(ValueError, match="different sizes"):
+        forward(params, jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), 70, jnp.int32), lw, config, Observe(window=1))
     # chunk / decode schedules keep the padded stacked layout (they observe the cache again)
     assert Compression(AdaKV(), Budget(ratio=0.5), when="chunk").policy.ragged is False
     assert Compression(PyramidKV(), Budget(ratio=0.5), when="decode").policy.ragged is False
