@@ -126,3 +126,18 @@ def test_streaming_bad_options():
         streaming.init_streaming_cache("zipcache", CFG, 1, 32, interval=0)
     with pytest.raises(ValueError, match="bits"):
         streaming.init_streaming_cache("zipcache", CFG, 1, 32, lo_bits=3)
+
+
+def test_kivi_sink_through_generate_matches_8bit_dense_tokens():
+    """Registry `kivi2`/`kivi4` with sink=: runs inside generate with left padding; at 8 bits the
+    greedy tokens equal the dense cache's."""
+    from kvjax.generate import generate
+    from kvjax.quant import make_cache_init
+    from models.llama import init_params
+    params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
+    ids = [int(t) for t in np.asarray(jax.random.randint(jax.random.PRNGKey(1), (70,), 0, CFG.vocab_size))]
+    prompts = [ids, ids[:45]]
+    dense = generate(params, CFG, prompts, max_new_tokens=5, eos_ids=())
+    got = generate(params, CFG, prompts, max_new_tokens=5, eos_ids=(),
+                   cache_init=make_cache_init("kivi2", bits=8, residual=32, sink=4))
+    assert got.tokens == dense.tokens
