@@ -114,8 +114,9 @@ def test_bytes_accounting():
     assert bytes_per_token_head("kivi2", CFG) == 48.0
     assert bits_per_coordinate("kivi2", CFG) == 3.0
     assert bytes_per_token_head("rotatekv2", CFG) == 2 * (16 + 4)
+    assert bytes_per_token_head("kvquant4", CFG) == 2 * (32 + 2 * 1 * 3) + 4   # codes, 1+1 outliers (f16 + u8), offset/range
     for name in QUANT_CACHES:
-        if name.startswith(("kvquant", "kvtuner")):
+        if name == "kvtuner":
             continue
         b = bytes_per_token_head(name, CFG)
         assert 0 < b < 2 * 2 * CFG.head_dim, (name, b)  # below an fp16 cache

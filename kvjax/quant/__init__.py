@@ -43,13 +43,13 @@ class QuantSpec:
     allowed: tuple = ()
     requires: tuple = ()
 
-    def resolve(self, overrides: dict) -> dict:
+    def resolve(self, overrides: dict, check_required: bool = True) -> dict:
         unknown = sorted(set(overrides) - set(self.allowed))
         if unknown:
             raise ValueError(f"{self.name}: unknown option(s) {unknown}; allowed: {sorted(self.allowed)}")
         kw = dict(self.defaults)
         kw.update(overrides)
-        missing = [k for k in self.requires if kw.get(k) is None]
+        missing = [k for k in self.requires if kw.get(k) is None] if check_required else []
         if missing:
             raise ValueError(f"{self.name} needs {missing}: {_REQUIRE_HELP.get(self.method, '')}")
         return kw
@@ -195,7 +195,7 @@ def bytes_per_token_head(name: str, config, prompt_tokens: int = 1024, **overrid
     indices; fp residual windows and buffers excluded). GEAR's low-rank factors are amortised over
     `prompt_tokens`; ZipCache/MiKV count their per-token positions (int32)."""
     spec = _spec(name)
-    kw = spec.resolve({k: v for k, v in overrides.items()})
+    kw = spec.resolve(dict(overrides), check_required=spec.method != "kvquant")  # KVQuant: no calibration needed
     d = config.head_dim
     if spec.method == "kivi":
         from kvjax.quant import kivi
