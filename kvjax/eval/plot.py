@@ -17,8 +17,18 @@ def _num(x) -> float:
         return math.nan
 
 
+def _x(row: dict, context: float) -> float:
+    """The row's budget as a fraction of the context: the ratio budget when given (per-head/per-layer
+    policies report their largest allocation in `kept`), else kept / context."""
+    b = _num(row.get("budget"))
+    if 0 < b <= 1:
+        return b
+    kept = _num(row["kept"])
+    return kept / context if context == context else kept
+
+
 def plot_quality(rows: Sequence[dict], path, title: str = "") -> pathlib.Path:
-    """Write a PNG of KL / perplexity / needle log-prob against kept/context for every
+    """Write a PNG of KL / perplexity / needle log-prob against the kept fraction (budget) for every
     (policy, regime) series in `rows` (dicts with policy, regime, kept, kl, ppl, needle_logprob)."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
@@ -39,8 +49,7 @@ def plot_quality(rows: Sequence[dict], path, title: str = "") -> pathlib.Path:
     policies = sorted({p for p, _ in series})
     for ax, (key, label, log) in zip(axes, metrics):
         for (policy, regime), rs in sorted(series.items()):
-            pts = sorted((_num(r["kept"]) / context if context == context else _num(r["kept"]), _num(r[key]))
-                         for r in rs)
+            pts = sorted((_x(r, context), _num(r[key])) for r in rs)
             pts = [(x, y) for x, y in pts if not math.isnan(y) and (not log or y > 0)]
             if not pts:
                 continue
