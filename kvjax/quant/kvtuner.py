@@ -136,10 +136,10 @@ def simulated_kv(layer: SimKIVICache):
 
 
 def init_sim_cache(config, batch: int, capacity: int, tuner: KVTunerConfig) -> SimKIVICache:
-    if tuner.group <= 0 or config.head_dim % tuner.group:
-        raise ValueError(f"KVTuner group size {tuner.group} must be positive and divide head_dim={config.head_dim}")
     if len(tuner.layer_bits) != config.n_layers:
         raise ValueError(f"{len(tuner.layer_bits)} bit pairs for a model of {config.n_layers} layers")
+    if tuner.group <= 0 or config.head_dim % tuner.group:
+        raise ValueError(f"KVTuner group size {tuner.group} must be positive and divide head_dim={config.head_dim}")
     cap = kivi.quantized_capacity(capacity, tuner.group)
     dense = kvcache.init_cache(config.n_layers, batch, config.n_kv_heads, cap, config.head_dim)
     kb = jnp.asarray([p[0] for p in tuner.layer_bits], jnp.int32)
