@@ -34,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax.generate import forward_jit  # noqa: E402
-from kvjax.quant import packing, rotatekv  # noqa: E402
+from kvjax.quant import rotatekv  # noqa: E402
 from models.llama import Observe  # noqa: E402
 from models.rope import apply_rope  # noqa: E402
 from quant_quality import score_chunks  # noqa: E402

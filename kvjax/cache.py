@@ -27,6 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf of a pytree (what a cache of any type really allocates)."""
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -46,7 +51,7 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         """Bytes of every array this cache holds (what is really allocated)."""
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return tree_bytes(self)
 
     # The cache protocol the model uses (any cache type -- dense, quantized, ... -- provides these
     # on a single layer's slice): append new tokens, then attend new queries over the contents.

@@ -19,7 +19,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax import cache as kvcache
 
@@ -52,7 +51,7 @@ class LayerwiseCache:
         return self.positions >= 0
 
     def memory_bytes(self) -> int:
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return kvcache.tree_bytes(self)
 
     def resize(self, capacity: int) -> "LayerwiseCache":
         """Eager: every layer keeps its live tokens plus `room + capacity - self.capacity` free

@@ -70,7 +70,7 @@ class PackedCache:
         return self.positions >= 0
 
     def memory_bytes(self) -> int:
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return kvcache.tree_bytes(self)
 
     # --- cache protocol (one layer: keys [B, pool, d]) -----------------------------------------
     def append(self, keys: jax.Array, values: jax.Array, positions: jax.Array,

@@ -17,7 +17,6 @@ import json
 import math
 import pathlib
 import re
-import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np

@@ -25,7 +25,7 @@ to ~1.5K tokens with repetitive filler and the needle at depth >= 0.5, so the de
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

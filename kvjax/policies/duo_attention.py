@@ -91,7 +91,7 @@ class HeadSplitCache:
         return jnp.concatenate([pad(self.full.positions), pad(self.stream.positions)], axis=-2)
 
     def memory_bytes(self) -> int:
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return kvcache.tree_bytes(self)
 
     def append(self, keys, values, positions, keys_pre_rope=None) -> "HeadSplitCache":
         """keys, values [B, Hkv, new, d] (one layer) go to the row of their kv head."""

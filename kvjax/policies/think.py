@@ -85,7 +85,7 @@ class ThinKCache:
         return self.keys.shape[-2] + self.recent.capacity
 
     def memory_bytes(self) -> int:
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return kvcache.tree_bytes(self)
 
     def append(self, keys, values, positions, keys_pre_rope=None) -> "ThinKCache":
         """New tokens go full width into the recent part (`[B, Hkv, new, d]`)."""

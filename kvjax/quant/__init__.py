@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Callable
 
-import numpy as np
 
 __all__ = ["QuantSpec", "QUANT_CACHES", "make_cache_init", "bytes_per_token_head", "bits_per_coordinate",
            "quant_names"]

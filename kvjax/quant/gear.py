@@ -49,12 +49,12 @@ ratio outside [0, 0.5), prefill capacity not a multiple of n_b, NaN/inf keys or 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache import tree_bytes
 from kvjax.quant import packing
 
 GEAR_BITS = (2, 4, 8)
@@ -241,7 +241,7 @@ class GEARCache:
     def memory_bytes(self) -> int:
         """Bytes of every array held (codes, scales, outliers, low-rank factors, buffers, counters;
         the shared power-iteration start p0 included)."""
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return tree_bytes(self)
 
     @property
     def positions(self) -> jax.Array:

@@ -53,8 +53,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from kvjax.cache import tree_bytes
 from kvjax.quant import packing
 
 KIVI_BITS = (2, 4, 8)
@@ -204,9 +204,6 @@ def merge_resid(deq: jax.Array, resid: jax.Array, n_quant: jax.Array) -> jax.Arr
     return jnp.where((t < n_quant[..., None])[..., None], deq.astype(jnp.float32), from_resid)
 
 
-def _leaf_bytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
-
 
 # ----------------------------------------------------------------------------- the cache
 
@@ -250,11 +247,11 @@ class KIVICache:
 
     def memory_bytes(self) -> int:
         """Bytes of every array held: codes + scales + mins + residuals + lengths/offsets."""
-        return _leaf_bytes(self)
+        return tree_bytes(self)
 
     def quantized_bytes(self) -> int:
         """Bytes of codes + scales + mins only (the spec's per-token accounting)."""
-        return _leaf_bytes((self.k_codes, self.k_scale, self.k_min, self.v_codes, self.v_scale, self.v_min))
+        return tree_bytes((self.k_codes, self.k_scale, self.k_min, self.v_codes, self.v_scale, self.v_min))
 
     def append(self, keys: jax.Array, values: jax.Array, positions: jax.Array,
                keys_pre_rope: Optional[jax.Array] = None) -> "KIVICache":

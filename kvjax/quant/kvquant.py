@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.quant import packing
-from kvjax.quant.kivi import NO_POSITION, _leaf_bytes, slot_positions, update_pos_offset
+from kvjax.cache import tree_bytes
+from kvjax.quant.kivi import NO_POSITION, slot_positions, update_pos_offset
 
 KVQUANT_BITS = (2, 3, 4)
 
@@ -284,7 +285,7 @@ class KVQuantCache:
         return slot_positions(self.lengths, self.pos_offset, self.capacity)
 
     def memory_bytes(self) -> int:
-        return _leaf_bytes(self)
+        return tree_bytes(self)
 
     def append(self, keys, values, positions, keys_pre_rope=None) -> "KVQuantCache":
         """keys_pre_rope `[b, h, new, d]` is required (keys are quantized before RoPE)."""

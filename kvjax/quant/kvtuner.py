@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -37,7 +37,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax import cache as kvcache
 from kvjax.policies.base import Observation, ScoringPolicy

@@ -42,10 +42,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax.quant import packing
-from kvjax.quant.kivi import (NO_POSITION, _leaf_bytes, _scatter_rows, flush_blocks, merge_resid, slide_window,
+from kvjax.cache import tree_bytes
+from kvjax.quant.kivi import (NO_POSITION, _scatter_rows, flush_blocks, merge_resid, slide_window,
                               slot_positions, update_pos_offset)
 
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -176,7 +176,7 @@ class QJLCache:
 
     def memory_bytes(self) -> int:
         """Every array except the sketch (a per-layer constant regenerated from the seed)."""
-        return _leaf_bytes(self) - _leaf_bytes(self.sketch)
+        return tree_bytes(self) - tree_bytes(self.sketch)
 
     def append(self, keys, values, positions, keys_pre_rope=None) -> "QJLCache":
         return append(self, keys, values, positions)

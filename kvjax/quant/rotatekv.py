@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache import tree_bytes
 from kvjax.quant import packing
 
 ROTATEKV_BITS = (2, 4, 8)
@@ -181,7 +182,7 @@ class RotateKVCache:
 
     def memory_bytes(self) -> int:
         """Bytes of every array held: codes, scales, mins, fp sink tokens, counters."""
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return tree_bytes(self)
 
     @property
     def positions(self) -> jax.Array:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache import tree_bytes
 from kvjax.quant import packing
 
 ZIP_BITS = (2, 4, 8)
@@ -205,7 +206,7 @@ class MixedCache:
 
     def memory_bytes(self) -> int:
         """Bytes of every array held: codes, stats, per-round stats, positions, buffer, counters."""
-        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self)))
+        return tree_bytes(self)
 
     def append(self, keys, values, positions, keys_pre_rope=None) -> "MixedCache":
         """New post-RoPE keys and values `[batch, kv_heads, new, d]` enter the fp buffer (writes past
