@@ -43,6 +43,7 @@ G, R = 32, 128
 L2_BYTES = 50 * 2 ** 20
 SWEEP_AT = ["8x32768"]  # the config where the tuning sweep runs (--sweep-at; "all" = every config)
 KIVI_KW = [0, 0]  # --kivi-gps / --kivi-stages (0 = kernel default)
+KIVI_SWEEP = [(1, 4, 3), (2, 4, 2), (2, 4, 3), (1, 8, 2), (4, 4, 2)]  # --kivi-sweep gps:warps:stages,...
 
 
 def timed(fn, args_list, q, reps, trials=3):
@@ -93,12 +94,15 @@ def copy_bandwidth(n=20):
     y = jax.random.normal(jax.random.PRNGKey(8), (2 ** (31 - sh) // 2,), jnp.float32).astype(jnp.bfloat16)
     b = 2 * y.nbytes / best(jax.jit(lambda a: a + 1), y, 10)
     del y
+    w = jax.random.bits(jax.random.PRNGKey(10), (2 ** (31 - sh) // 4,), jnp.uint32)
+    u = 2 * w.nbytes / best(jax.jit(lambda a: a ^ 1), w, 10)
+    del w
     z = jax.random.normal(jax.random.PRNGKey(9), (2 ** (32 - sh) // 2,), jnp.float32).astype(jnp.bfloat16)
     c = z.nbytes / best(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), z, 10)
     del z
-    print(f"copy (read+write): chained 1 GiB {a / 1e12:.3f} TB/s, single 2 GiB {b / 1e12:.3f} TB/s; "
-          f"read-only sum 4 GiB {c / 1e12:.3f} TB/s", flush=True)
-    return max(a, b)
+    print(f"copy (read+write): chained 1 GiB {a / 1e12:.3f} TB/s, single 2 GiB bf16 {b / 1e12:.3f} TB/s, "
+          f"single 2 GiB uint32 xor {u / 1e12:.3f} TB/s; read-only sum 4 GiB {c / 1e12:.3f} TB/s", flush=True)
+    return max(a, b, u)
 
 
 def rand(key, shape, dtype):
@@ -243,8 +247,12 @@ def bench_config(b, t, bw, reps, rows, kinds):
         kw = {k: v for k, v in (("groups_per_step", KIVI_KW[0]), ("num_stages", KIVI_KW[1])) if v}
         add(f"ours_kivi{bits}", lambda q, *a, bits=bits: kivi_decode(q, *a, bits=bits, group_size=G, **kw),
             args_list, kbytes)
-        if sweep:
-            for gps, nw, ns in [(1, 4, 3), (8, 4, 2), (4, 8, 2), (4, 4, 2)]:
+        if "kivi_v1" in kinds:  # the previous kernel (int->float unpack), same inputs
+            from pallas_kernels.gpu.kivi_decode_v1 import kivi_decode as kivi_v1
+            add(f"kivi{bits}_v1", lambda q, *a, bits=bits: kivi_v1(q, *a, bits=bits, group_size=G, interpret=INTERPRET),
+                args_list, kbytes)
+        if sweep and (bits == 4 or "sweep2" in kinds):
+            for gps, nw, ns in KIVI_SWEEP:
                 add(f"kivi{bits}_gps{gps}_w{nw}_s{ns}", lambda q, *a, bits=bits, nw=nw, ns=ns, gps=gps: kivi_decode(
                     q, *a, bits=bits, group_size=G, num_warps=nw, num_stages=ns, groups_per_step=gps),
                     args_list, kbytes)
@@ -279,9 +287,13 @@ def main():
     ap.add_argument("--sweep-at", default="8x32768")
     ap.add_argument("--kivi-gps", type=int, default=0, help="KIVI groups_per_step (0: kernel default)")
     ap.add_argument("--kivi-stages", type=int, default=0, help="KIVI num_stages (0: kernel default)")
+    ap.add_argument("--kivi-sweep", default="", help="KIVI sweep points gps:warps:stages,... "
+                    "(kinds 'sweep' times them for 4-bit, 'sweep2' also for 2-bit)")
     a = ap.parse_args()
     SWEEP_AT[0] = a.sweep_at
     KIVI_KW[:] = [a.kivi_gps, a.kivi_stages]
+    if a.kivi_sweep:
+        KIVI_SWEEP[:] = [tuple(int(x) for x in item.split(":")) for item in a.kivi_sweep.split(",")]
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
     if not a.no_check:
         for name, e in check_all():
