@@ -1,7 +1,7 @@
 """Decode-attention benchmark (GPU): copy bandwidth, XLA reference, JAX Pallas baselines, our kernels.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/decode.py 2>&1 | tee log   # default set
-    PYTHONPATH=. python benchmarks/decode.py --kinds dense,kivi4,kivi2,sweep   # tuning sweep at 8x32768
+    PYTHONPATH=. python benchmarks/decode.py --kinds dense,kivi4,kivi2,sweep,dsweep   # tuning sweeps at 8x32768
     PYTHONPATH=. python benchmarks/decode.py --quick         # two shapes
     PYTHONPATH=. python benchmarks/decode.py --configs 8x32768,32x32768
 
@@ -226,7 +226,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
     if "dense" in kinds:
         add("ours_dense_bf16", lambda q, k, v: dense_decode(q, k, v, lens), caches, dense_bytes)
     sweep = "sweep" in kinds and SWEEP_AT[0] in ("all", f"{b}x{t}")
-    if sweep:
+    if sweep and "dsweep" in kinds:
         add("ours_dense_bf16 (again)", lambda q, k, v: dense_decode(q, k, v, lens), caches, dense_bytes)
         for bk, nw, ns in [(64, 4, 2), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 4)]:
             add(f"dense_bk{bk}_w{nw}_s{ns}",
