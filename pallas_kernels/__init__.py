@@ -64,7 +64,7 @@ def _dispatch(name):
         fn, is_kernel = resolve(name, impl, interpret)
         if is_kernel:
             return fn(*args, interpret=interpret, **kwargs)
-        keep = {"scale", "bits", "v_bits", "group_size"}
+        keep = {"scale", "bits", "v_bits", "group_size", "page_size", "lengths"}
         return fn(*args, **{k: v for k, v in kwargs.items() if k in keep})
     call.__name__ = name
     call.__doc__ = getattr(reference, name).__doc__

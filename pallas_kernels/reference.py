@@ -13,8 +13,8 @@ kv_heads` query heads of one kv-head sharing its keys and values):
 * `kivi_decode`    -- attention over a KIVI 2/4-bit cache (Liu et al., "KIVI: A Tuning-Free
                       Asymmetric 2bit Quantization for KV Cache", arXiv 2402.02750) in the packed
                       layout of `kvjax/quant/LAYOUT.md`, fp residual K/V segments included.
-* `sparse_decode`  -- attention over given token indices per (batch, kv-head) (Quest-style token
-                      sparse decode, Tang et al., arXiv 2406.10774).
+* `sparse_decode`  -- attention over given token or page indices per (batch, kv-head) (Quest-style
+                      token/page sparse decode, Tang et al., arXiv 2406.10774).
 * `qjl_scores`     -- QJL key-score estimator over packed sign-bit sketches (Zandieh et al.,
                       "QJL: 1-Bit Quantized JL Transform for KV Cache Quantization with Zero
                       Overhead", arXiv 2406.03482).
@@ -204,7 +204,7 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
 # ----------------------------------------------------------------------------- sparse
 
 
-def check_sparse(q, k, v, indices, counts):
+def check_sparse(q, k, v, indices, counts, lengths=None, page_size: int = 1):
     if k.ndim != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"k, v must be [batch, kv_heads, capacity, dim], got {k.shape}, {v.shape}")
     b, hkv, _, d = k.shape
@@ -213,27 +213,53 @@ def check_sparse(q, k, v, indices, counts):
         raise ValueError(f"indices must be [batch, kv_heads, n_selected], got {indices.shape}")
     if counts.shape != (b, hkv):
         raise ValueError(f"counts must be [batch, kv_heads]={(b, hkv)}, got {counts.shape}")
+    if lengths is not None and lengths.shape != (b, hkv):
+        raise ValueError(f"lengths must be [batch, kv_heads]={(b, hkv)}, got {lengths.shape}")
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
     return g
 
 
+def sparse_slots(indices, counts, lengths, page_size: int, capacity: int):
+    """Selected slots of every (batch, kv-head) and their validity.
+
+    indices [b, h, n] (token or page indices), counts [b, h], lengths [b, h] or None ->
+    (slots [b, h, n * page_size] int32 in [0, capacity), valid [b, h, n * page_size] bool).
+    An index is clamped to [0, cdiv(capacity, page_size)) first; page i covers slots
+    [i*P, (i+1)*P); a slot is valid when its index is among the first `counts` and
+    slot < min(capacity, lengths) (the part of a last page past the capacity is masked)."""
+    p = page_size
+    n_pages = -(-capacity // p)
+    page = jnp.clip(indices.astype(jnp.int32), 0, n_pages - 1)
+    slots = (page[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(*indices.shape[:2], -1)
+    pos = jnp.repeat(jnp.arange(indices.shape[2]), p)[None, None, :]
+    limit = jnp.full(counts.shape, capacity, jnp.int32) if lengths is None else \
+        jnp.minimum(lengths.astype(jnp.int32), capacity)
+    valid = (pos < counts[:, :, None]) & (slots < limit[:, :, None])
+    return jnp.minimum(slots, capacity - 1), valid
+
+
 def sparse_decode(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, counts: jax.Array,
-                  *, scale: float | None = None) -> jax.Array:
-    """Decode attention over selected tokens only.
+                  lengths: jax.Array | None = None, *, scale: float | None = None,
+                  page_size: int = 1) -> jax.Array:
+    """Decode attention over selected tokens (page_size 1) or selected pages only.
 
     q [batch, q_heads, head_dim]; k, v [batch, kv_heads, capacity, head_dim];
-    indices [batch, kv_heads, n_selected] int32 slot indices (each in [0, capacity));
-    counts [batch, kv_heads] int32: the first `counts` indices of a row are used, the rest ignored.
-    returns [batch, q_heads, head_dim] in q.dtype (zeros where counts == 0)."""
-    g = check_sparse(q, k, v, indices, counts)
+    indices [batch, kv_heads, n_selected] int32: slot indices (page_size 1) or page indices
+    (page i = slots [i*page_size, (i+1)*page_size), clipped to capacity); out-of-range indices
+    are clamped to [0, cdiv(capacity, page_size)); duplicates count twice;
+    counts [batch, kv_heads] int32: the first `counts` indices of a row are used, the rest ignored;
+    lengths: optional [batch, kv_heads] int32, slots >= lengths are masked (a live tail page).
+    returns [batch, q_heads, head_dim] in q.dtype (zeros where nothing is selected)."""
+    g = check_sparse(q, k, v, indices, counts, lengths, page_size)
     b, hkv, cap, d = k.shape
     scale = d ** -0.5 if scale is None else scale
-    idx = jnp.clip(indices, 0, cap - 1)
+    idx, valid = sparse_slots(indices, counts, lengths, page_size, cap)
     ks = jnp.take_along_axis(k, idx[..., None], axis=2)
     vs = jnp.take_along_axis(v, idx[..., None], axis=2)
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * scale
     logits = jnp.einsum("bhgd,bhsd->bhgs", qg, ks.astype(jnp.float32))
-    valid = (jnp.arange(indices.shape[2])[None, None, :] < counts[:, :, None])[:, :, None, :]
-    return _softmax_out(logits, valid, vs).reshape(b, g * hkv, -1).astype(q.dtype)
+    return _softmax_out(logits, valid[:, :, None, :], vs).reshape(b, g * hkv, -1).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- QJL

@@ -1,4 +1,4 @@
-"""Token-sparse decode attention (Pallas-Triton, GPU): attend only to selected slots.
+"""Token- and page-sparse decode attention (Pallas-Triton, GPU): attend only to selected slots.
 
 For Quest-style query-aware sparsity (Tang et al., "Quest: Query-Aware Sparsity for Efficient
 Long-Context LLM Inference", arXiv 2406.10774) and any token-level selection (TokenSelect,
@@ -7,9 +7,19 @@ kernel gathers the selected K/V rows inside the loop (no gathered copy in HBM) a
 same split-K online softmax as the dense kernel, so the time is proportional to the number of
 selected tokens, not to the cache capacity.
 
+Page mode (`page_size` P > 1; Quest pages, NSA blocks): `indices` are page indices, page i
+being slots [i*P, (i+1)*P) of the cache (the part past the capacity, or past the optional
+per-head `lengths`, is masked), and `counts` counts pages. For P >= 16 every loop step reads
+`block_k` slots as contiguous slices: `block_k // chunk` pages of `chunk = next_pow2(P)` rows
+each when P <= block_k (one `pl.ds` load and one tensor-core dot per page, one online-softmax
+update per step), or one `block_k`-row slice of a page when P > block_k. A slice that would run
+past the capacity is shifted back to end at it and the rows outside the page are masked, so no
+load leaves the cache. For 1 < P < 16 (below the smallest Triton dot) and with `row_gather=True`
+the rows of the selected pages are gathered one by one as in token mode. Split-K is over steps.
+
 Shapes: q [batch, q_heads, head_dim]; k, v [batch, kv_heads, capacity, head_dim];
 indices [batch, kv_heads, n_selected] int32; counts [batch, kv_heads] int32 (the first counts
-indices of a row are used) -> out [batch, q_heads, head_dim].
+indices of a row are used); lengths optional [batch, kv_heads] -> out [batch, q_heads, head_dim].
 """
 from __future__ import annotations
 
@@ -25,49 +35,117 @@ from pallas_kernels import reference
 from pallas_kernels.gpu import common
 
 
-def _kernel(q_ref, k_ref, v_ref, idx_ref, cnt_ref, o_ref, m_ref, l_ref, *, block_k: int,
-            num_splits: int):
-    split = pl.program_id(2)
-    count = cnt_ref[0]
+def _range(n_steps, num_splits):
+    """[lo, hi) of the loop steps of this program's split."""
+    per = pl.cdiv(n_steps, num_splits)
+    lo = pl.program_id(2) * per
+    return lo, jnp.minimum(lo + per, n_steps)
+
+
+def _init(gp, d):
+    return (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), common.NEG_INF, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+
+
+def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *, block_k: int,
+                 num_splits: int, page_size: int):
+    """Row gather: step j covers selected slots [j*block_k, (j+1)*block_k) of the row."""
+    count, limit = meta_ref[0], meta_ref[1]  # selected indices; min(capacity, lengths)
     cap = k_ref.shape[0]
-    n_blocks = pl.cdiv(count, block_k)
-    per = pl.cdiv(n_blocks, num_splits)
-    lo = split * per
-    hi = jnp.minimum(lo + per, n_blocks)
+    n = idx_ref.shape[0]
+    p = page_size
+    n_pages = pl.cdiv(cap, p)
+    lo, hi = _range(pl.cdiv(count * p, block_k), num_splits)
     q = q_ref[...]
-    gp, d = q.shape
 
     def body(j, carry):
         o, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
-        valid = start + lax.iota(jnp.int32, block_k) < count
-        rows = jnp.clip(idx_ref[pl.ds(start, block_k)], 0, cap - 1)
-        rows = jnp.where(valid, rows, 0)
+        t = start + lax.iota(jnp.int32, block_k)
+        if p == 1:
+            slot = jnp.clip(idx_ref[pl.ds(start, block_k)], 0, cap - 1)
+        else:  # slot t of the selection = offset t % P of page t // P
+            page = jnp.clip(idx_ref[jnp.minimum(t // p, n - 1)], 0, n_pages - 1)
+            slot = page * p + t % p
+        valid = (t < count * p) & (slot < limit)
+        rows = jnp.where(valid, slot, 0)
         kb = k_ref[rows, :]
         vb = v_ref[rows, :]
         s = plgpu.dot(q, kb, trans_b=True)
-        p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
+        p_, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         vb = jnp.where(valid[:, None], vb, jnp.zeros_like(vb))
-        o = alpha[:, None] * o + plgpu.dot(p.astype(vb.dtype), vb)
+        o = alpha[:, None] * o + plgpu.dot(p_.astype(vb.dtype), vb)
         return o, m, l
 
-    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), common.NEG_INF, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    o, m, l = lax.fori_loop(lo, hi, body, init)
+    o, m, l = lax.fori_loop(lo, hi, body, _init(*q.shape))
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
-def sparse_decode(q, k, v, indices, counts, *, scale: float | None = None, block_k: int = 32,
-                  num_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *, block_k: int,
+                  num_splits: int, page_size: int, chunk: int):
+    """Contiguous slices: a unit is `chunk` rows of one page (cpp units per page); a step is
+    block_k // chunk units, each one pl.ds load of K and V and one dot."""
+    count, limit = meta_ref[0], meta_ref[1]
+    cap = k_ref.shape[0]
+    n = idx_ref.shape[0]
+    p = page_size
+    n_pages = pl.cdiv(cap, p)
+    cpp = -(-p // chunk)
+    pps = block_k // chunk
+    units = count * cpp
+    lo, hi = _range(pl.cdiv(units, pps), num_splits)
+    q = q_ref[...]
+    r = lax.iota(jnp.int32, chunk)
+
+    def body(j, carry):
+        o, m, l = carry
+        ss, vbs, valids = [], [], []
+        for i in range(pps):
+            u = j * pps + i
+            page = jnp.clip(idx_ref[jnp.minimum(u // cpp, n - 1)], 0, n_pages - 1)
+            first = page * p + (u % cpp) * chunk  # first slot of the unit
+            last = jnp.minimum(jnp.minimum(first + chunk, page * p + p), limit)
+            last = jnp.where(u < units, last, first)
+            src = jnp.minimum(first, cap - chunk)  # stay inside the cache: shift back, mask
+            slot = src + r
+            valid = (slot >= first) & (slot < last)
+            kb = k_ref[pl.ds(src, chunk), :]
+            vbs.append(jnp.where(valid[:, None], v_ref[pl.ds(src, chunk), :], 0).astype(kb.dtype))
+            ss.append(jnp.where(valid[None, :], plgpu.dot(q, kb, trans_b=True), common.NEG_INF))
+            valids.append(valid)
+        m_new = m
+        for s in ss:
+            m_new = jnp.maximum(m_new, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        o = alpha[:, None] * o
+        l = alpha * l
+        for s, vb, valid in zip(ss, vbs, valids):
+            pr = jnp.where(valid[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
+            l = l + pr.sum(axis=1)
+            o = o + plgpu.dot(pr.astype(vb.dtype), vb)
+        return o, m_new, l
+
+    o, m, l = lax.fori_loop(lo, hi, body, _init(*q.shape))
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "page_size", "block_k", "num_splits",
+                                             "num_warps", "num_stages", "row_gather", "interpret"))
+def sparse_decode(q, k, v, indices, counts, lengths=None, *, scale: float | None = None,
+                  page_size: int = 1, block_k: int = 32, num_splits: int | None = None,
+                  num_warps: int = 4, num_stages: int = 3, row_gather: bool = False,
                   interpret: bool = False) -> jax.Array:
     """Gathering split-K decode; same contract as `pallas_kernels.reference.sparse_decode`.
 
-    Out-of-range indices are clamped to [0, capacity) (the reference does the same)."""
-    g = reference.check_sparse(q, k, v, indices, counts)
+    Out-of-range indices are clamped to [0, cdiv(capacity, page_size)) (the reference does the
+    same). block_k: selected slots per loop step (power of two >= 16); num_splits: split-K
+    programs per (batch, kv-head) (default ~2 waves); row_gather: page mode with per-row
+    gathers (the token-mode load) instead of contiguous page slices (always for page_size < 16)."""
+    g = reference.check_sparse(q, k, v, indices, counts, lengths, page_size)
     b, hkv, cap, d = k.shape
     if d & (d - 1) or d < 16:
         raise ValueError(f"head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
@@ -75,23 +153,36 @@ def sparse_decode(q, k, v, indices, counts, *, scale: float | None = None, block
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     scale = d ** -0.5 if scale is None else scale
     n = indices.shape[2]
-    if n % block_k:
-        indices = jnp.pad(indices, ((0, 0), (0, 0), (0, -n % block_k)))
-        n = indices.shape[2]
+    p = page_size
+    indices = indices.astype(jnp.int32)
+    limit = jnp.full((b, hkv), cap, jnp.int32) if lengths is None else \
+        jnp.clip(lengths.astype(jnp.int32), 0, cap)
+    meta = jnp.stack([jnp.clip(counts.astype(jnp.int32), 0, n), limit], axis=-1)
+    chunk = min(common.next_pow2(p), block_k)
+    if p == 1 or p < 16 or row_gather:
+        if n % block_k and p == 1:  # token mode loads block_k indices at once
+            indices = jnp.pad(indices, ((0, 0), (0, 0), (0, -n % block_k)))
+        n_steps = -(-n * p // block_k)
+        kernel = functools.partial(_rows_kernel, page_size=p)
+    else:
+        if cap < chunk:  # tiny cache: pad so that a slice of `chunk` rows fits
+            k = jnp.pad(k, ((0, 0), (0, 0), (0, chunk - cap), (0, 0)))
+            v = jnp.pad(v, ((0, 0), (0, 0), (0, chunk - cap), (0, 0)))
+        n_steps = -(-n * -(-p // chunk) // (block_k // chunk))
+        kernel = functools.partial(_pages_kernel, page_size=p, chunk=chunk)
+    cap_k, n_idx = k.shape[2], indices.shape[2]
     gp = common.padded_heads(g)
     qg = common.group_queries(q, hkv, scale, k.dtype, gp)
-    splits = common.choose_splits(b, hkv, n // block_k, num_splits)
-    cnt = jnp.clip(counts.astype(jnp.int32), 0, indices.shape[2])[:, :, None]
-    kernel = functools.partial(_kernel, block_k=block_k, num_splits=splits)
+    splits = common.choose_splits(b, hkv, max(1, n_steps), num_splits)
     o, m, l = pl.pallas_call(
-        kernel,
+        functools.partial(kernel, block_k=block_k, num_splits=splits),
         grid=(b, hkv, splits),
         in_specs=[
             pl.BlockSpec((None, None, gp, d), lambda i, h, s: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, cap, d), lambda i, h, s: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, cap, d), lambda i, h, s: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, n), lambda i, h, s: (i, h, 0)),
-            pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, cap_k, d), lambda i, h, s: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, cap_k, d), lambda i, h, s: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, n_idx), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, 2), lambda i, h, s: (i, h, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),
@@ -105,6 +196,6 @@ def sparse_decode(q, k, v, indices, counts, *, scale: float | None = None, block
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="kvjax_sparse_decode",
-    )(qg, k, v, indices.astype(jnp.int32), cnt)
+        name="kvjax_sparse_decode" if p == 1 else "kvjax_page_sparse_decode",
+    )(qg, k, v, indices, meta)
     return common.combine_splits(o, m, l, g).astype(q.dtype)
