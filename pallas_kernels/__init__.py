@@ -1,8 +1,9 @@
 """Pallas decode-attention kernels with backend dispatch.
 
 Every kernel has three implementations sharing one signature: the Pallas-Triton GPU kernel
-(`pallas_kernels.gpu.*`), the Pallas-Mosaic TPU kernel where one exists (`pallas_kernels.tpu.*`)
-and the pure-jnp reference (`pallas_kernels.reference`, the XLA path and the test oracle).
+(`pallas_kernels.gpu.*`), the Pallas-Mosaic TPU kernel (`pallas_kernels.tpu.*`; validated in TPU
+interpret mode and lowered to Mosaic on CPU, not yet run on a TPU) and the pure-jnp reference
+(`pallas_kernels.reference`, the XLA path and the test oracle).
 
     from pallas_kernels import dense_decode
     out = dense_decode(q, k, v, lengths)                      # GPU kernel on gpu, TPU kernel on tpu, XLA on cpu
