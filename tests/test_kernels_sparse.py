@@ -78,9 +78,9 @@ def test_gpu_sparse_pages_match_numpy(p, g, block_k, kw):
     _check(gpu_sparse(*args, page_size=p, block_k=block_k, interpret=True, **kw), want, g)
 
 
-# token rows; 4 pages per step (P | block_k); a page over three steps (48 = 16+16+16);
+# token rows; 4 pages per step (P | block_k); a page over three steps (40 = 16+16+8);
 # P not dividing block_k (24 of 32 buffer rows used)
-@pytest.mark.parametrize("p,g,block_k", [(1, 4, 8), (16, 1, 64), (48, 3, 16), (24, 4, 32)])
+@pytest.mark.parametrize("p,g,block_k", [(1, 4, 8), (16, 1, 64), (40, 3, 16), (24, 4, 32)])
 def test_tpu_sparse_pages_match_numpy(p, g, block_k):
     args, want = _case(g, p)
     _check(tpu_sparse(*args, page_size=p, block_k=block_k, interpret=True), want, g)
@@ -131,3 +131,16 @@ def test_page_mode_lowers_to_triton():
                 pytest.skip("this jax cannot lower for cuda without a GPU device (jax >= 0.11)")
             raise
         assert "kvjax_page_sparse_decode" in text and "triton" in text.lower()
+
+
+def test_tpu_page_mode_lowers_to_mosaic():
+    """Mosaic lowering (jaxpr -> Mosaic MLIR, no TPU needed) of page and token mode with lengths."""
+    q = jnp.zeros((2, 8, 128), jnp.bfloat16)
+    k = jnp.zeros((2, 2, 1000, 128), jnp.bfloat16)
+    idx = jnp.zeros((2, 2, 24), jnp.int32)
+    cnt = jnp.full((2, 2), 20, jnp.int32)
+    for kw in ({"page_size": 16, "block_k": 64}, {"page_size": 40, "block_k": 16}, {}):
+        fn = lambda *a, kw=kw: tpu_sparse(*a, **kw)  # noqa: E731
+        text = jax.jit(fn).trace(q, k, k, idx, cnt, cnt * 16).lower(
+            lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in text

@@ -65,8 +65,8 @@ def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *,
         if p == 1:
             slot = jnp.clip(idx_ref[pl.ds(start, block_k)], 0, cap - 1)
         else:  # slot t of the selection = offset t % P of page t // P
-            page = jnp.clip(idx_ref[jnp.minimum(t // p, n - 1)], 0, n_pages - 1)
-            slot = page * p + t % p
+            page = jnp.clip(idx_ref[jnp.minimum(lax.div(t, p), n - 1)], 0, n_pages - 1)
+            slot = page * p + lax.rem(t, p)
         valid = (t < count * p) & (slot < limit)
         rows = jnp.where(valid, slot, 0)
         kb = k_ref[rows, :]
@@ -104,8 +104,9 @@ def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *
         ss, vbs, valids = [], [], []
         for i in range(pps):
             u = j * pps + i
-            page = jnp.clip(idx_ref[jnp.minimum(u // cpp, n - 1)], 0, n_pages - 1)
-            first = page * p + (u % cpp) * chunk  # first slot of the unit
+            pos, part = (u, 0) if cpp == 1 else (lax.div(u, cpp), lax.rem(u, cpp))
+            page = jnp.clip(idx_ref[jnp.minimum(pos, n - 1)], 0, n_pages - 1)
+            first = page * p + part * chunk  # first slot of the unit
             last = jnp.minimum(jnp.minimum(first + chunk, page * p + p), limit)
             last = jnp.where(u < units, last, first)
             src = jnp.minimum(first, cap - chunk)  # stay inside the cache: shift back, mask

@@ -49,8 +49,9 @@ def _kernel(idx_ref, meta_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sem, *, b
     def unit(j, i):
         """DMA source start of unit i of step j and the buffer rows [a, z) it makes valid."""
         u = j * pps + i
-        page = jnp.clip(idx_ref[b, h, jnp.minimum(u // cpp, n - 1)], 0, n_pages - 1)
-        first = page * p + (u % cpp) * chunk
+        pos, part = (u, 0) if cpp == 1 else (lax.div(u, cpp), lax.rem(u, cpp))
+        page = jnp.clip(idx_ref[b, h, jnp.minimum(pos, n - 1)], 0, n_pages - 1)
+        first = page * p + part * chunk
         last = jnp.minimum(jnp.minimum(first + chunk, page * p + p), limit)
         last = jnp.where(u < units, last, first)
         src = jnp.minimum(first, cap - chunk)  # shifted back so the copy stays in the cache
