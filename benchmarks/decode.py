@@ -43,7 +43,8 @@ G, R = 32, 128
 L2_BYTES = 50 * 2 ** 20
 SWEEP_AT = ["8x32768"]  # the config where the tuning sweep runs (--sweep-at; "all" = every config)
 KIVI_KW = [0, 0]  # --kivi-gps / --kivi-stages (0 = kernel default)
-KIVI_SWEEP = [(1, 4, 3), (2, 4, 2), (2, 4, 3), (1, 8, 2), (4, 4, 2)]  # --kivi-sweep gps:warps:stages,...
+SPARSE = [(8, 16), [(16, 32), (16, 64), (16, 128), (64, 64)]]  # --sparse-fracs, --pages P:block_k,...
+KIVI_SWEEP = [(4, 4, 3), (4, 8, 2), (8, 4, 2), (8, 8, 3), (4, 4, 4)]  # --kivi-sweep tile_groups:warps:stages,...
 
 
 def timed(fn, args_list, q, reps, trials=3):
@@ -158,6 +159,10 @@ def check_all():
     idx = jax.random.randint(k4, (b, HKV, 256), 0, t)
     cnt = jnp.minimum(lens, 256)
     res.append(("sparse", relerr(sparse_decode(q, k, v, idx, cnt), reference.sparse_decode(q, k, v, idx, cnt))))
+    pidx = jax.random.randint(k4, (b, HKV, 16), 0, t // 16 + 2)  # a few past the end: clamped
+    pcnt = jnp.minimum(lens // 8, 16)
+    res.append(("sparse_p16", relerr(sparse_decode(q, k, v, pidx, pcnt, lens, page_size=16),
+                                     reference.sparse_decode(q, k, v, pidx, pcnt, lens, page_size=16))))
     qa = make_qjl(k3, b, t)
     got = qjl_scores(q, *qa, lens)
     want = reference.qjl_scores(q, *qa, lens)
@@ -244,7 +249,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
         args_list = [[a[n] for n in KIVI_ORDER] + [kl, vl, tl] for a in arrs]
         # bytes read: all codes/scales/mins + the live residual rows (V window R, K tail 0 here)
         kbytes = nbytes(*[arrs[0][n] for n in KIVI_ORDER[:6]]) + b * HKV * R * D * 2
-        kw = {k: v for k, v in (("groups_per_step", KIVI_KW[0]), ("num_stages", KIVI_KW[1])) if v}
+        kw = {k: v for k, v in (("tile_groups", KIVI_KW[0]), ("num_stages", KIVI_KW[1])) if v}
         add(f"ours_kivi{bits}", lambda q, *a, bits=bits: kivi_decode(q, *a, bits=bits, group_size=G, **kw),
             args_list, kbytes)
         if "kivi_v1" in kinds:  # the previous kernel (int->float unpack), same inputs
@@ -254,11 +259,11 @@ def bench_config(b, t, bw, reps, rows, kinds):
         if sweep and (bits == 4 or "sweep2" in kinds):
             for gps, nw, ns in KIVI_SWEEP:
                 add(f"kivi{bits}_gps{gps}_w{nw}_s{ns}", lambda q, *a, bits=bits, nw=nw, ns=ns, gps=gps: kivi_decode(
-                    q, *a, bits=bits, group_size=G, num_warps=nw, num_stages=ns, groups_per_step=gps),
+                    q, *a, bits=bits, group_size=G, num_warps=nw, num_stages=ns, tile_groups=gps),
                     args_list, kbytes)
         del arrs, args_list
     if "sparse" in kinds:
-        for frac in (8, 16):  # 1/16 of 32K = 2K selected (the sparse target)
+        for frac in SPARSE[0]:  # 1/16 of 32K = 2K selected (the sparse target)
             n = t // frac
             caches = [(rand(jax.random.fold_in(kk, c), (b, HKV, t, D), jnp.bfloat16),
                        rand(jax.random.fold_in(kv, c), (b, HKV, t, D), jnp.bfloat16))
@@ -268,6 +273,15 @@ def bench_config(b, t, bw, reps, rows, kinds):
             cnt = jnp.full((b, HKV), n, jnp.int32)
             add(f"ours_sparse_1/{frac}", lambda q, k, v: sparse_decode(q, k, v, idx, cnt),
                 caches, b * HKV * n * (D * 2 * 2 + 4))
+            for P, bk in SPARSE[1]:  # page mode, page_size P, block_k
+                npg = n // P
+                pidx = jnp.sort(jax.random.permutation(kv, t // P)[:npg]).astype(jnp.int32)
+                pidx = jnp.broadcast_to(pidx, (b, HKV, npg))
+                pcnt = jnp.full((b, HKV), npg, jnp.int32)
+                add(f"ours_sparse_p{P}_bk{bk}_1/{frac}",
+                    lambda q, k, v, pidx=pidx, pcnt=pcnt, P=P, bk=bk: sparse_decode(
+                        q, k, v, pidx, pcnt, page_size=P, block_k=bk),
+                    caches, b * HKV * (n * D * 2 * 2 + npg * 4))
             del caches
     if "qjl" in kinds:
         qa = [make_qjl(jax.random.fold_in(kk, 200 + c), b, t) for c in range(copies)]
@@ -285,11 +299,15 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (interpret mode)")
     ap.add_argument("--sweep-at", default="8x32768")
-    ap.add_argument("--kivi-gps", type=int, default=0, help="KIVI groups_per_step (0: kernel default)")
+    ap.add_argument("--kivi-gps", type=int, default=0, help="KIVI tile_groups (0: kernel default)")
     ap.add_argument("--kivi-stages", type=int, default=0, help="KIVI num_stages (0: kernel default)")
     ap.add_argument("--kivi-sweep", default="", help="KIVI sweep points gps:warps:stages,... "
                     "(kinds 'sweep' times them for 4-bit, 'sweep2' also for 2-bit)")
+    ap.add_argument("--sparse-fracs", default="8,16", help="selected fraction denominators")
+    ap.add_argument("--pages", default="16:32,16:64,16:128,64:64", help="page mode page_size:block_k,...")
     a = ap.parse_args()
+    SPARSE[0] = tuple(int(x) for x in a.sparse_fracs.split(","))
+    SPARSE[1] = [tuple(int(x) for x in it.split(":")) for it in a.pages.split(",") if it]
     SWEEP_AT[0] = a.sweep_at
     KIVI_KW[:] = [a.kivi_gps, a.kivi_stages]
     if a.kivi_sweep:
@@ -317,7 +335,7 @@ def main():
         if (b, t) in dense and name.startswith("ours_") and name != "ours_dense_bf16":
             sp = dense[(b, t)] / us
             extra = ""
-            if name.startswith("ours_sparse_1/"):
+            if name.startswith("ours_sparse") and "_1/" in name:
                 ideal = int(name.rsplit("/", 1)[1])
                 extra = f" = {sp / ideal:.2f} of the ideal {ideal}x"
             print(f"  b={b} t={t} {name}: {sp:.2f}x{extra}")
