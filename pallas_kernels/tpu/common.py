@@ -1,4 +1,4 @@
-"""Shared pieces of the Pallas-Mosaic (TPU) kernels: float16 operands as raw bits.
+"""Shared pieces of the Pallas-Mosaic (TPU) kernels: interpret settings, float16 operands as raw bits.
 
 The KIVI scales/mins and the QJL norms are float16 in the cache (kvjax/quant/LAYOUT.md). Mosaic's
 float16 support depends on the TPU generation, so the kernels never see a float16 array: the
@@ -11,6 +11,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import tpu as pltpu
+
+
+def interpret_params(interpret):
+    """`interpret` of a kernel wrapper -> pallas_call's: False (compile for TPU), True (TPU
+    interpret mode with default settings) or a `pltpu.InterpretParams` (e.g. detect_races=True)."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    return pltpu.InterpretParams() if interpret else False
 
 
 def as_kernel_operand(x: jax.Array) -> tuple[jax.Array, bool]:

@@ -15,7 +15,7 @@ Dequantisation: the block is dequantised in VMEM, one planar bit-field at a time
 packed bytes is the contiguous channel range [i*P, (i+1)*P), P = bytes per row, so no lane
 shuffles or concatenations are needed): codes = (bytes >> bits*i) & mask on int32, k_hat =
 codes * k_scale + k_min with the block's per-channel key scales repeated over their G tokens
-(a [block_k, block_k/G] 0/1 matmul at HIGHEST precision, exact),
+(sublane broadcasts),
 v_hat = codes * v_scale + v_min with the per-token value scales broadcast over their G-channel
 lanes; then s += q_field . k_hat_field^T and o_field += p . v_hat_field (MXU). Dequantising costs
 one multiply-add per element on the VPU, the same order as the unpacking itself, and keeps every
@@ -108,11 +108,11 @@ def _kernel(kl_ref, vl_ref, len_ref, st_ref, q_ref, kr_ref, vr_ref,
             out = jnp.where(lane >= gi * gs - i * pv, x[:, gi:gi + 1], out)
         return out
 
-    # repeats the block's per-group key stats over their G tokens on the MXU: [bk, bk/G] 0/1
-    rows = lax.broadcasted_iota(jnp.int32, (bk, ngb), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (bk, ngb), 1) * gs
-    expand = ((rows >= cols) & (rows < cols + gs)).astype(jnp.float32)
-    rep = lambda x: jnp.dot(expand, x, precision=_HI, preferred_element_type=jnp.float32)
+    def rep(x):
+        """Per-group key stats x [bk/G, d] -> [bk, d]: row gi repeated over its G tokens
+        (sublane broadcasts stacked at multiples of G, tile-aligned for G % 8 == 0)."""
+        parts = [jnp.broadcast_to(x[gi:gi + 1], (gs, d)) for gi in range(ngb)]
+        return parts[0] if ngb == 1 else jnp.concatenate(parts, axis=0)
 
     def body(j, carry, mixed: bool):
         o, w, m, l = carry
@@ -191,7 +191,7 @@ def _kernel(kl_ref, vl_ref, len_ref, st_ref, q_ref, kr_ref, vr_ref,
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
                 v_bits: int | None = None, scale: float | None = None, block_k: int = 256,
-                interpret: bool = False) -> jax.Array:
+                interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     """Double-buffered KIVI decode; same contract as `reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
@@ -248,7 +248,7 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, hkv, g, d), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=common.interpret_params(interpret),
         name=f"kvjax_kivi_k{bits}v{v_bits}_decode_tpu",
     )(kl, vl, lens, st, qg, k_resid, v_resid, k_codes, k_scale, k_min, v_codes, v_scale, v_min)
     return out.reshape(b, hkv * g, d)

@@ -120,7 +120,7 @@ def _kernel(len_ref, q_ref, qt_ref, s_in_ref, s_out_ref, si_ref, so_ref, kn_ref,
 @functools.partial(jax.jit, static_argnames=("group_size", "block_t", "interpret"))
 def qjl_scores(q, key_signs, key_out_signs, key_norms, key_out_norms, outlier_idx, sketch,
                lengths, *, group_size: int = 32, block_t: int = 256,
-               interpret: bool = False) -> jax.Array:
+               interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     """QJL scores; same contract as `reference.qjl_scores`.
 
     block_t: tokens per grid step (rounded down to a whole number of G-token groups dividing
@@ -176,7 +176,7 @@ def qjl_scores(q, key_signs, key_out_signs, key_norms, key_out_norms, outlier_id
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, hkv, g, cap), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=common.interpret_params(interpret),
         name="kvjax_qjl_scores_tpu",
     )(lens, qg, qt, s_in, s_out, key_signs, key_out_signs, kn, kon, outlier_idx.astype(jnp.int32))
     return out.reshape(b, hkv * g, cap)
