@@ -190,13 +190,15 @@ def _kernel(kl_ref, vl_ref, len_ref, st_ref, q_ref, kr_ref, vr_ref,
                                              "interpret"))
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
-                v_bits: int | None = None, scale: float | None = None, block_k: int = 256,
+                v_bits: int | None = None, scale: float | None = None, block_k: int | None = None,
                 interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     """Double-buffered KIVI decode; same contract as `reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
     block_k: tokens per DMA block, a multiple of 32 and of group_size; capacity_q is padded to a
-    multiple of it if needed (a copy -- allocate capacity_q as a multiple of block_k)."""
+    multiple of it if needed (a copy -- allocate capacity_q as a multiple of block_k). Default
+    (None): the largest such multiple <= 256 dividing capacity_q (rounded up to one), so a cache
+    whose capacity_q is a multiple of lcm(32, G) is never copied."""
     g = reference.check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid,
                              v_resid, k_len, v_len, lengths, bits, group_size, v_bits)
     v_bits = bits if v_bits is None else v_bits
@@ -204,10 +206,13 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     r, d = k_resid.shape[2], k_resid.shape[3]
     gs = group_size
     unit = 32 * gs // math.gcd(32, gs)                   # uint8 sublane tile and whole groups
+    cap_u = -(-capq // unit) * unit
+    if block_k is None:
+        block_k = next(n * unit for n in range(max(256 // unit, 1), 0, -1) if cap_u % (n * unit) == 0)
     if block_k <= 0 or block_k % unit:
         raise ValueError(f"block_k must be a positive multiple of 32 and of group_size={gs}, got {block_k}")
     scale = d ** -0.5 if scale is None else scale
-    bk = min(block_k, -(-capq // unit) * unit)
+    bk = min(block_k, cap_u)
     pad = -capq % bk
     if pad:
         padt = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n), (0, 0)))
