@@ -19,8 +19,8 @@ operands) and runs few, large tensor-core dots, like the bf16 kernel:
       A[(i, r), c] = fp16(q[r, c] * k_scale[group i, c])          [n*gq, d]
       S = A . (1024 + code)^T                                      [n*gq, T]   (one dot per bit field)
       s[r, t] = S[(group(t), r), t] + sum_c (q[r, c] k_min[group(t), c] - 1024 A[(group(t), r), c])
-* Values: the per-token scales of the value groups of a bit field are folded into copies of p,
-  stacked the same way:  B[(i, r), t] = fp16(p[r, t] * v_scale[t, group i]);
+* Values: the per-token scales of the d/G value groups are folded into copies of p, stacked
+  the same way (once per tile, shared by the bit fields):  B[(i, r), t] = fp16(p[r, t] * v_scale[t, group i]);
       o[r, c] += (B . (1024 + code))[(group(c), r), c] + sum_t (p[r, t] v_min[t, group(c)] - 1024 B[(group(c), r), t]).
   The accumulators are one [gq, P] tile per bit field (channels fP .. fP+P-1).
 
@@ -70,6 +70,7 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
     n_kf, gq, pk = qf_ref.shape          # key bit fields, padded GQA rows, bytes per key row
     n_vf, _, pv = o_ref.shape            # value bit fields, bytes per value row
     rep = qrep_ref.shape[0] // gq
+    n_vg = vs_ref.shape[1]               # value groups per row (d / G)
     r = kr_ref.shape[0]
     capq = kc_ref.shape[0]
     tile = n_tile * group
@@ -108,22 +109,24 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
         return _select(s.reshape(rep, gq, tile), jnp.zeros((tile,), jnp.int32))
 
     def value_quant(acc, p, rows):
-        """acc[f] += p . v_hat over quantised values of rows (p already masked)."""
+        """acc[f] += p . v_hat over quantised values of rows (p already masked). The per-token
+        scales of all d/G value groups are folded into one stacked copy of p per tile."""
         codes = vc_ref[rows, :]                                            # [tile, P] u8
+        if v_slots == n_vg:
+            sc, mn = vs_ref[rows, :], vm_ref[rows, :]                      # [tile, d/G]
+        else:  # fewer value groups than the 16 dot rows need: repeat the last group
+            rv = rows.start + lax.iota(jnp.int32, tile) if isinstance(rows, pl.Slice) else rows
+            gids = jnp.minimum(lax.iota(jnp.int32, v_slots), n_vg - 1)
+            sc, mn = vs_ref[rv[:, None], gids[None, :]], vm_ref[rv[:, None], gids[None, :]]
+        sc, mn = sc.astype(f32).T, mn.astype(f32).T                        # [slots, tile]
+        b = (p[None, :, :] * sc[:, None, :]).astype(f16)                  # [slots, gq, tile]
+        bias = (p[None, :, :] * mn[:, None, :] - 1024.0 * b.astype(f32)).sum(axis=2)
+        b = b.reshape(v_slots * gq, tile)
         out = []
         for f in range(n_vf):
-            g0 = (f * pv) // group
-            n_in = max(1, pv // group)          # value groups inside field f
-            gids = g0 + jnp.minimum(lax.iota(jnp.int32, v_slots), n_in - 1)
-            rv = rows.start + lax.iota(jnp.int32, tile) if isinstance(rows, pl.Slice) else rows
-            sc = vs_ref[rv[:, None], gids[None, :]].astype(f32).T          # [slots, tile]
-            mn = vm_ref[rv[:, None], gids[None, :]].astype(f32).T
-            b = (p[None, :, :] * sc[:, None, :]).astype(f16)              # [slots, gq, tile]
-            bias = (p[None, :, :] * mn[:, None, :] - 1024.0 * b.astype(f32)).sum(axis=2)
-            o = plgpu.dot(b.reshape(v_slots * gq, tile), _magic(codes, f * v_bits, v_bits))
+            o = plgpu.dot(b, _magic(codes, f * v_bits, v_bits))             # [slots*gq, P]
             o3 = o.reshape(v_slots, gq, pv) + bias[:, :, None]
-            col_slot = (f * pv + lax.iota(jnp.int32, pv)) // group - g0
-            out.append(acc[f] + _select(o3, col_slot))
+            out.append(acc[f] + _select(o3, (f * pv + lax.iota(jnp.int32, pv)) // group))
         return tuple(out)
 
     def value_resid(acc, p, t, mask):
@@ -225,7 +228,7 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
         v_scale, v_min = padt(v_scale, pad), padt(v_min, pad)
         k_scale, k_min = padt(k_scale, pad // group_size), padt(k_min, pad // group_size)
         capq = n_tile * group_size
-    v_slots = max(max(1, pv // group_size), 16 // gq)
+    v_slots = max(d // group_size, 16 // gq)
     rep = max(1, 16 // gq)
     scale = d ** -0.5 if scale is None else scale
     qg = common.group_queries(q, hkv, scale, jnp.float32, gq)                # [b, h, gq, d]
