@@ -78,6 +78,13 @@ def test_tpu_kivi_matches_numpy(kb, vb, g, dtype):
     lengths = np.array([[0, 1], [45, 93], [70, 16]])
     starts = np.array([[0, 0], [5, 85], [40, 3]], np.int32)   # 85: inside the fp key tail
     arr, kt, vt = make_kivi(rng, b, hkv, d, kb, gs, r, capq, lengths, dtype_np=dtype, v_bits=vb)
+    for i in range(b):   # dead slots hold garbage: NaN / inf stats and residual rows
+        for h in range(hkv):
+            kl, vl, n = arr["k_len"][i, h], arr["v_len"][i, h], lengths[i, h]
+            arr["k_scale"][i, h, kl // gs:] = np.nan
+            arr["v_min"][i, h, vl:] = np.inf
+            arr["k_resid"][i, h, n - kl:] = np.nan
+            arr["v_resid"][i, h, n - vl:] = np.nan
     q = jnp.asarray(rng.standard_normal((b, hkv * g, d)), dtype)
     got = tpu_kivi(q, *[jnp.asarray(arr[n]) for n in KIVI_NAMES], jnp.asarray(starts), bits=kb,
                    v_bits=vb, group_size=gs, block_k=32, interpret=True)
@@ -101,10 +108,13 @@ def test_tpu_kivi_general_k_len_v_len():
     arr, kt, vt = make_kivi(rng, 1, hkv, d, 4, gs, 8, capq, np.full((1, hkv), capq), v_bits=2)
     k_len = np.array([[20, 45, 3, 64]], np.int32)
     v_len = np.array([[45, 20, 13, 40]], np.int32)
-    lengths = np.array([[44, 44, 27, 64]], np.int32)
+    lengths = np.array([[40, 44, 27, 64]], np.int32)
     starts = np.array([[2, 0, 0, 33]], np.int32)
     k_res = rng.standard_normal((1, hkv, r, d)).astype(np.float32)
     v_res = rng.standard_normal((1, hkv, r, d)).astype(np.float32)
+    for h in range(hkv):   # residual rows past the live tail hold garbage
+        k_res[0, h, max(lengths[0, h] - k_len[0, h], 0):] = np.nan
+        v_res[0, h, max(lengths[0, h] - v_len[0, h], 0):] = np.nan
     arr.update(k_len=k_len, v_len=v_len, lengths=lengths, k_resid=k_res, v_resid=v_res)
     q = rng.standard_normal((1, hkv * g, d)).astype(np.float32)
     got = np.asarray(pallas_kernels.kivi_decode(     # through the dispatcher
@@ -150,6 +160,9 @@ def test_tpu_qjl_matches_numpy(g):
     arr["outlier_idx"][1, 0, 1, 2] = arr["outlier_idx"][1, 0, 1, 0]   # repeated index = one channel
     q = rng.standard_normal((b, hkv * g, d)).astype(np.float32)
     lengths = np.array([[0, 1], [33, 64]], np.int32)
+    for i in range(b):   # dead slots hold garbage
+        for h in range(hkv):
+            arr["key_norms"][i, h, lengths[i, h]:] = np.nan
     got = np.asarray(tpu_qjl(jnp.asarray(q), *[jnp.asarray(arr[n]) for n in QJL_NAMES],
                              jnp.asarray(lengths), group_size=gs, block_t=32, interpret=True))
     assert got.shape == (b, hkv * g, cap) and got.dtype == np.float32

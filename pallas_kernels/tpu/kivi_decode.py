@@ -85,9 +85,11 @@ def _kernel(kl_ref, vl_ref, len_ref, st_ref, q_ref, kr_ref, vr_ref,
         for c in copies(b0, 0):
             c.start()
 
-    # fp key tail: logits of all R residual rows, computed once per head
+    # fp key tail: logits of the R residual rows, computed once per head (rows past the live
+    # tail are zeroed: they meet the 0/1 selection matmuls, where 0 * garbage could be NaN)
     s_res = lax.dot_general(q, kr_ref[...].astype(jnp.float32), _NT,
                             preferred_element_type=jnp.float32)          # [g, R]
+    s_res = jnp.where(lax.broadcasted_iota(jnp.int32, (1, r), 1) < length - k_len, s_res, 0.0)
 
     def online(s, valid, m, l):
         s = jnp.where(valid, s, NEG_INF)
@@ -154,7 +156,7 @@ def _kernel(kl_ref, vl_ref, len_ref, st_ref, q_ref, kr_ref, vr_ref,
         o_new = []
         for i in range(8 // v_bits):
             v_hat = field(vc, i, v_bits) * value_lanes(vs, i) + value_lanes(vm, i)
-            v_hat = jnp.where(vq_col, v_hat, 0.0)          # stale/garbage rows never meet p = 0
+            v_hat = jnp.where(vq_col, v_hat, 0.0)    # masked rows may hold garbage: 0 * inf = NaN
             o_new.append(alpha * o[i] + jnp.dot(p_q, v_hat, preferred_element_type=jnp.float32))
         w = alpha * w
         if mixed:  # tokens whose value is in the fp window: weight on v_resid row t - v_len
