@@ -155,16 +155,16 @@ def test_tpu_qjl_matches_numpy(g):
     from pallas_kernels.reference import NEG_INF
     from pallas_kernels.tpu.qjl_scores import qjl_scores as tpu_qjl
     rng = np.random.default_rng(g)
-    b, hkv, cap, d, m, m_out, gs, n_out = 2, 2, 64, 32, 64, 32, 16, 4
+    b, hkv, cap, d, m, m_out, gs, n_out = 2, 2, 256, 32, 64, 32, 16, 4   # 2 blocks of 128
     arr, _, s, si, so = make_qjl(rng, b, hkv, cap, d, m, m_out, gs, n_out)
     arr["outlier_idx"][1, 0, 1, 2] = arr["outlier_idx"][1, 0, 1, 0]   # repeated index = one channel
     q = rng.standard_normal((b, hkv * g, d)).astype(np.float32)
-    lengths = np.array([[0, 1], [33, 64]], np.int32)
+    lengths = np.array([[0, 1], [133, 256]], np.int32)
     for i in range(b):   # dead slots hold garbage
         for h in range(hkv):
             arr["key_norms"][i, h, lengths[i, h]:] = np.nan
     got = np.asarray(tpu_qjl(jnp.asarray(q), *[jnp.asarray(arr[n]) for n in QJL_NAMES],
-                             jnp.asarray(lengths), group_size=gs, block_t=32, interpret=True))
+                             jnp.asarray(lengths), group_size=gs, block_t=128, interpret=True))
     assert got.shape == (b, hkv * g, cap) and got.dtype == np.float32
     norms, onorms = arr["key_norms"].astype(np.float64), arr["key_out_norms"].astype(np.float64)
     for i in range(b):

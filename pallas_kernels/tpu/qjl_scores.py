@@ -22,7 +22,7 @@ in the block are stacked into one [groups * gp, m] operand (rows S[c, :] gathere
 sublane loads with the outlier indices, which come in per block through SMEM), dotted against
 the whole block's signs, and each token keeps the row-block of its own group (a select and a sum
 over groups, no lane shuffles). The outputs of the g real heads are written lane-dense
-([g, block_t] per step, block_t a multiple of 128 where the capacity allows). float16 norms
+([g, block_t] per step, block_t a multiple of 128 or the whole capacity). float16 norms
 travel as int16 bits (see `tpu.common`).
 
 Not measured on a TPU (none available when written); validated in TPU interpret mode only.
@@ -123,8 +123,9 @@ def qjl_scores(q, key_signs, key_out_signs, key_norms, key_out_norms, outlier_id
                interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     """QJL scores; same contract as `reference.qjl_scores`.
 
-    block_t: tokens per grid step (rounded down to a whole number of G-token groups dividing
-    the capacity, so no input is padded or copied)."""
+    block_t: tokens per grid step, rounded to a multiple of 128 tokens made of whole G-token
+    groups dividing the capacity (the whole capacity when none does), so no input is padded or
+    copied."""
     g = reference.check_qjl(q, key_signs, key_out_signs, key_norms, key_out_norms, outlier_idx,
                             sketch, lengths, group_size)
     b, hkv, cap, m8 = key_signs.shape
@@ -135,10 +136,14 @@ def qjl_scores(q, key_signs, key_out_signs, key_norms, key_out_norms, outlier_id
     if block_t <= 0:
         raise ValueError(f"block_t must be positive, got {block_t}")
     ng = cap // group_size
-    gpb = max(1, min(block_t // group_size, ng))
-    while ng % gpb:
-        gpb -= 1
+    # Mosaic blocks: the token (lane) dim of the norm and output blocks must be a multiple of 128
+    # or the whole capacity; take the largest such whole-group divisor <= max(block_t, 128).
+    fits = [n for n in range(1, ng + 1) if ng % n == 0 and (n * group_size) % 128 == 0
+            and n * group_size <= max(block_t, 128)]
+    gpb = max(fits) if fits else ng
     bt = gpb * group_size
+    if outlier_idx.shape[-1] == 0:   # no outliers: one index that selects nothing
+        outlier_idx = jnp.full(outlier_idx.shape[:-1] + (1,), -1, jnp.int32)
     gp = -(-g // 8) * 8
     n_out = outlier_idx.shape[-1]
     s = sketch.astype(jnp.float32)
