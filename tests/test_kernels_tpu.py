@@ -1,12 +1,17 @@
-"""Mosaic (TPU) dense decode kernel in TPU interpret mode vs float64 numpy attention."""
+"""Mosaic (TPU) kernels (dense, sparse, KIVI, QJL) in TPU interpret mode vs the float64 numpy
+oracles of kernels_numpy_reference; the KIVI/QJL kernels also lower to Mosaic (CPU) and pass the
+interpreter's race detector."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_numpy_reference import attention, make_kivi
+from kernels_numpy_reference import attention, make_kivi, make_qjl, qjl_estimate
+from pallas_kernels.reference import NEG_INF
 from pallas_kernels.tpu.dense_decode import dense_decode as tpu_dense
+from pallas_kernels.tpu.kivi_decode import kivi_decode as tpu_kivi
+from pallas_kernels.tpu.qjl_scores import qjl_scores as tpu_qjl
 
 
 @pytest.mark.parametrize("g,cap,block_k", [(1, 40, 16), (4, 64, 32)])
@@ -71,7 +76,6 @@ def _f64(x):
 @pytest.mark.parametrize("kb,vb,g,dtype", [(4, 4, 1, np.float32), (2, 2, 3, jnp.bfloat16),
                                            (4, 2, 4, np.float32)])
 def test_tpu_kivi_matches_numpy(kb, vb, g, dtype):
-    from pallas_kernels.tpu.kivi_decode import kivi_decode as tpu_kivi
     rng = np.random.default_rng(10 * kb + vb)
     b, hkv, d, gs, r, capq = 3, 2, 32, 8, 16, 80   # capq 80 -> padded to 96 for block_k 32
     # empty head, 1-token head, lengths off the block grid, only fp tokens (16 = R), fp tail
@@ -134,7 +138,6 @@ def test_tpu_kivi_general_k_len_v_len():
 
 
 def test_tpu_kivi_errors():
-    from pallas_kernels.tpu.kivi_decode import kivi_decode as tpu_kivi
     rng = np.random.default_rng(0)
     arr, _, _ = make_kivi(rng, 1, 1, 32, 4, 8, 16, 32, np.array([[20]]))
     q = jnp.zeros((1, 2, 32), jnp.float32)
@@ -151,9 +154,6 @@ def test_tpu_kivi_errors():
 
 @pytest.mark.parametrize("g", [1, 3, 4])
 def test_tpu_qjl_matches_numpy(g):
-    from kernels_numpy_reference import make_qjl, qjl_estimate
-    from pallas_kernels.reference import NEG_INF
-    from pallas_kernels.tpu.qjl_scores import qjl_scores as tpu_qjl
     rng = np.random.default_rng(g)
     b, hkv, cap, d, m, m_out, gs, n_out = 2, 2, 256, 32, 64, 32, 16, 4   # 2 blocks of 128
     arr, _, s, si, so = make_qjl(rng, b, hkv, cap, d, m, m_out, gs, n_out)
@@ -177,8 +177,6 @@ def test_tpu_qjl_matches_numpy(g):
 
 
 def test_tpu_qjl_errors():
-    from kernels_numpy_reference import make_qjl
-    from pallas_kernels.tpu.qjl_scores import qjl_scores as tpu_qjl
     arr, _, _, _, _ = make_qjl(np.random.default_rng(0), 1, 1, 32, 16, 32, 16, 16, 2)
     args = [jnp.asarray(arr[n]) for n in QJL_NAMES]
     q = jnp.zeros((1, 2, 16), jnp.float32)
@@ -206,10 +204,7 @@ def test_tpu_kernels_lower_to_mosaic():
     """Every TPU kernel lowers to a Mosaic custom call (lowering_platforms=tpu runs on CPU; the
     Mosaic compiler itself only runs on a TPU, so layout errors would not show here)."""
     import jax
-    from kernels_numpy_reference import make_qjl
     from pallas_kernels import KERNELS, resolve
-    from pallas_kernels.tpu.kivi_decode import kivi_decode as tpu_kivi
-    from pallas_kernels.tpu.qjl_scores import qjl_scores as tpu_qjl
     for name in KERNELS:
         fn, is_kernel = resolve(name, "tpu")
         assert is_kernel and fn.__module__ == f"pallas_kernels.tpu.{name}"
@@ -234,9 +229,6 @@ def test_tpu_kivi_qjl_race_free():
     cores) finds no read of a buffer slot whose copy is still in flight."""
     ipc = pytest.importorskip("jax._src.pallas.mosaic.interpret.interpret_pallas_call")
     from jax.experimental.pallas import tpu as pltpu
-    from kernels_numpy_reference import make_qjl
-    from pallas_kernels.tpu.kivi_decode import kivi_decode as tpu_kivi
-    from pallas_kernels.tpu.qjl_scores import qjl_scores as tpu_qjl
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
     rng = np.random.default_rng(5)
     arr, _, _ = make_kivi(rng, 1, 2, 32, 2, 8, 16, 96, np.array([[45, 93]]))
