@@ -252,10 +252,6 @@ def bench_config(b, t, bw, reps, rows, kinds):
         kw = {k: v for k, v in (("tile_groups", KIVI_KW[0]), ("num_stages", KIVI_KW[1])) if v}
         add(f"ours_kivi{bits}", lambda q, *a, bits=bits: kivi_decode(q, *a, bits=bits, group_size=G, **kw),
             args_list, kbytes)
-        if "kivi_v1" in kinds:  # the previous kernel (int->float unpack), same inputs
-            from pallas_kernels.gpu.kivi_decode_v1 import kivi_decode as kivi_v1
-            add(f"kivi{bits}_v1", lambda q, *a, bits=bits: kivi_v1(q, *a, bits=bits, group_size=G, interpret=INTERPRET),
-                args_list, kbytes)
         if sweep and (bits == 4 or "sweep2" in kinds):
             for gps, nw, ns in KIVI_SWEEP:
                 add(f"kivi{bits}_gps{gps}_w{nw}_s{ns}", lambda q, *a, bits=bits, nw=nw, ns=ns, gps=gps: kivi_decode(

@@ -5,7 +5,7 @@ slots (position -1) and slots from the future (slot position > query position). 
 below is the reference; a decode step (one query per row, no observations requested) over a
 dense cache whose per-head `lengths` are given runs the Pallas dense decode kernel
 (`pallas_kernels.dense_decode`) on gpu/tpu. `attend_kivi` does the same for a KIVI cache
-(`pallas_kernels.kivi_decode`, gpu only).
+(`pallas_kernels.kivi_decode`, gpu/tpu).
 
 Which path runs is decided at trace time by `decode_impl()`, from the backend and the
 environment variable `KVJAX_ATTENTION` (read when a function is traced, so set it before the
@@ -68,7 +68,7 @@ def decode_impl(kernel: str = "dense_decode") -> tuple[str, bool] | None:
     """(impl, interpret) of the Pallas kernel a decode step uses, or None for the XLA path.
 
     impl is "gpu" or "tpu" (`pallas_kernels.resolve`'s names); kernel: "dense_decode" or
-    "kivi_decode" (the latter has no TPU kernel, so tpu falls back to XLA)."""
+    "kivi_decode" (a backend without that kernel falls back to XLA)."""
     mode = attention_mode()
     if mode == "xla":
         return None
@@ -76,8 +76,10 @@ def decode_impl(kernel: str = "dense_decode") -> tuple[str, bool] | None:
         return "gpu", True
     backend = jax.default_backend()
     impl = "gpu" if backend in ("gpu", "cuda", "rocm") else "tpu" if backend == "tpu" else None
-    if impl == "tpu" and kernel != "dense_decode":
-        impl = None
+    if impl == "tpu":
+        import pallas_kernels
+        if pallas_kernels.resolve(kernel, None)[1] is False:  # no TPU kernel: reference
+            impl = None
     if impl is None and mode == "pallas":
         raise ValueError(f"{ATTENTION_ENV}=pallas: no Pallas {kernel} kernel for backend {backend!r} "
                          f"(use {ATTENTION_ENV}=interpret on cpu)")
@@ -100,12 +102,17 @@ def dense_kernel_ok(head_dim: int, dtype, impl: str) -> bool:
     return _pow2(head_dim) and head_dim >= 16 if impl == "gpu" else head_dim % 8 == 0
 
 
-def kivi_kernel_ok(k_bits: int, v_bits: int, group: int, residual: int, head_dim: int) -> bool:
-    """Static constraints of the GPU KIVI kernel: 2/4 bits, power-of-two head_dim and group >= 16,
-    residual % group == 0, and >= 16 channels per packed byte range (a tensor-core dot)."""
-    return (k_bits in (2, 4) and v_bits in (2, 4) and _pow2(head_dim) and _pow2(group) and group >= 16
-            and residual % group == 0 and head_dim % group == 0
-            and min(head_dim * k_bits // 8, head_dim * v_bits // 8, group) >= 16)
+def kivi_kernel_ok(k_bits: int, v_bits: int, group: int, residual: int, head_dim: int,
+                   impl: str = "gpu") -> bool:
+    """Static constraints of the KIVI kernels. Both: 2/4 bits, group dividing head_dim.
+    GPU: power-of-two head_dim and group >= 16, residual % group == 0, >= 16 bytes per packed
+    row (a tensor-core dot). TPU: group a multiple of 8 (aligned tiles)."""
+    if not (k_bits in (2, 4) and v_bits in (2, 4) and group > 0 and head_dim % group == 0):
+        return False
+    if impl == "tpu":
+        return group % 8 == 0
+    return (_pow2(head_dim) and _pow2(group) and group >= 16 and residual % group == 0
+            and min(head_dim * k_bits // 8, head_dim * v_bits // 8) >= 16)
 
 
 def _block_k(capacity: int) -> int:
@@ -229,7 +236,7 @@ def attend_kivi(layer, q: jax.Array, query_positions: jax.Array, stats: Attentio
         return None
     sel = decode_impl("kivi_decode")
     if sel is None or not kivi_kernel_ok(layer.k_bits, layer.v_bits, layer.group, layer.residual,
-                                         layer.head_dim):
+                                         layer.head_dim, sel[0]):
         return None
     import pallas_kernels
     impl, interpret = sel
@@ -261,7 +268,7 @@ def attention_name(cache, compression=None) -> str:
     elif isinstance(cache, KIVICache):
         sel = decode_impl("kivi_decode")
         if sel is None or not kivi_kernel_ok(cache.k_bits, cache.v_bits, cache.group, cache.residual,
-                                             cache.head_dim):
+                                             cache.head_dim, sel[0]):
             return "xla-reference"
         name, fallback = "kivi_decode", ""
     else:

@@ -95,7 +95,10 @@ def test_resolve_backends():
     fn, is_kernel = pallas_kernels.resolve("dense_decode", None, interpret=True)
     assert fn is gpu_dense and is_kernel
     assert pallas_kernels.resolve("qjl_scores", "reference") == (reference.qjl_scores, False)
-    with pytest.raises(ValueError, match="no tpu kernel"):
-        pallas_kernels.resolve("kivi_decode", "tpu")
+    for name in pallas_kernels.KERNELS:  # every kernel has a TPU (Mosaic) implementation
+        fn, is_kernel = pallas_kernels.resolve(name, "tpu")
+        assert is_kernel and fn.__module__ == f"pallas_kernels.tpu.{name}"
+    with pytest.raises(ValueError, match="impl must be"):
+        pallas_kernels.resolve("kivi_decode", "cuda")
     with pytest.raises(ValueError, match="unknown kernel"):
         pallas_kernels.resolve("flash", None)

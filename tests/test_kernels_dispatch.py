@@ -129,3 +129,15 @@ def test_bad_mode_and_pallas_on_cpu(monkeypatch):
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="interpret"):
             attention.decode_impl()
+
+
+def test_kivi_kernel_constraints_per_backend():
+    ok = attention.kivi_kernel_ok
+    # GPU: >= 16 bytes per packed row (tensor-core dot), power-of-two group >= 16
+    assert ok(4, 4, 32, 128, 64) and ok(2, 2, 32, 128, 64)
+    assert not ok(2, 2, 16, 32, 32)           # 8-byte packed rows
+    assert not ok(4, 4, 8, 32, 64)            # group below 16
+    assert not ok(4, 4, 32, 48, 64)           # residual not a multiple of the group
+    # TPU: any group that divides head_dim and is a multiple of 8
+    assert ok(2, 2, 16, 32, 32, "tpu") and ok(4, 4, 8, 32, 64, "tpu")
+    assert not ok(4, 4, 12, 48, 96, "tpu") and not ok(3, 3, 32, 128, 128, "tpu")
