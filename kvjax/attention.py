@@ -210,12 +210,21 @@ def _attend_xla(q, keys, values, slot_positions, query_positions, scale, stats):
     g = hq // hkv
     qg = q.reshape(b, hkv, g, t, d).astype(jnp.float32)
     logits = jnp.einsum("bhgtd,bhsd->bhgts", qg, keys.astype(jnp.float32)) * scale
+    return attend_logits(logits, values, slot_positions, query_positions, q.dtype, stats)
+
+
+def attend_logits(logits, values, slot_positions, query_positions, out_dtype,
+                  stats: AttentionStats = AttentionStats()):
+    """Masked softmax and value sum from precomputed (scaled) logits
+    `[batch, kv_heads, group, queries, slots]`; the rest as `attend`."""
+    b, hkv, g, t, _ = logits.shape
+    hq = hkv * g
     mask = attention_mask(slot_positions, query_positions)[:, :, None]  # [b, hkv, 1, t, s]
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask, probs, 0.0)  # rows with no live slot become all-zero, not uniform
     out = jnp.einsum("bhgts,bhsv->bhgtv", probs, values.astype(jnp.float32))
-    out = out.reshape(b, hq, t, -1).astype(q.dtype)
+    out = out.reshape(b, hq, t, -1).astype(out_dtype)
     obs = {}
     if stats.window:
         w = min(stats.window, t)
@@ -248,6 +257,59 @@ def attend_kivi(layer, q: jax.Array, query_positions: jax.Array, stats: Attentio
     return _mask_padded_queries(out[:, :, None], query_positions), {}
 
 
+def qjl_kernel_ok(cfg, impl: str) -> bool:
+    """Static constraints for routing a QJL cache's decode scores to `pallas_kernels.qjl_scores`:
+    the outlier sketch is the full sketch (m_out = m: one column order serves both sign sets, see
+    `attend_qjl`); GPU: m/8 a power of two >= 16, power-of-two group >= 16."""
+    m = cfg.sketch_dim
+    if cfg.outlier_sketch_dim != m:
+        return False
+    if impl == "tpu":
+        return m % 8 == 0
+    return _pow2(m // 8) and m // 8 >= 16 and _pow2(cfg.group) and cfg.group >= 16
+
+
+def _planar_sketch_columns(m: int):
+    """Kernel column 8j + i (bit i of byte j, `reference.qjl_scores`) -> the sketch column that the
+    cache's planar 1-bit packing (`kvjax.quant.packing`: bit i of byte j = element j + i*m/8) put there."""
+    import numpy as np
+    j, i = np.divmod(np.arange(m), 8)
+    return j + i * (m // 8)
+
+
+def attend_qjl(layer, q: jax.Array, query_positions: jax.Array, stats: AttentionStats):
+    """Decode step over one layer of a `kvjax.quant.qjl.QJLCache` with the sketched keys' scores
+    from the Pallas QJL kernel (the fp key buffer, softmax and the 2-bit values stay in XLA), or
+    None when the XLA path must run (not a decode step, no kernel, or the config outside its
+    constraints)."""
+    if not is_decode_step(q, stats):
+        return None
+    sel = decode_impl("qjl_scores")
+    cfg = layer.cfg
+    if sel is None or not qjl_kernel_ok(cfg, sel[0]):
+        return None
+    import pallas_kernels
+    from kvjax.quant.qjl import dequantize_values
+    impl, interpret = sel
+    b, hq, _, d = q.shape
+    hkv = layer.lengths.shape[1]
+    g = hq // hkv
+    sketch = layer.sketch[:, _planar_sketch_columns(cfg.sketch_dim)]
+    scores = pallas_kernels.qjl_scores(
+        q[:, :, 0], layer.k_sign, layer.k_out_sign, layer.k_norm, layer.k_out_norm,
+        layer.k_out_idx.astype(jnp.int32), sketch, layer.k_len, group_size=cfg.group, impl=impl,
+        interpret=interpret).reshape(b, hkv, g, -1)                          # [b, hkv, g, C]
+    cap = scores.shape[-1]
+    qg = q[:, :, 0].reshape(b, hkv, g, d).astype(jnp.float32)
+    tail = jnp.einsum("bhgd,bhrd->bhgr", qg, layer.k_resid.astype(jnp.float32))  # fp key buffer
+    t = jnp.arange(cap, dtype=jnp.int32)
+    ridx = jnp.clip(t - layer.k_len[..., None], 0, layer.k_resid.shape[2] - 1)   # [b, hkv, C]
+    tail = jnp.take_along_axis(tail, jnp.broadcast_to(ridx[:, :, None], (b, hkv, g, cap)), axis=-1)
+    logits = jnp.where(t < layer.k_len[:, :, None, None], scores, tail) * d ** -0.5
+    return attend_logits(logits[:, :, :, None], dequantize_values(layer), layer.positions,
+                         query_positions, q.dtype, stats)
+
+
 def attention_name(cache, compression=None) -> str:
     """What generate's decode steps run, for its stats: "pallas-gpu:dense_decode" etc., or
     "xla-reference". Mirrors the trace-time dispatch of `attend` / `attend_kivi`.
@@ -256,6 +318,7 @@ def attention_name(cache, compression=None) -> str:
     (decode-time policies that observe attention keep the XLA path)."""
     from kvjax.cache import KVCache
     from kvjax.quant.kivi import KIVICache
+    from kvjax.quant.qjl import QJLCache
     if compression is not None and getattr(compression, "when", None) == "decode":
         obs = compression.decode_observe
         if obs.window or obs.column_sums:
@@ -271,6 +334,11 @@ def attention_name(cache, compression=None) -> str:
                                              cache.head_dim, sel[0]):
             return "xla-reference"
         name, fallback = "kivi_decode", ""
+    elif isinstance(cache, QJLCache):
+        sel = decode_impl("qjl_scores")
+        if sel is None or not qjl_kernel_ok(cache.cfg, sel[0]):
+            return "xla-reference"
+        name, fallback = "qjl_scores", " (scores of sketched keys; fp buffer, softmax, values in XLA)"
     else:
         return "xla-reference"
     impl, interpret = sel

@@ -2,8 +2,9 @@
 
 `KVJAX_ATTENTION=interpret` runs the GPU kernels in Pallas interpret mode; the XLA path
 (`KVJAX_ATTENTION=xla`, itself checked against float64 numpy in test_model_tiny) is the reference.
-A tiny model generates with left-padded prompts of different lengths through a dense cache and a
-KIVI-4 cache; tokens must be equal and decode-step logits close.
+A tiny model generates with left-padded prompts of different lengths through a dense cache, a
+KIVI-4 cache and a QJL cache (kernel scores for the sketched keys); tokens must be equal and
+decode-step logits close.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kvjax.attention import AttentionStats, attend, contiguous_live
 from kvjax.cache import init_cache
 from kvjax.generate import forward_jit, generate, left_pad, prefill
 from kvjax.quant.kivi import init_kivi_cache
+from kvjax.quant.qjl import QJLConfig, init_qjl_cache
 from models.config import ModelConfig
 from models.llama import init_params
 
@@ -26,6 +28,8 @@ CFG = ModelConfig(name="tiny-kernels", vocab_size=97, d_model=64, n_layers=2, n_
                   head_dim=32, ffn_dim=64, rope_theta=10000.0)
 PROMPTS = [list(range(5, 45)), list(range(7, 20))]
 KIVI4 = functools.partial(init_kivi_cache, bits=4, group=16, residual=32)
+# small buffers so the 40-token prompt is mostly sketched (k_len > 0); m = m_out = 256 (defaults)
+QJL = lambda cfg, b, cap: init_qjl_cache(cfg, b, cap, QJLConfig(group=16, buffer=16, value_residual=32))
 
 
 def _set_mode(monkeypatch, mode):
@@ -53,7 +57,8 @@ def _decode_logits(params, cache_init):
     return np.asarray(jnp.stack(out))
 
 
-@pytest.mark.parametrize("cache_init,kernel,tol", [(None, "dense_decode", 1e-4), (KIVI4, "kivi_decode", 2e-2)])
+@pytest.mark.parametrize("cache_init,kernel,tol", [(None, "dense_decode", 1e-4), (KIVI4, "kivi_decode", 2e-2),
+                                                   (QJL, "qjl_scores", 2e-2)])
 def test_generate_kernel_path_equals_xla(params, monkeypatch, cache_init, kernel, tol):
     got = {}
     for mode in ("xla", "interpret"):

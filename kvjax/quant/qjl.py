@@ -185,7 +185,10 @@ class QJLCache:
         return resize(self, capacity)
 
     def attend(self, q, query_positions, *, stats, rope=None):
-        from kvjax.attention import attend
+        from kvjax.attention import attend, attend_qjl
+        kernel_out = attend_qjl(self, q, query_positions, stats)   # decode step on GPU/TPU
+        if kernel_out is not None:
+            return kernel_out
         k, v = dequantize(self)
         return attend(q, k, v, self.positions, query_positions, stats=stats)
 
@@ -262,14 +265,19 @@ def _append(layer: QJLCache, keys, values, positions) -> QJLCache:
         lengths=layer.lengths + keys.shape[-2], pos_offset=update_pos_offset(layer.pos_offset, layer.lengths, positions))
 
 
-def dequantize(layer: QJLCache) -> tuple[jax.Array, jax.Array]:
-    """Effective keys (estimator form, exact for the fp buffer) and dequantized values `[b, h, C, d]`."""
+def dequantize_values(layer: QJLCache) -> jax.Array:
+    """Dequantized values `[b, h, C, d]` (quantized slots, then the fp window)."""
     cfg = layer.cfg
-    k_eff = effective_keys(layer.k_sign, layer.k_out_sign, layer.k_norm, layer.k_out_norm, layer.k_out_idx,
-                           layer.sketch, cfg)
     vq = packing.dequantize(packing.unpack(layer.v_codes, cfg.value_bits), layer.v_scale, layer.v_min,
                             cfg.value_group, axis=-1)
-    return merge_resid(k_eff, layer.k_resid, layer.k_len), merge_resid(vq, layer.v_resid, layer.v_len)
+    return merge_resid(vq, layer.v_resid, layer.v_len)
+
+
+def dequantize(layer: QJLCache) -> tuple[jax.Array, jax.Array]:
+    """Effective keys (estimator form, exact for the fp buffer) and dequantized values `[b, h, C, d]`."""
+    k_eff = effective_keys(layer.k_sign, layer.k_out_sign, layer.k_norm, layer.k_out_norm, layer.k_out_idx,
+                           layer.sketch, layer.cfg)
+    return merge_resid(k_eff, layer.k_resid, layer.k_len), dequantize_values(layer)
 
 
 def resize(cache: QJLCache, capacity: int) -> QJLCache:
