@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
@@ -56,3 +57,15 @@ def f16_bits_to_f32(h: jax.Array) -> jax.Array:
 def load_f32(x: jax.Array, f16_bits: bool) -> jax.Array:
     """A loaded kernel operand (see `as_kernel_operand`) as float32."""
     return f16_bits_to_f32(x) if f16_bits else x.astype(jnp.float32)
+
+
+def advance_double_buffer(copies, j, n_blocks, slot) -> None:
+    """Inside block j's loop step: start block j+1's DMAs into the other slot (when j + 1 <
+    n_blocks), then wait for block j's. copies(block, slot) -> list of async copy descriptors."""
+    @pl.when(j + 1 < n_blocks)
+    def _():
+        for c in copies(j + 1, 1 - slot):
+            c.start()
+
+    for c in copies(j, slot):
+        c.wait()

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import reference
+from pallas_kernels.tpu import common
 
 NEG_INF = reference.NEG_INF
 
@@ -50,13 +51,7 @@ def _kernel(len_ref, start_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sem, *, 
         o, m, l = carry
         slot = (j - b0) % 2
 
-        @pl.when(j + 1 < nb)
-        def _():
-            for c in copies(j + 1, 1 - slot):
-                c.start()
-
-        for c in copies(j, slot):
-            c.wait()
+        common.advance_double_buffer(copies, j, nb, slot)
         kb = kbuf[slot].astype(jnp.float32)
         vb = vbuf[slot].astype(jnp.float32)
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -120,13 +120,7 @@ def _kernel(kl_ref, vl_ref, len_ref, st_ref, q_ref, kr_ref, vr_ref,
         o, w, m, l = carry
         slot = lax.rem(j - b0, 2)
 
-        @pl.when(j + 1 < nb)
-        def _():
-            for c in copies(j + 1, 1 - slot):
-                c.start()
-
-        for c in copies(j, slot):
-            c.wait()
+        common.advance_double_buffer(copies, j, nb, slot)
         t = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)           # token ids, row
         t_col = j * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)       # token ids, column
         # keys: dequantise field by field, s = sum_i q_i . k_hat_i^T
