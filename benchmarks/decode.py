@@ -261,6 +261,9 @@ def bench_config(b, t, bw, reps, rows, kinds):
         kw = {k: v for k, v in (("tile_groups", KIVI_KW[0]), ("num_stages", KIVI_KW[1])) if v}
         add(f"ours_kivi{bits}", lambda q, *a, bits=bits: kivi_decode(q, *a, bits=bits, group_size=G, **kw),
             args_list, kbytes)
+        if "kivi_fused" in kinds:  # one key and one value dot per tile (fields joined in registers)
+            add(f"kivi{bits}_fused", lambda q, *a, bits=bits: kivi_decode(
+                q, *a, bits=bits, group_size=G, fuse_fields=True, **kw), args_list, kbytes)
         if sweep and (bits == 4 or "sweep2" in kinds):
             for gps, nw, ns in KIVI_SWEEP:
                 add(f"kivi{bits}_gps{gps}_w{nw}_s{ns}", lambda q, *a, bits=bits, nw=nw, ns=ns, gps=gps: kivi_decode(

@@ -18,9 +18,10 @@ def _f64(x):
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
-@pytest.mark.parametrize("bits,v_bits,g,d,gps,splits", [(4, 4, 3, 64, None, 1), (2, 2, 4, 64, 8, 2),
-                                                        (4, 2, 8, 64, None, None), (4, 4, 1, 64, None, 3)])
-def test_kivi_kernel_matches_numpy(bits, v_bits, g, d, gps, splits):
+@pytest.mark.parametrize("bits,v_bits,g,d,gps,splits,fuse", [
+    (4, 4, 3, 64, None, 1, False), (2, 2, 4, 64, 8, 2, False), (4, 2, 8, 64, None, None, False),
+    (4, 4, 1, 64, None, 3, False), (4, 4, 3, 64, None, 1, True), (2, 4, 4, 64, None, 2, True)])
+def test_kivi_kernel_matches_numpy(bits, v_bits, g, d, gps, splits, fuse):
     rng = np.random.default_rng(bits * 10 + g)
     b, hkv, group, r, capq = 2, 2, 16, 32, 64
     # empty head, 1 token (all fp), odd length with quantised K+V and both fp segments, full
@@ -44,7 +45,7 @@ def test_kivi_kernel_matches_numpy(bits, v_bits, g, d, gps, splits):
                      for i in range(b)])
     got = _f64(gpu_kivi(*args, jnp.asarray(starts), bits=bits, v_bits=v_bits, group_size=group,
                         num_splits=splits,
-                        tile_groups=gps, interpret=True))
+                        tile_groups=gps, fuse_fields=fuse, interpret=True))
     assert np.isfinite(got).all() and np.all(got[0, :g] == 0)
     np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
     ref = _f64(reference.kivi_decode(*args, jnp.asarray(starts), bits=bits, v_bits=v_bits,

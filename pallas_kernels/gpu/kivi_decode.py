@@ -23,6 +23,9 @@ operands) and runs few, large tensor-core dots, like the bf16 kernel:
   the same way (once per tile, shared by the bit fields):  B[(i, r), t] = fp16(p[r, t] * v_scale[t, group i]);
       o[r, c] += (B . (1024 + code))[(group(c), r), c] + sum_t (p[r, t] v_min[t, group(c)] - 1024 B[(group(c), r), t]).
   The accumulators are one [gq, P] tile per bit field (channels fP .. fP+P-1).
+* `fuse_fields=True` (not yet timed on a GPU): the unpacked fields are joined in registers into
+  one [T, d] operand (channels interleaved, `_fused_order`; q and the output are permuted outside),
+  so a tile runs one key dot and one value dot, as the bf16 kernel does.
 
 Work split (flash-decoding): grid (batch, kv_heads, splits); the quantised-key groups [0, k_len/G)
 are cut into `splits` ranges walked in tiles of n groups: full tiles whose values are quantised
@@ -36,6 +39,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -52,6 +56,27 @@ def _magic(codes_u8, shift: int, bits: int):
     return lax.bitcast_convert_type(x | MAGIC, jnp.float16)
 
 
+def _join(a, b):
+    """Stack two equal tensors on a new last axis (lowers to Triton's register-level join)."""
+    return jnp.concatenate([a[..., None], b[..., None]], axis=-1)
+
+
+def _interleave(tiles, join=_join):
+    """Fuse 2^k equal tiles [..., P] into one [..., 2^k * P] by pairwise joins on new last axes
+    and one reshape. The column order this gives is `_fused_order` (same recursion in numpy)."""
+    lead, width = tiles[0].shape[:-1], tiles[0].shape[-1] * len(tiles)
+    while len(tiles) > 1:
+        tiles = [join(tiles[i], tiles[i + 1]) for i in range(0, len(tiles), 2)]
+    return tiles[0].reshape(lead + (width,))
+
+
+def _fused_order(d: int, n_fields: int):
+    """Channel of each column of the fused [.., d] tile built from fields [f*P, (f+1)*P)."""
+    p = d // n_fields
+    stack = lambda a, b: np.concatenate([a[..., None], b[..., None]], axis=-1)
+    return _interleave([np.arange(f * p, (f + 1) * p) for f in range(n_fields)], stack)
+
+
 def _select(stacked, slot_of_col):
     """stacked [n, gq, N], slot_of_col [N] int -> [gq, N]: column c taken from slot slot_of_col[c]."""
     n = stacked.shape[0]
@@ -61,14 +86,16 @@ def _select(stacked, slot_of_col):
 
 def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
             len_ref, o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int, n_tile: int,
-            v_slots: int, num_splits: int):
+            v_slots: int, num_splits: int, fuse: bool):
     split = pl.program_id(2)
     k_len = len_ref[0]
     v_len = len_ref[1]
     length = len_ref[2]
     first = len_ref[3]
-    n_kf, gq, pk = qf_ref.shape          # key bit fields, padded GQA rows, bytes per key row
-    n_vf, _, pv = o_ref.shape            # value bit fields, bytes per value row
+    n_ku, gq, _ = qf_ref.shape           # key units (bit fields, or 1 fused), padded GQA rows
+    n_vu = o_ref.shape[0]                # value units
+    pk, pv = kc_ref.shape[1], vc_ref.shape[1]   # bytes per packed row = channels per bit field
+    n_kf, n_vf = 8 // k_bits, 8 // v_bits
     rep = qrep_ref.shape[0] // gq
     n_vg = vs_ref.shape[1]               # value groups per row (d / G)
     r = kr_ref.shape[0]
@@ -82,23 +109,31 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
     hi = jnp.minimum(lo + per, nq)
     n_pure = jnp.minimum(v_len // group, hi)   # groups whose values are quantised too
 
-    qf = [qf_ref[f] for f in range(n_kf)]     # [gq, P] f32: query channels of key field f
+    qf = [qf_ref[u] for u in range(n_ku)]     # [gq, width] f32: query channels of key unit u
     qrep = qrep_ref[...]                      # [rep*gq, d] q repeated (fp segments' dots)
     tok_slot = lax.iota(jnp.int32, tile) // group
+
+    def units(field_tiles):
+        """Per-bit-field tiles [..., P] -> the kernel's units: the fields, or one fused tile."""
+        return [_interleave(field_tiles)] if fuse else field_tiles
+
+    # value group of every column of each value unit
+    col_groups = units([(f * pv + lax.iota(jnp.int32, pv)) // group for f in range(n_vf)])
 
     def key_scores_quant(rows, grp):
         """[gq, tile] logits of the tile's tokens against quantised keys; grp: slot groups
         (a pl.ds for a full tile, else an int32 [n_tile] vector of clamped group indices)."""
         codes = kc_ref[rows, :]                                            # [tile, P] u8
+        keys = units([_magic(codes, f * k_bits, k_bits) for f in range(n_kf)])
+        scs = units([ks_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)])  # [n, width]
+        mns = units([km_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)])
         s_stacked = jnp.zeros((n_tile * gq, tile), f32)
         bias = jnp.zeros((n_tile, gq), f32)
-        for f in range(n_kf):
-            sc = ks_ref[grp, pl.ds(f * pk, pk)].astype(f32)               # [n, P]
-            mn = km_ref[grp, pl.ds(f * pk, pk)].astype(f32)
-            a = (qf[f][None, :, :] * sc[:, None, :]).astype(f16)          # [n, gq, P]
-            bias += (qf[f][None, :, :] * mn[:, None, :] - 1024.0 * a.astype(f32)).sum(axis=2)
-            s_stacked += plgpu.dot(a.reshape(n_tile * gq, pk), _magic(codes, f * k_bits, k_bits),
-                                   trans_b=True)
+        for u in range(n_ku):
+            sc, mn = scs[u].astype(f32), mns[u].astype(f32)
+            a = (qf[u][None, :, :] * sc[:, None, :]).astype(f16)          # [n, gq, width]
+            bias += (qf[u][None, :, :] * mn[:, None, :] - 1024.0 * a.astype(f32)).sum(axis=2)
+            s_stacked += plgpu.dot(a.reshape(n_tile * gq, a.shape[2]), keys[u], trans_b=True)
         s3 = s_stacked.reshape(n_tile, gq, tile) + bias[:, :, None]
         return _select(s3, tok_slot)
 
@@ -122,11 +157,12 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
         b = (p[None, :, :] * sc[:, None, :]).astype(f16)                  # [slots, gq, tile]
         bias = (p[None, :, :] * mn[:, None, :] - 1024.0 * b.astype(f32)).sum(axis=2)
         b = b.reshape(v_slots * gq, tile)
+        vals = units([_magic(codes, f * v_bits, v_bits) for f in range(n_vf)])
         out = []
-        for f in range(n_vf):
-            o = plgpu.dot(b, _magic(codes, f * v_bits, v_bits))             # [slots*gq, P]
-            o3 = o.reshape(v_slots, gq, pv) + bias[:, :, None]
-            out.append(acc[f] + _select(o3, (f * pv + lax.iota(jnp.int32, pv)) // group))
+        for u in range(n_vu):
+            o = plgpu.dot(b, vals[u])                                       # [slots*gq, width]
+            o3 = o.reshape(v_slots, gq, o.shape[1]) + bias[:, :, None]
+            out.append(acc[u] + _select(o3, col_groups[u]))
         return tuple(out)
 
     def value_resid(acc, p, t, mask):
@@ -135,11 +171,11 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
         p = jnp.where(mask[None, :], p, 0.0)
         prep = jnp.broadcast_to(p[None], (rep, gq, tile)).reshape(rep * gq, tile)
         out = []
-        for f in range(n_vf):
-            vr = vr_ref[rows, pl.ds(f * pv, pv)]
+        for u, vr in enumerate(units([vr_ref[rows, pl.ds(f * pv, pv)] for f in range(n_vf)])):
             vr = jnp.where(mask[:, None], vr, jnp.zeros_like(vr))
             o = plgpu.dot(prep.astype(vr.dtype), vr)
-            out.append(acc[f] + _select(o.reshape(rep, gq, pv), jnp.zeros((pv,), jnp.int32)))
+            w = o.shape[1]
+            out.append(acc[u] + _select(o.reshape(rep, gq, w), jnp.zeros((w,), jnp.int32)))
         return tuple(out)
 
     def softmax(acc, m, l, s, valid):
@@ -175,7 +211,7 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
                           jnp.clip(t, 0, capq - 1))
         return value_resid(acc, p, t, (t >= v_len) & valid), m, l
 
-    carry = (tuple(jnp.zeros((gq, pv), f32) for _ in range(n_vf)),
+    carry = (tuple(jnp.zeros(o_ref.shape[1:], f32) for _ in range(n_vu)),
              jnp.full((gq,), common.NEG_INF, f32), jnp.zeros((gq,), f32))
     n_full = jnp.maximum(n_pure - lo, 0) // n_tile
     carry = lax.fori_loop(0, n_full, pure_body, carry)
@@ -183,25 +219,29 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
     carry = lax.fori_loop(0, pl.cdiv(jnp.maximum(hi - start_mixed, 0), n_tile), mixed_body, carry)
     n_tail = jnp.where(split == num_splits - 1, pl.cdiv(jnp.maximum(length - k_len, 0), tile), 0)
     acc, m, l = lax.fori_loop(0, n_tail, tail_body, carry)
-    for f in range(n_vf):
-        o_ref[f] = acc[f]
+    for u in range(n_vu):
+        o_ref[u] = acc[u]
     m_ref[...] = m
     l_ref[...] = l
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "v_bits", "group_size", "scale", "num_splits",
-                                             "tile_groups", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "tile_groups", "fuse_fields", "num_warps",
+                                             "num_stages", "interpret"))
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
                 v_bits: int | None = None, scale: float | None = None,
-                num_splits: int | None = None, tile_groups: int | None = None, num_warps: int = 4,
-                num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                num_splits: int | None = None, tile_groups: int | None = None,
+                fuse_fields: bool = False, num_warps: int = 4, num_stages: int = 2,
+                interpret: bool = False) -> jax.Array:
     """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
     tile_groups: key groups per loop step (tile of tile_groups*G tokens); default: enough to
-    stack the GQA heads to 16 dot rows (4 for Llama-3's 4 query heads per kv-head)."""
+    stack the GQA heads to 16 dot rows (4 for Llama-3's 4 query heads per kv-head).
+    fuse_fields: join the unpacked bit fields into one [tile, head_dim] operand per tile (one key
+    and one value dot per tile instead of one per field; channels in `_fused_order`, undone
+    outside). Correct (tested); its speed is not measured yet, hence off by default."""
     g = reference.check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid,
                              v_resid, k_len, v_len, lengths, bits, group_size, v_bits)
     v_bits = bits if v_bits is None else v_bits
@@ -232,40 +272,45 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     rep = max(1, 16 // gq)
     scale = d ** -0.5 if scale is None else scale
     qg = common.group_queries(q, hkv, scale, jnp.float32, gq)                # [b, h, gq, d]
-    q_fields = qg.reshape(b, hkv, gq, 8 // bits, pk).transpose(0, 1, 3, 2, 4)  # [b, h, F, gq, P]
+    # key units: the bit fields [f*P, (f+1)*P) in channel order, or one fused unit in _fused_order
+    kperm = _fused_order(d, 8 // bits) if fuse_fields else np.arange(d)
+    vperm = _fused_order(d, 8 // v_bits) if fuse_fields else np.arange(d)
+    n_ku, n_vu = (1, 1) if fuse_fields else (8 // bits, 8 // v_bits)
+    q_units = qg[..., kperm].reshape(b, hkv, gq, n_ku, d // n_ku).transpose(0, 1, 3, 2, 4)
     q_rep = jnp.tile(qg, (1, 1, rep, 1)).astype(k_resid.dtype)               # [b, h, rep*gq, d]
     splits = common.choose_splits(b, hkv, max(capq // group_size, 1), num_splits)
     st = jnp.maximum(reference._starts(starts, lengths), 0)
     lens = jnp.stack([k_len, v_len, lengths, st], axis=-1).astype(jnp.int32)
     kernel = functools.partial(_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
-                               n_tile=n_tile, v_slots=v_slots, num_splits=splits)
+                               n_tile=n_tile, v_slots=v_slots, num_splits=splits, fuse=fuse_fields)
     ng = capq // group_size
-    n_vf = 8 // v_bits
     full = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, h, s: (i, h) + (0,) * len(shape))
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
         in_specs=[
-            full(8 // bits, gq, pk), full(rep * gq, d),
+            full(n_ku, gq, d // n_ku), full(rep * gq, d),
             full(capq, pk), full(ng, d), full(ng, d),
             full(capq, pv), full(capq, d // group_size), full(capq, d // group_size),
             full(r, d), full(r, d),
             full(4),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, n_vf, gq, pv), lambda i, h, s: (i, h, s, 0, 0, 0)),
+            pl.BlockSpec((None, None, None, n_vu, gq, d // n_vu), lambda i, h, s: (i, h, s, 0, 0, 0)),
             pl.BlockSpec((None, None, None, gq), lambda i, h, s: (i, h, s, 0)),
             pl.BlockSpec((None, None, None, gq), lambda i, h, s: (i, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, splits, n_vf, gq, pv), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, n_vu, gq, d // n_vu), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"kvjax_kivi_k{bits}v{v_bits}_decode",
-    )(q_fields, q_rep, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid, lens)
-    # field f holds channels [f*P, (f+1)*P): concatenating the fields is channel order
+    )(q_units, q_rep, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid, lens)
+    # units side by side are the channels in vperm order (fields: plain channel order)
     o = o.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, splits, gq, d)
+    if fuse_fields:
+        o = o[..., np.argsort(vperm)]
     return common.combine_splits(o, m, l, g).astype(q.dtype)
