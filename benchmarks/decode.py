@@ -1,6 +1,7 @@
 """Decode-attention benchmark (GPU): copy bandwidth, XLA reference, JAX Pallas baselines, our kernels.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/decode.py 2>&1 | tee log   # default set
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/decode.py 2>&1 | tee log   # default set (~10+ min:
+                                                   # split it over calls with --configs)
     PYTHONPATH=. python benchmarks/decode.py --kinds dense,kivi4,kivi2,sweep,dsweep   # tuning sweeps at 8x32768
     PYTHONPATH=. python benchmarks/decode.py --quick         # two shapes
     PYTHONPATH=. python benchmarks/decode.py --configs 8x32768,32x32768
@@ -44,6 +45,7 @@ G, R = 32, 128
 L2_BYTES = 60 * 2 ** 20  # H200: 60 MB (H100: 50 MB)
 SWEEP_AT = ["8x32768"]  # the config where the tuning sweep runs (--sweep-at; "all" = every config)
 KIVI_KW = [0, 0]  # --kivi-gps / --kivi-stages (0 = kernel default)
+QJL_AT = ["32x32768"]  # --qjl-at
 SPARSE = [(8, 16), [(16, 32), (16, 64), (16, 128), (64, 64)]]  # --sparse-fracs, --pages P:block_k,...
 KIVI_SWEEP = [(4, 4, 3), (4, 8, 2), (8, 4, 2), (8, 8, 3), (4, 4, 4)]  # --kivi-sweep tile_groups:warps:stages,...
 
@@ -283,6 +285,8 @@ def bench_config(b, t, bw, reps, rows, kinds):
                 caches, b * HKV * n * (D * 2 * 2 + 4))
             for P, bk in SPARSE[1]:  # page mode, page_size P, block_k
                 npg = n // P
+                if npg == 0:
+                    continue
                 pidx = jnp.sort(jax.random.permutation(kv, t // P)[:npg]).astype(jnp.int32)
                 pidx = jnp.broadcast_to(pidx, (b, HKV, npg))
                 pcnt = jnp.full((b, HKV), npg, jnp.int32)
@@ -291,7 +295,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
                         q, k, v, pidx, pcnt, page_size=P, block_k=bk),
                     caches, b * HKV * (n * D * 2 * 2 + npg * 4))
             del caches
-    if "qjl" in kinds:
+    if "qjl" in kinds and QJL_AT[0] in ("all", f"{b}x{t}"):  # ~100 s of Triton compile per shape
         qa = [make_qjl(jax.random.fold_in(kk, 200 + c), b, t) for c in range(n_copies(b * HKV * t * 68))]
         add("ours_qjl_scores", lambda q, *a: qjl_scores(q, *a, lens), [list(x) for x in qa],
             nbytes(*qa[0][:5]))
@@ -299,7 +303,7 @@ def bench_config(b, t, bw, reps, rows, kinds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="8x32768,32x32768,8x131072,1x32768",
+    ap.add_argument("--configs", default="8x32768,32x32768,8x131072,1x131072,32x4096,1x4096",
                     help="comma list of BATCHxCONTEXT")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--kinds", default="xla,paged,gqa,dense,kivi4,kivi2,sparse,qjl")
@@ -311,9 +315,11 @@ def main():
     ap.add_argument("--kivi-stages", type=int, default=0, help="KIVI num_stages (0: kernel default)")
     ap.add_argument("--kivi-sweep", default="", help="KIVI sweep points gps:warps:stages,... "
                     "(kinds 'sweep' times them for 4-bit, 'sweep2' also for 2-bit)")
-    ap.add_argument("--sparse-fracs", default="8,16", help="selected fraction denominators")
-    ap.add_argument("--pages", default="16:32,16:64,16:128,64:64", help="page mode page_size:block_k,...")
+    ap.add_argument("--sparse-fracs", default="16", help="selected fraction denominators")
+    ap.add_argument("--pages", default="64:64", help="page mode page_size:block_k,...")
+    ap.add_argument("--qjl-at", default="32x32768", help="config where QJL runs ('all' = every one)")
     a = ap.parse_args()
+    QJL_AT[0] = a.qjl_at
     SPARSE[0] = tuple(int(x) for x in a.sparse_fracs.split(","))
     SPARSE[1] = [tuple(int(x) for x in it.split(":")) for it in a.pages.split(",") if it]
     SWEEP_AT[0] = a.sweep_at

@@ -252,6 +252,8 @@ def sparse_decode(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, 
     lengths: optional [batch, kv_heads] int32, slots >= lengths are masked (a live tail page).
     returns [batch, q_heads, head_dim] in q.dtype (zeros where nothing is selected)."""
     g = check_sparse(q, k, v, indices, counts, lengths, page_size)
+    if indices.shape[2] == 0:  # nothing can be selected
+        return jnp.zeros(q.shape[:2] + v.shape[-1:], q.dtype)
     b, hkv, cap, d = k.shape
     scale = d ** -0.5 if scale is None else scale
     idx, valid = sparse_slots(indices, counts, lengths, page_size, cap)

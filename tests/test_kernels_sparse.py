@@ -144,3 +144,14 @@ def test_tpu_page_mode_lowers_to_mosaic():
         text = jax.jit(fn).trace(q, k, k, idx, cnt, cnt * 16).lower(
             lowering_platforms=("tpu",)).as_text()
         assert "tpu_custom_call" in text
+
+
+def test_zero_width_selection_gives_zeros():
+    """indices [batch, kv_heads, 0] (e.g. fewer selected tokens than one page): zeros, no error."""
+    q = jnp.ones((1, 4, 32), jnp.float32)
+    k = jnp.ones((1, 2, 64, 32), jnp.float32)
+    idx, cnt = jnp.zeros((1, 2, 0), jnp.int32), jnp.zeros((1, 2), jnp.int32)
+    for out in (reference.sparse_decode(q, k, k, idx, cnt),
+                gpu_sparse(q, k, k, idx, cnt, page_size=16, interpret=True),
+                tpu_sparse(q, k, k, idx, cnt, interpret=True)):
+        assert out.shape == (1, 4, 32) and not np.asarray(out).any()

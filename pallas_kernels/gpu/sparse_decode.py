@@ -147,6 +147,8 @@ def sparse_decode(q, k, v, indices, counts, lengths=None, *, scale: float | None
     programs per (batch, kv-head) (default ~2 waves); row_gather: page mode with per-row
     gathers (the token-mode load) instead of contiguous page slices (always for page_size < 16)."""
     g = reference.check_sparse(q, k, v, indices, counts, lengths, page_size)
+    if indices.shape[2] == 0:  # nothing can be selected (a zero-width grid would not lower)
+        return jnp.zeros(q.shape[:2] + v.shape[-1:], q.dtype)
     b, hkv, cap, d = k.shape
     if d & (d - 1) or d < 16:
         raise ValueError(f"head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
