@@ -35,6 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from kvjax import cache as kvcache  # noqa: E402
 from kvjax.generate import forward_jit  # noqa: E402
 from kvjax.quant import rotatekv  # noqa: E402
+from kvjax.quant.kvtuner import SimKIVICache, fake_quant  # noqa: E402
 from models.llama import Observe  # noqa: E402
 from models.rope import apply_rope  # noqa: E402
 from quant_quality import score_chunks  # noqa: E402
@@ -43,56 +44,16 @@ FP = 16  # "bits" value meaning: not quantized
 
 
 def fq(x, bits, group, axis, keep=None):
-    """Asymmetric min-max RTN quantize->dequantize of x along `axis` in groups (fp16 stats, as
-    kvjax.quant.packing); `keep` (broadcastable bool) marks entries kept exact and left out of the
-    min/max of their group. bits: traced scalar; FP returns x."""
-    axis = axis % x.ndim
-    n = x.shape[axis]
-    shape_g = x.shape[:axis] + (n // group, group) + x.shape[axis + 1:]
-    xg = x.astype(jnp.float32).reshape(shape_g)
-    if keep is None:
-        kg = jnp.zeros_like(xg, bool)
-    else:
-        kg = jnp.broadcast_to(keep, x.shape).reshape(shape_g)
-    lo = jnp.min(jnp.where(kg, jnp.inf, xg), axis=axis + 1, keepdims=True)
-    hi = jnp.max(jnp.where(kg, -jnp.inf, xg), axis=axis + 1, keepdims=True)
-    lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
-    hi = jnp.where(jnp.isfinite(hi), hi, 0.0)
-    levels = 2.0 ** jnp.asarray(bits, jnp.float32) - 1.0
-    mn = lo.astype(jnp.float16).astype(jnp.float32)
-    scale = ((hi - lo) / levels).astype(jnp.float16).astype(jnp.float32)
-    safe = jnp.where(scale > 0, scale, 1.0)
-    code = jnp.where(scale > 0, jnp.clip(jnp.round((xg - mn) / safe), 0, levels), 0.0)
-    out = jnp.where(kg, xg, code * scale + mn).reshape(x.shape)
-    return jnp.where(bits >= FP, x.astype(jnp.float32), out)
+    """`kvtuner.fake_quant` (fp16 stats, as kvjax.quant.packing; `keep` entries exact and out of
+    their group's min/max) with bits = FP meaning not quantized (bits: traced scalar)."""
+    return jnp.where(bits >= FP, x.astype(jnp.float32), fake_quant(x, bits, group, axis, keep))
 
 
 @dataclasses.dataclass(frozen=True)
-class SimKIVI:
-    dense: kvcache.KVCache
-    k_bits: jax.Array   # [layers] int32 (FP = off)
-    v_bits: jax.Array
-    group: int = 32
-    residual: int = 128
+class SimKIVI(SimKIVICache):
+    """`kvtuner.SimKIVICache` (KIVI numerics on a dense cache) with per-layer FP = off and `sink`
+    first positions kept exact (left out of their groups' statistics)."""
     sink: int = 0
-
-    @property
-    def lengths(self):
-        return self.dense.lengths
-
-    @property
-    def positions(self):
-        return self.dense.positions
-
-    @property
-    def capacity(self):
-        return self.dense.capacity
-
-    def memory_bytes(self):
-        return self.dense.memory_bytes()
-
-    def append(self, keys, values, positions, keys_pre_rope=None):
-        return dataclasses.replace(self, dense=kvcache.append(self.dense, keys, values, positions))
 
     def attend(self, q, query_positions, *, stats, rope=None):
         from kvjax.attention import attend

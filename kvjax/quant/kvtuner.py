@@ -63,19 +63,33 @@ class KVTunerConfig:
 
 # ----------------------------------------------------------------------------- simulated cache
 
-def fake_quant(x: jax.Array, bits: jax.Array, group: int, axis: int) -> jax.Array:
-    """KIVI's quantize->dequantize with a traced bit width (same formula as kvjax.quant.packing)."""
+def fake_quant(x: jax.Array, bits: jax.Array, group: int, axis: int, keep=None) -> jax.Array:
+    """KIVI's quantize->dequantize with a traced bit width (same formula as kvjax.quant.packing).
+
+    keep: optional bool, broadcastable to x: entries kept exact and left out of their group's
+    min/max (e.g. attention sinks)."""
     axis = axis % x.ndim
     n = x.shape[axis]
-    xg = x.astype(jnp.float32).reshape(x.shape[:axis] + (n // group, group) + x.shape[axis + 1:])
-    lo = jnp.min(xg, axis=axis + 1, keepdims=True)
-    hi = jnp.max(xg, axis=axis + 1, keepdims=True)
-    levels = (2.0 ** bits.astype(jnp.float32)) - 1.0
+    shape_g = x.shape[:axis] + (n // group, group) + x.shape[axis + 1:]
+    xg = x.astype(jnp.float32).reshape(shape_g)
+    if keep is None:
+        lo = jnp.min(xg, axis=axis + 1, keepdims=True)
+        hi = jnp.max(xg, axis=axis + 1, keepdims=True)
+    else:
+        keep = jnp.broadcast_to(keep, x.shape).reshape(shape_g)
+        lo = jnp.min(jnp.where(keep, jnp.inf, xg), axis=axis + 1, keepdims=True)
+        hi = jnp.max(jnp.where(keep, -jnp.inf, xg), axis=axis + 1, keepdims=True)
+        lo = jnp.where(jnp.isfinite(lo), lo, 0.0)   # a group that is all kept
+        hi = jnp.where(jnp.isfinite(hi), hi, 0.0)
+    levels = (2.0 ** jnp.asarray(bits, jnp.float32)) - 1.0
     mn = lo.astype(jnp.float16).astype(jnp.float32)
     scale = ((hi - lo) / levels).astype(jnp.float16).astype(jnp.float32)
     safe = jnp.where(scale > 0, scale, 1.0)
     code = jnp.where(scale > 0, jnp.clip(jnp.round((xg - mn) / safe), 0, levels), 0.0)
-    return (code * scale + mn).reshape(x.shape)
+    out = code * scale + mn
+    if keep is not None:
+        out = jnp.where(keep, xg, out)
+    return out.reshape(x.shape)
 
 
 @dataclasses.dataclass(frozen=True)
