@@ -5,7 +5,8 @@ slots (position -1) and slots from the future (slot position > query position). 
 below is the reference; a decode step (one query per row, no observations requested) over a
 dense cache whose per-head `lengths` are given runs the Pallas dense decode kernel
 (`pallas_kernels.dense_decode`) on gpu/tpu. `attend_kivi` does the same for a KIVI cache
-(`pallas_kernels.kivi_decode`, gpu/tpu).
+(`pallas_kernels.kivi_decode`, gpu/tpu), and `attend_qjl` takes a QJL cache's scores from
+`pallas_kernels.qjl_scores`.
 
 Which path runs is decided at trace time by `decode_impl()`, from the backend and the
 environment variable `KVJAX_ATTENTION` (read when a function is traced, so set it before the
@@ -68,7 +69,7 @@ def decode_impl(kernel: str = "dense_decode") -> tuple[str, bool] | None:
     """(impl, interpret) of the Pallas kernel a decode step uses, or None for the XLA path.
 
     impl is "gpu" or "tpu" (`pallas_kernels.resolve`'s names); kernel: "dense_decode" or
-    "kivi_decode" (a backend without that kernel falls back to XLA)."""
+    "kivi_decode" or "qjl_scores" (a backend without that kernel falls back to XLA)."""
     mode = attention_mode()
     if mode == "xla":
         return None

@@ -273,10 +273,9 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     scale = d ** -0.5 if scale is None else scale
     qg = common.group_queries(q, hkv, scale, jnp.float32, gq)                # [b, h, gq, d]
     # key units: the bit fields [f*P, (f+1)*P) in channel order, or one fused unit in _fused_order
-    kperm = _fused_order(d, 8 // bits) if fuse_fields else np.arange(d)
-    vperm = _fused_order(d, 8 // v_bits) if fuse_fields else np.arange(d)
     n_ku, n_vu = (1, 1) if fuse_fields else (8 // bits, 8 // v_bits)
-    q_units = qg[..., kperm].reshape(b, hkv, gq, n_ku, d // n_ku).transpose(0, 1, 3, 2, 4)
+    q_perm = qg[..., _fused_order(d, 8 // bits)] if fuse_fields else qg
+    q_units = q_perm.reshape(b, hkv, gq, n_ku, d // n_ku).transpose(0, 1, 3, 2, 4)
     q_rep = jnp.tile(qg, (1, 1, rep, 1)).astype(k_resid.dtype)               # [b, h, rep*gq, d]
     splits = common.choose_splits(b, hkv, max(capq // group_size, 1), num_splits)
     st = jnp.maximum(reference._starts(starts, lengths), 0)
@@ -312,5 +311,5 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     # units side by side are the channels in vperm order (fields: plain channel order)
     o = o.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, splits, gq, d)
     if fuse_fields:
-        o = o[..., np.argsort(vperm)]
+        o = o[..., np.argsort(_fused_order(d, 8 // v_bits))]
     return common.combine_splits(o, m, l, g).astype(q.dtype)
