@@ -17,20 +17,26 @@ from models.llama import Observe
 def pool1d(x: jax.Array, kernel: int, how: str = "avg") -> jax.Array:
     """Stride-1 pooling over the last axis with `kernel // 2` padding on both sides (output same length).
 
-    avg pooling divides by the full kernel (zero padding counted), as torch's avg_pool1d does."""
+    avg pooling divides by the full kernel (zero padding counted), as torch's avg_pool1d does. Each
+    output is a direct sum of its `kernel` inputs (shifted slices of the zero-padded array), never a
+    difference of running sums: a cumsum over ~1K slots quantises small scores to the float32 spacing
+    of the running total, which made distinct scores equal and changed SnapKV's kept set (issue 19).
+    SnapKV, PyramidKV, AdaKV's and ThinK's default scorer all pool through this function."""
     if kernel <= 1:
         return x
     pad = kernel // 2
+    n = x.shape[-1]
+    widths = [(0, 0)] * (x.ndim - 1) + [(pad, pad)]
     if how == "avg":
-        xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
-        c = jnp.cumsum(xp, axis=-1)
-        c = jnp.pad(c, [(0, 0)] * (x.ndim - 1) + [(1, 0)])
-        out = (c[..., kernel:] - c[..., :-kernel]) / kernel
-    else:
-        xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], constant_values=-jnp.inf)
-        out = jax.lax.reduce_window(xp, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,),
-                                    (1,) * x.ndim, "VALID")
-    return out[..., : x.shape[-1]]
+        xp = jnp.pad(x, widths)
+        total = xp[..., 0:n]
+        for k in range(1, kernel):
+            total = total + xp[..., k:k + n]
+        return total / kernel
+    xp = jnp.pad(x, widths, constant_values=-jnp.inf)
+    out = jax.lax.reduce_window(xp, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,),
+                                (1,) * x.ndim, "VALID")
+    return out[..., :n]
 
 
 @dataclasses.dataclass(frozen=True)
