@@ -13,15 +13,18 @@ interpret mode and lowered to Mosaic on CPU, not yet run on a TPU) and the pure-
 kernel in interpret mode (with impl=None it picks the GPU kernel). Tuning keywords (block_k,
 num_splits, num_warps, ...) are forwarded to the kernel and ignored by the reference.
 
-Kernels: dense_decode, kivi_decode, sparse_decode, qjl_scores (see `reference` for contracts).
+Kernels: dense_decode, kivi_decode, sparse_decode, qjl_scores (decode) and flash_prefill
+(causal chunked prefill over the cache); see `reference` for the contracts.
 """
 from __future__ import annotations
+
+import inspect
 
 import jax
 
 from pallas_kernels import reference
 
-KERNELS = ("dense_decode", "kivi_decode", "sparse_decode", "qjl_scores")
+KERNELS = ("dense_decode", "kivi_decode", "sparse_decode", "qjl_scores", "flash_prefill")
 IMPLS = ("gpu", "tpu", "reference")
 
 
@@ -61,11 +64,13 @@ def resolve(name: str, impl: str | None = None, interpret: bool = False):
 
 
 def _dispatch(name):
+    # the reference gets exactly the keywords it takes (tuning keywords are the kernels' own)
+    keep = frozenset(inspect.signature(getattr(reference, name)).parameters)
+
     def call(*args, impl: str | None = None, interpret: bool = False, **kwargs):
         fn, is_kernel = resolve(name, impl, interpret)
         if is_kernel:
             return fn(*args, interpret=interpret, **kwargs)
-        keep = {"scale", "bits", "v_bits", "group_size", "page_size", "lengths"}
         return fn(*args, **{k: v for k, v in kwargs.items() if k in keep})
     call.__name__ = name
     call.__doc__ = getattr(reference, name).__doc__
@@ -76,3 +81,4 @@ dense_decode = _dispatch("dense_decode")
 kivi_decode = _dispatch("kivi_decode")
 sparse_decode = _dispatch("sparse_decode")
 qjl_scores = _dispatch("qjl_scores")
+flash_prefill = _dispatch("flash_prefill")

@@ -18,6 +18,13 @@ kv_heads` query heads of one kv-head sharing its keys and values):
 * `qjl_scores`     -- QJL key-score estimator over packed sign-bit sketches (Zandieh et al.,
                       "QJL: 1-Bit Quantized JL Transform for KV Cache Quantization with Zero
                       Overhead", arXiv 2406.03482).
+
+Prefill (a chunk of T new queries per sequence over the cache that already holds their keys):
+
+* `flash_prefill`  -- causal chunked-prefill attention over a dense cache with per-head live
+                      ranges (FlashAttention-2 tiling in the kernels: Dao, "FlashAttention-2:
+                      Faster Attention with Better Parallelism and Work Partitioning",
+                      arXiv 2307.08691).
 """
 from __future__ import annotations
 
@@ -330,3 +337,62 @@ def qjl_scores(q, key_signs, key_out_signs, key_norms, key_out_norms, outlier_id
     est = c / m * kin[:, :, None] * dot_in + c / mo * kon[:, :, None] * dot_out
     valid = (jnp.arange(cap)[None, None, :] < lengths[:, :, None])[:, :, None, :]
     return jnp.where(valid, est, NEG_INF).reshape(b, hkv * g, cap)
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def check_prefill(q, keys, values, starts, lengths):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, q_heads, T, head_dim], got shape {q.shape}")
+    if keys.ndim != 4 or values.shape != keys.shape:
+        raise ValueError(f"keys, values must be [batch, kv_heads, capacity, head_dim] of one shape, "
+                         f"got {keys.shape} and {values.shape}")
+    b, hkv, _, d = keys.shape
+    if q.shape[0] != b or q.shape[3] != d:
+        raise ValueError(f"q {q.shape} does not match the cache {keys.shape} (batch, head_dim)")
+    if q.shape[1] % hkv:
+        raise ValueError(f"q_heads={q.shape[1]} is not a multiple of kv_heads={hkv}")
+    for name, x in (("starts", starts), ("lengths", lengths)):
+        if x.shape != (b, hkv):
+            raise ValueError(f"{name} must be [batch, kv_heads]={(b, hkv)}, got {x.shape}")
+    return q.shape[1] // hkv
+
+
+def flash_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.Array,
+                  lengths: jax.Array, *, scale: float | None = None) -> jax.Array:
+    """Causal attention of a prefill chunk over the cache that already holds the chunk's keys.
+
+    q:       [batch, q_heads, T, head_dim]  the chunk's queries; grouped-query attention:
+             q_heads = kv_heads * group, query head j uses kv head j // group.
+    keys, values: [batch, kv_heads, S, head_dim]  the cache (capacity S >= T, any S).
+    starts:  [batch, kv_heads] int32  first live slot of each head.
+    lengths: [batch, kv_heads] int32  one past the last live slot; the chunk's T keys occupy
+             slots lengths - T .. lengths - 1.
+    Query i (0-based in the chunk) of a head sees slot s iff starts <= s <= lengths - T + i
+    (everything live before the chunk, causal inside it); slots outside [starts, lengths) are
+    never read by the kernels (their content may be garbage). Softmax in float32 with scale
+    (default head_dim**-0.5); a query that sees no slot (e.g. starts >= lengths) yields zeros.
+    returns [batch, q_heads, T, head_dim] in q.dtype.
+
+    This reference materialises the [batch, q_heads, T, S] logits (tests and small shapes)."""
+    g = check_prefill(q, keys, values, starts, lengths)
+    b, hkv, cap, d = keys.shape
+    t_len = q.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, hkv, g, t_len, d).astype(jnp.float32) * scale
+    hi = jax.lax.Precision.HIGHEST  # float32 products on GPUs too (no TF32)
+    logits = jnp.einsum("bhgtd,bhsd->bhgts", qg, keys.astype(jnp.float32), precision=hi)
+    slot = jnp.arange(cap)[None, None, None, :]                          # [1, 1, 1, S]
+    last = (lengths[:, :, None, None] - t_len + jnp.arange(t_len)[None, None, :, None])  # [b, h, T, 1]
+    valid = (slot >= starts[:, :, None, None]) & (slot <= last) & (slot < lengths[:, :, None, None])
+    valid = valid[:, :, None]                                            # [b, h, 1, T, S]
+    logits = jnp.where(valid, logits, NEG_INF)
+    m = logits.max(-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(logits - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    live = (slot[0] >= starts[:, :, None]) & (slot[0] < lengths[:, :, None])   # [b, h, S]
+    vals = jnp.where(live[..., None], values.astype(jnp.float32), 0.0)  # dead slots may hold NaN
+    o = jnp.einsum("bhgts,bhsd->bhgtd", p, vals, precision=hi)
+    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    return o.reshape(b, hkv * g, t_len, d).astype(q.dtype)
