@@ -36,7 +36,7 @@ from kvjax import cache as kvcache  # noqa: E402
 from kvjax.generate import forward_jit  # noqa: E402
 from kvjax.quant import rotatekv  # noqa: E402
 from kvjax.quant.kvtuner import SimKIVICache, fake_quant  # noqa: E402
-from models.llama import Observe  # noqa: E402
+from kvjax.observation import Observe  # noqa: E402
 from models.rope import apply_rope  # noqa: E402
 from quant_quality import score_chunks  # noqa: E402
 
@@ -55,7 +55,7 @@ class SimKIVI(SimKIVICache):
     first positions kept exact (left out of their groups' statistics)."""
     sink: int = 0
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         from kvjax.attention import attend
         g, r = self.group, self.residual
         k, v = self.dense.keys.astype(jnp.float32), self.dense.values.astype(jnp.float32)
@@ -67,7 +67,7 @@ class SimKIVI(SimKIVICache):
         vq = fq(v, self.v_bits, g, axis=-1, keep=keep)
         k = jnp.where((t < (n // r) * r)[..., None], kq, k)
         v = jnp.where((t < n - r)[..., None], vq, v)
-        return attend(q, k, v, pos, query_positions, stats=stats)
+        return attend(q, k, v, pos, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(SimKIVI, data_fields=["dense", "k_bits", "v_bits"],
@@ -96,9 +96,9 @@ class SimPerToken:
         return dataclasses.replace(self, dense=kvcache.append(self.dense, apply_rope(k, positions, self.config),
                                                               v, positions))
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         from kvjax.attention import attend
-        return attend(q, self.dense.keys, self.dense.values, self.dense.positions, query_positions, stats=stats)
+        return attend(q, self.dense.keys, self.dense.values, self.dense.positions, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(SimPerToken, data_fields=["dense", "k_bits", "v_bits"],

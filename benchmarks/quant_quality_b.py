@@ -36,7 +36,7 @@ from kvjax import cache as kvcache  # noqa: E402
 from kvjax.generate import forward_jit  # noqa: E402
 from kvjax.policies.snapkv import SnapKV  # noqa: E402
 from kvjax.quant import gear, kivi, mikv, rotatekv, zipcache  # noqa: E402
-from models.llama import Observe  # noqa: E402
+from kvjax.observation import Observe  # noqa: E402
 from models.rope import apply_rope  # noqa: E402
 
 MIKV_POLICY = SnapKV(window=16)

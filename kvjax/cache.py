@@ -60,11 +60,11 @@ class KVCache:
         """keys: post-RoPE `[batch, kv_heads, new, dim]`; keys_pre_rope is ignored by this cache."""
         return append(self, keys, values, positions)
 
-    def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
+    def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE `[batch, q_heads, new, dim]` -> (out, observations); see kvjax.attention
         (a decode step runs the Pallas dense kernel on gpu/tpu)."""
         from kvjax.attention import attend
-        return attend(q, self.keys, self.values, self.positions, query_positions, stats=stats,
+        return attend(q, self.keys, self.values, self.positions, query_positions, observe=observe, backend=backend,
                       lengths=self.lengths)
 
 

@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache import KVCache
-from kvjax.policies.base import Budget, Observation, ScoringPolicy, compress
+from kvjax.layerwise import LayerwiseCache
+from kvjax.observation import Observation, Observe, Observer, layer_view
+from kvjax.policies.base import Budget, ScoringPolicy, compress
 from models.config import ModelConfig
-from models.llama import Observe
 
 WHEN = ("prefill", "chunk", "decode")
 
@@ -56,29 +57,39 @@ class Compression:
 
     @property
     def observe(self) -> Observe:
-        """What the forward must return: the policy's needs (+ column sums to accumulate)."""
+        """What the layers compute for the policy (+ column sums to accumulate)."""
         o = self.policy.observe
         if self.policy.accumulates and not o.column_sums:
             o = dataclasses.replace(o, column_sums=True)
         return o
 
-    @property
-    def decode_observe(self) -> Observe:
-        """Observation of one decode step: the new query (pushed into the QueryBuffer) and, for
-        accumulating policies, its column sums."""
-        o = self.observe
-        return dataclasses.replace(o, window=min(o.window, 1), qkv=o.qkv)
+    def observer(self, score: bool = True) -> Observer:
+        """The forward's in-layer reduction for this policy: scores (when compressing after this
+        forward), the running state of accumulating policies, and the window queries ThinK's
+        layout needs."""
+        w = self.policy.observe.window if type(self.policy).finalize is not ScoringPolicy.finalize else 0
+        return Observer(self.policy, score=score, queries=w)
+
+    def decode_observer(self) -> Optional[Observer]:
+        """In a decode loop: the step's query (pushed into the QueryBuffer) and, for accumulating
+        policies, its column sums; no scores (they are computed from the buffer when compressing)."""
+        w = decode_window(self)
+        o = self.policy.observe
+        if not w and not self.policy.accumulates:
+            return None
+        return Observer(self.policy, score=False, queries=1 if (w and o.window) else 0,
+                        q_pre=1 if (w and o.qkv) else 0)
 
     def __str__(self):
         return f"{type(self.policy).__name__}@{self.budget}/{self.when}"
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "config", "capacity", "max_keep"))
-def compress_cache(policy: ScoringPolicy, config: ModelConfig, cache, obs: dict, n_keep: jax.Array,
+def compress_cache(policy: ScoringPolicy, config: ModelConfig, cache, outs: dict, n_keep: jax.Array,
                    capacity: int, max_keep: int, state: Optional[jax.Array] = None):
-    """Jitted `policies.base.compress` from a forward's observation dict."""
-    observation = Observation.from_forward(cache, config, obs, accumulated=state)
-    return compress(policy, observation, n_keep, capacity, max_keep, state)
+    """Jitted `policies.base.compress` from a forward's outputs ("scores" [L, B, Hkv, S] reduced in
+    the layers, "queries" for ThinK)."""
+    return compress(policy, config, cache, outs["scores"], n_keep, capacity, max_keep, state, outs.get("queries"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +140,8 @@ def init_query_buffer(compression: Optional[Compression], config: ModelConfig, b
                        q_pre=jnp.zeros(shape, dtype) if o.qkv else None)
 
 
-def push_query(buf: Optional[QueryBuffer], obs: dict, pos: jax.Array) -> Optional[QueryBuffer]:
-    """Append one decode step's query (obs of a 1-token forward; pos [B]) and drop the oldest."""
+def push_query(buf: Optional[QueryBuffer], outs: dict, pos: jax.Array) -> Optional[QueryBuffer]:
+    """Append one decode step's query (outputs of a 1-token forward; pos [B]) and drop the oldest."""
     if buf is None:
         return None
 
@@ -139,63 +150,63 @@ def push_query(buf: Optional[QueryBuffer], obs: dict, pos: jax.Array) -> Optiona
 
     return QueryBuffer(
         positions=jnp.concatenate([buf.positions[:, 1:], pos[:, None].astype(jnp.int32)], axis=1),
-        q_rot=roll(buf.q_rot, obs["window_queries"][..., -1:, :]) if buf.q_rot is not None else None,
-        q_pre=roll(buf.q_pre, obs["q_pre"][..., -1:, :]) if buf.q_pre is not None else None)
+        q_rot=roll(buf.q_rot, outs["queries"][..., -1:, :]) if buf.q_rot is not None else None,
+        q_pre=roll(buf.q_pre, outs["queries_pre"][..., -1:, :]) if buf.q_pre is not None else None)
 
 
-def window_attention(cache, q_rot: jax.Array, q_positions: jax.Array) -> jax.Array:
-    """Attention probabilities of the queries `q_rot [L, B, Hq, w, d]` (post-RoPE, positions
-    `q_positions [B, w]`, -1 = none) over the cache slots, causal by position, float32 softmax
-    with scale 1/sqrt(d) (as `kvjax.attention.attend`): [L, B, Hq, w, S]; rows of absent queries
-    and masked slots are 0."""
-    n_layers, b, hq, w, d = q_rot.shape
-    if not isinstance(cache, KVCache) or cache.keys.shape[-1] != d:
-        raise ValueError(f"decode-time compression observes a dense KVCache with keys [L, B, Hkv, S, {d}]; a "
-                         f"{type(cache).__name__} (e.g. ThinK's pruned keys) cannot be compressed again")
-    keys = cache.keys
-    hkv = keys.shape[2]
-    q = q_rot.reshape(n_layers, b, hkv, hq // hkv, w, d).astype(jnp.float32)
-    logits = jnp.einsum("lbhgwd,lbhsd->lbhgws", q, keys.astype(jnp.float32)) * d ** -0.5
-    sp = cache.positions[:, :, :, None, None, :]
-    mask = (sp >= 0) & (sp <= q_positions[None, :, None, None, :, None])
+def window_attention(layer, q_rot: jax.Array, q_positions: jax.Array) -> jax.Array:
+    """Attention probabilities of the queries `q_rot [B, Hq, w, d]` (post-RoPE, positions
+    `q_positions [B, w]`, -1 = none) over one layer's cache slots, causal by position, float32
+    softmax with scale 1/sqrt(d) (as `kvjax.attention.attend`): [B, Hq, w, S]; rows of absent
+    queries and masked slots are 0."""
+    b, hq, w, d = q_rot.shape
+    if not isinstance(layer, KVCache) or layer.keys.shape[-1] != d:
+        raise ValueError(f"decode-time compression observes a dense KVCache with keys [B, Hkv, S, {d}]; a "
+                         f"{type(layer).__name__} (e.g. ThinK's pruned keys) cannot be compressed again")
+    keys = layer.keys
+    hkv = keys.shape[1]
+    q = q_rot.reshape(b, hkv, hq // hkv, w, d).astype(jnp.float32)
+    logits = jnp.einsum("bhgwd,bhsd->bhgws", q, keys.astype(jnp.float32)) * d ** -0.5
+    sp = layer.positions[:, :, None, None, :]
+    mask = (sp >= 0) & (sp <= q_positions[:, None, None, :, None])
     probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
     probs = jnp.where(mask, probs, 0.0)
-    return probs.reshape(n_layers, b, hq, w, -1)
+    return probs.reshape(b, hq, w, -1)
 
 
-def buffer_observation(cache, buf: Optional[QueryBuffer]) -> dict:
-    """The observation dict a forward over the buffered queries would return (window_probs,
-    window_queries, q_pre), computed over the cache as it is now."""
-    if buf is None:
-        return {}
-    obs = {}
-    if buf.q_rot is not None:
-        obs["window_probs"] = window_attention(cache, buf.q_rot, buf.positions)
-        obs["window_queries"] = buf.q_rot
-    if buf.q_pre is not None:
-        obs["q_pre"] = buf.q_pre
-    return obs
+def buffer_scores(policy: ScoringPolicy, config: ModelConfig, cache: LayerwiseCache, buf: Optional[QueryBuffer],
+                  state: Optional[jax.Array]) -> jax.Array:
+    """The policy's scores [L, B, Hkv, S] from the buffered queries' observation over the cache as
+    it is now, computed layer by layer (what a forward over those queries would have reduced)."""
+    scores = []
+    for i, layer in enumerate(cache.layers):
+        obs = Observation(cache=layer_view(layer), config=config, layer=i, n_layers=len(cache.layers),
+                          accumulated=None if state is None else state[i:i + 1])
+        if buf is not None and buf.q_rot is not None:
+            obs = dataclasses.replace(obs, window_probs=window_attention(layer, buf.q_rot[i], buf.positions)[None],
+                                      window_queries=buf.q_rot[i:i + 1])
+        if buf is not None and buf.q_pre is not None:
+            obs = dataclasses.replace(obs, q_pre=buf.q_pre[i:i + 1])
+        scores.append(policy.score(obs)[0].astype(jnp.float32))
+    return jnp.stack(scores)
 
 
-def decode_compress(compression: Compression, config: ModelConfig, cache, state, buf: Optional[QueryBuffer],
-                    n_keep: jax.Array, max_keep: int):
+def decode_compress(compression: Compression, config: ModelConfig, cache: LayerwiseCache, state,
+                    buf: Optional[QueryBuffer], n_keep: jax.Array, max_keep: int):
     """Inside a decode loop: if a head's slots are full, compress back to `n_keep` [B] tokens per
     head using the buffered queries' observation. Re-rotating policies invalidate the buffer
     (its queries were rotated at positions that no longer exist). returns (cache, state, buf)."""
     policy = compression.policy
+    if not isinstance(cache, LayerwiseCache) or not cache.uniform:
+        raise ValueError(f"decode-time compression observes per-layer dense caches; a {type(cache).__name__} "
+                         f"(e.g. ThinK's pruned keys, a ragged final layout) cannot be compressed again")
 
     def squeeze(c, s, b):
-        c2, s2 = compress_cache(policy, config, c, buffer_observation(c, b), n_keep, c.capacity, max_keep, s)
+        scores = buffer_scores(policy, config, c, b, s)
+        c2, s2 = compress(policy, config, c, scores, n_keep, c.capacity, max_keep, s)
         if b is not None and policy.rerotate:
             b = dataclasses.replace(b, positions=jnp.full_like(b.positions, -1))
         return c2, s2, b
 
     full = jnp.max(cache.lengths) >= cache.capacity
     return jax.lax.cond(full, squeeze, lambda c, s, b: (c, s, b), cache, state, buf)
-
-
-def accumulate(policy: ScoringPolicy, config: ModelConfig, cache, obs: dict, state):
-    """Add the policy's per-slot increment to the running state (no-op for other policies)."""
-    if not policy.accumulates:
-        return state
-    return state + policy.accumulate(Observation.from_forward(cache, config, obs, accumulated=state))

@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.attention import attention_name
-from kvjax.compression import (Compression, accumulate, compress_cache, decode_compress, init_query_buffer,
-                               push_query)
+from kvjax.attention import check_backend, decode_impl, dense_kernel_ok, kivi_kernel_ok, qjl_kernel_ok
+from kvjax.compression import (Compression, compress_cache, decode_compress, init_query_buffer, push_query)
+from kvjax.layerwise import LayerwiseCache, per_layer
+from kvjax.observation import Observe, Observer
 from kvjax.sampling import Sampling, sample
 from models.config import ModelConfig
-from models.llama import Observe, forward
+from models.llama import forward, unstack_params
 
 
 @dataclasses.dataclass
@@ -57,14 +58,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> 
     return tokens, positions
 
 
-@functools.partial(jax.jit, static_argnames=("config", "observe", "all_logits"))
-def forward_jit(params, tokens, positions, cache, config: ModelConfig, observe: Observe = Observe(),
-                all_logits: bool = False):
-    """`models.llama.forward` compiled once per (shapes, config, observe)."""
-    return forward(params, tokens, positions, cache, config, observe, all_logits)
+_FORWARD_STATIC = ("config", "observe", "all_logits", "observer", "attention")
 
 
-def continue_positions(cache: kvcache.KVCache, positions: jax.Array) -> jax.Array:
+def _forward(params, tokens, positions, cache, config: ModelConfig, observe: Observe = Observe(),
+             all_logits: bool = False, observer: Optional[Observer] = None, attention: str = "auto",
+             accumulated=None):
+    return forward(params, tokens, positions, cache, config, observe, all_logits, observer=observer,
+                   attention=attention, accumulated=accumulated)
+
+
+forward_jit = jax.jit(_forward, static_argnames=_FORWARD_STATIC)
+forward_jit.__doc__ = """`models.llama.forward` compiled once per (shapes, config, observe, observer, attention)."""
+# the engine's prefill step: same, with the cache donated (written in place, the argument is consumed)
+forward_step = jax.jit(_forward, static_argnames=_FORWARD_STATIC, donate_argnames=("cache",))
+
+
+def continue_positions(cache, positions: jax.Array) -> jax.Array:
     """Shift `positions [batch, new]` so each row continues after the highest position its cache
     holds (padding stays -1). Used when a policy re-assigns contiguous in-cache positions."""
     start = jnp.max(cache.positions, axis=(0, 2, 3)) + 1                 # [batch]
@@ -73,93 +83,121 @@ def continue_positions(cache: kvcache.KVCache, positions: jax.Array) -> jax.Arra
     return jnp.where(positions >= 0, shifted, -1).astype(jnp.int32)
 
 
-def prefill(params, config: ModelConfig, tokens, positions, cache: kvcache.KVCache,
-            chunk_size: Optional[int] = None, progress: bool = False,
-            compression: Optional[Compression] = None, n_keep=None, max_keep: int = 0,
-            state=None):
+def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: Optional[int] = None,
+            progress: bool = False, compression: Optional[Compression] = None, n_keep=None, max_keep: int = 0,
+            state=None, attention: str = "auto", all_logits: bool = False):
     """Feed the prompt through the model, in chunks of `chunk_size` tokens if given.
 
-    tokens, positions: [batch, T]. With a compression whose `when` is "chunk", the cache is
-    compressed to `n_keep` ([batch] tokens per head, at most `max_keep`) after every chunk; with
-    "prefill"/"decode" it is compressed once at the end. `state` is the running per-slot score of
-    accumulating policies ([layers, batch, kv_heads, capacity] or None).
-    returns (last-position logits [batch, vocab], cache, state)."""
+    tokens, positions: [batch, T]; cache: the engine's per-layer cache (donated: do not reuse the
+    argument). With a compression whose `when` is "chunk", the cache is compressed to `n_keep`
+    ([batch] tokens per head, at most `max_keep`) after every chunk; with "prefill"/"decode" it is
+    compressed once at the end. The policy's observation is reduced inside the layers of the
+    forward that precedes a compression (scores [L, B, Hkv, S]); accumulating policies update
+    `state` ([layers, batch, kv_heads, capacity] or None) in every forward.
+    returns (logits [batch, vocab] of the last position, or [batch, T, vocab] with all_logits, cache, state)."""
     t = tokens.shape[1]
     chunk = t if not chunk_size else chunk_size
-    observe = compression.observe if compression is not None else Observe()
-    starts = range(0, t, chunk)
+    starts = list(range(0, t, chunk))
+    it = starts
     if progress and len(starts) > 1:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="prefill", unit="chunk")
-    logits = obs = None
-    for s in starts:
+        it = tqdm(starts, desc="prefill", unit="chunk")
+    logits, pieces = None, []
+    for s in it:
         e = min(s + chunk, t)
         pos = positions[:, s:e]
-        if compression is not None and compression.policy.rerotate and s > 0:
-            # in-cache positions: the chunk continues right after what the cache holds
-            pos = continue_positions(cache, pos)
-        logits, cache, obs = forward_jit(params, tokens[:, s:e], pos, cache, config, observe)
+        observer = None
         if compression is not None:
-            state = accumulate(compression.policy, config, cache, obs, state)
-            if compression.when == "chunk":
-                cache, state = compress_cache(compression.policy, config, cache, obs, n_keep,
-                                              cache.capacity, max_keep, state)
-    if compression is not None and compression.when != "chunk":
-        cache, state = compress_cache(compression.policy, config, cache, obs, n_keep, max_keep, max_keep, state)
+            if compression.policy.rerotate and s > 0:
+                pos = continue_positions(cache, pos)   # in-cache positions: continue after the cache
+            compress_now = compression.when == "chunk" or s == starts[-1]
+            if compress_now or compression.policy.accumulates:
+                observer = compression.observer(score=compress_now)
+        logits, cache, outs = forward_step(params, tokens[:, s:e], pos, cache, config, all_logits=all_logits,
+                                          observer=observer, attention=attention,
+                                          accumulated=state if observer is not None and compression.policy.accumulates
+                                          else None)
+        if all_logits:
+            pieces.append(logits)
+        if observer is not None and compression.policy.accumulates:
+            state = outs["accumulated"]
+        if compression is not None and (compression.when == "chunk" or s == starts[-1]):
+            capacity = cache.capacity if compression.when == "chunk" else max_keep
+            cache, state = compress_cache(compression.policy, config, cache, outs, n_keep, capacity, max_keep, state)
+    if all_logits:
+        return jnp.concatenate(pieces, axis=1), cache, state
     return logits[:, -1], cache, state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "eos_ids", "compression"))
-def decode_loop(params, cache: kvcache.KVCache, first_token, start_positions, key, state=None,
-                n_keep=None, *, config: ModelConfig, sampling: Sampling, max_new_tokens: int,
-                eos_ids: tuple[int, ...], compression: Optional[Compression] = None):
-    """Autoregressive decode after prefill.
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "eos_ids", "compression",
+                                             "attention"),
+                   donate_argnames=("cache", "state"))
+def decode_loop(params, cache, first_token, start_positions, key, state=None, n_keep=None, forced=None, *,
+                config: ModelConfig, sampling: Sampling, max_new_tokens: int, eos_ids: tuple[int, ...],
+                compression: Optional[Compression] = None, attention: str = "auto"):
+    """Autoregressive decode after prefill, updating the (donated) per-layer cache in place.
 
     first_token: [batch] int32, the token sampled from the prefill logits (output slot 0).
     start_positions: [batch] int32, the position of first_token for each row.
+    forced: optional [batch, max_new_tokens - 1] int32 tokens to feed instead of sampling
+    (teacher forcing, for evaluation); then also the log-softmax of every step's logits is returned.
     compression (when == "decode"): whenever a head's slots are full, compress back to
     `n_keep` [batch] tokens per head inside the loop (same capacity, so shapes stay static);
     window / query-statistics scorers observe the last decode queries (kvjax.compression.QueryBuffer).
     returns (tokens [batch, max_new_tokens] with eos_ids[0] (or 0) after a row stopped,
-             n_steps: number of tokens written, cache)."""
+             n_steps: number of tokens written, cache, state, log-probs [batch, max_new_tokens - 1, vocab] or None)."""
     batch = first_token.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     filler = eos_ids[0] if eos_ids else 0
     out = jnp.full((batch, max_new_tokens), filler, jnp.int32).at[:, 0].set(first_token)
-    done = jnp.isin(first_token, eos)
+    done = jnp.isin(first_token, eos) if forced is None else jnp.zeros((batch,), bool)
     in_loop = compression is not None and compression.when == "decode"
-    observe = compression.decode_observe if in_loop else Observe()
+    observer = compression.decode_observer() if in_loop else None
+    accumulates = in_loop and compression.policy.accumulates
     max_keep = cache.capacity - compression.interval if in_loop else 0
     # rolling buffer of the last decode queries: what window scorers observe when compressing
     buf = init_query_buffer(compression, config, batch, _buffer_dtype(cache)) if in_loop else None
+    logp = None
+    if forced is not None:
+        logp = jnp.zeros((batch, max(max_new_tokens - 1, 0), config.vocab_size), jnp.float32)
 
     def cond(carry):
-        step, _, _, _, _, done, _, _, _ = carry
+        step, done = carry[0], carry[5]
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, tok, pos, out, done, key, state, buf = carry
+        step, cache, tok, pos, out, done, key, state, buf, logp = carry
         key, sub = jax.random.split(key)
         if in_loop:  # make room first: the new token must fit
             cache, state, buf = decode_compress(compression, config, cache, state, buf, n_keep, max_keep)
             if compression.policy.rerotate:  # contiguous in-cache positions: continue after them
                 pos = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
-        logits, cache, obs = forward(params, tok[:, None], pos[:, None], cache, config, observe, False)
+        logits, cache, outs = forward(params, tok[:, None], pos[:, None], cache, config, Observe(), False,
+                                      observer=observer, attention=attention,
+                                      accumulated=state if accumulates else None)
+        if accumulates:
+            state = outs["accumulated"]
         if in_loop:
-            state = accumulate(compression.policy, config, cache, obs, state)
-            buf = push_query(buf, obs, pos)
-        nxt = sample(logits[:, -1], sub, sampling)
+            buf = push_query(buf, outs, pos)
+        if forced is not None:
+            logp = jax.lax.dynamic_update_slice(logp, jax.nn.log_softmax(logits[:, -1:], axis=-1), (0, step - 1, 0))
+            nxt = forced[:, step - 1]
+        else:
+            nxt = sample(logits[:, -1], sub, sampling)
         nxt = jnp.where(done, filler, nxt)
         out = out.at[:, step].set(nxt)
-        return step + 1, cache, nxt, pos + 1, out, done | jnp.isin(nxt, eos), key, state, buf
+        return step + 1, cache, nxt, pos + 1, out, done | jnp.isin(nxt, eos), key, state, buf, logp
 
-    carry = (jnp.int32(1), cache, first_token, start_positions, out, done, key, state, buf)
-    step, cache, _, _, out, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out, step, cache
+    if forced is not None:
+        first_token = first_token
+    carry = (jnp.int32(1), cache, first_token, start_positions, out, done, key, state, buf, logp)
+    step, cache, _, _, out, _, _, state, _, logp = jax.lax.while_loop(cond, body, carry)
+    return out, step, cache, state, logp
 
 
 def _buffer_dtype(cache):
-    return cache.keys.dtype if isinstance(cache, kvcache.KVCache) else jnp.float32
+    layer = cache.layers[0] if isinstance(cache, LayerwiseCache) else cache
+    return layer.keys.dtype if isinstance(layer, kvcache.KVCache) else jnp.float32
 
 
 def decode_start(cache, prompt_lengths, compression: Optional[Compression]) -> jax.Array:
@@ -173,6 +211,41 @@ def decode_start(cache, prompt_lengths, compression: Optional[Compression]) -> j
     return jnp.asarray(prompt_lengths, jnp.int32)
 
 
+def attention_name(cache, compression=None, attention: str = "auto") -> str:
+    """What generate's decode steps run, for its stats: "pallas-gpu:dense_decode ..." or
+    "xla-reference". Mirrors the trace-time dispatch of the caches' `attend`."""
+    from kvjax.quant.kivi import KIVICache
+    from kvjax.quant.qjl import QJLCache
+    layer = cache.layers[0] if isinstance(cache, LayerwiseCache) and cache.layers else cache
+    if compression is not None and getattr(compression, "when", None) == "decode":
+        obs = compression.decode_observer()
+        if obs is not None and obs.observe.wants_attention:
+            return "xla-reference (decode observes attention)"
+    prefill = "xla prefill"
+    if isinstance(layer, kvcache.KVCache):
+        sel = decode_impl("dense_decode", attention)
+        if sel is None or not dense_kernel_ok(layer.keys.shape[-1], layer.keys.dtype, sel[0]):
+            return "xla-reference"
+        name, fallback = "dense_decode", " (XLA if a head's live slots are not contiguous)"
+        if decode_impl("flash_prefill", attention) is not None:
+            prefill = "flash prefill"
+    elif isinstance(layer, KIVICache):
+        sel = decode_impl("kivi_decode", attention)
+        if sel is None or not kivi_kernel_ok(layer.k_bits, layer.v_bits, layer.group, layer.residual,
+                                             layer.head_dim, sel[0]):
+            return "xla-reference"
+        name, fallback = "kivi_decode", ""
+    elif isinstance(layer, QJLCache):
+        sel = decode_impl("qjl_scores", attention)
+        if sel is None or not qjl_kernel_ok(layer.cfg, sel[0]):
+            return "xla-reference"
+        name, fallback = "qjl_scores", " (scores of sketched keys; fp buffer, softmax, values in XLA)"
+    else:
+        return "xla-reference"
+    impl, interpret = sel
+    return f"pallas-{impl}{'-interpret' if interpret else ''}:{name} decode{fallback}, {prefill}"
+
+
 def _trim(row: np.ndarray, n: int, eos_ids: tuple[int, ...]) -> list[int]:
     row = row[:n].tolist()
     for i, t in enumerate(row):
@@ -181,22 +254,48 @@ def _trim(row: np.ndarray, n: int, eos_ids: tuple[int, ...]) -> list[int]:
     return row
 
 
+def default_dtype():
+    """The compute/cache dtype on this backend: bfloat16 on gpu/tpu, float32 on cpu."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def default_chunk_size() -> Optional[int]:
+    """Prefill chunk by backend: 4096 tokens on gpu/tpu (flash attention, matmuls at full rate),
+    512 on cpu (the XLA attention materialises chunk x context scores: bounded memory)."""
+    return 512 if jax.default_backend() == "cpu" else 4096
+
+
+def init_engine_cache(config: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
+                      cache_init: Optional[Callable] = None) -> LayerwiseCache:
+    """An empty per-layer cache (the engine's layout): dense KVCache layers of `capacity` slots, or
+    `cache_init(config, batch, capacity)`'s cache type split per layer."""
+    if cache_init is None:
+        layer = lambda: kvcache.init_cache(1, batch, config.n_kv_heads, capacity, config.head_dim, dtype)
+        layers = tuple(jax.tree_util.tree_map(lambda x: x[0], layer()) for _ in range(config.n_layers))
+        return LayerwiseCache(layers=layers, capacity=capacity, uniform=True)
+    return per_layer(cache_init(config, batch, capacity))
+
+
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              sampling: Sampling = Sampling(), chunk_size: Optional[int] = None,
-             capacity: Optional[int] = None, cache_dtype=jnp.float32, pad_id: int = 0,
+             capacity: Optional[int] = None, cache_dtype=None, pad_id: int = 0,
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
              compression: Optional[Compression] = None, progress: bool = False,
-             tokenizer=None, cache_init: Optional[Callable] = None) -> GenerateResult:
+             tokenizer=None, cache_init: Optional[Callable] = None, attention: str = "auto") -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
     tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
     (special tokens skipped) and its stop ids (e.g. ChatML's <|im_end|>) end generation.
     cache_init: `(config, batch, capacity) -> cache` for another cache type with the same protocol
-    (e.g. `functools.partial(kvjax.quant.kivi.init_kivi_cache, bits=2)`); default: a dense KVCache.
+    (e.g. `kvjax.quant.make_cache_init("kivi2")`); default: a dense KVCache per layer.
+    cache_dtype: of the dense cache (default: the parameters' dtype).
+    attention: "auto" | "xla" | "pallas" | "interpret" (kvjax.attention).
+    chunk_size: prefill chunk (None: one forward over the prompt).
 
     capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
     do not fit the capacity or the model's context, and non-positive max_new_tokens."""
+    check_backend(attention)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if chunk_size is not None and chunk_size <= 0:
@@ -204,6 +303,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if eos_ids is None:
         eos_ids = tuple(tokenizer.stop_ids) if tokenizer is not None else tuple(config.eos_token_ids)
     eos_ids = tuple(int(i) for i in eos_ids)
+    if not isinstance(params["layers"], (tuple, list)):
+        params = unstack_params(params)       # per-layer weights: no slicing copies in the loop
+    if cache_dtype is None:
+        cache_dtype = params["embed"].dtype
     tokens, positions = left_pad(prompts, pad_id, bucket)
     lengths = [len(p) for p in prompts]
     if max(lengths) + max_new_tokens > config.max_position:
@@ -215,13 +318,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
             raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
                              f"{plan.prefill_capacity} cache slots, but capacity is {capacity}")
         plan = dataclasses.replace(plan, prefill_capacity=capacity)
-    if cache_init is not None:
-        cache = cache_init(config, len(prompts), plan.prefill_capacity)
-    else:
-        cache = kvcache.init_cache(config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity,
-                                   config.head_dim, cache_dtype)
+    cache = init_engine_cache(config, len(prompts), plan.prefill_capacity, cache_dtype, cache_init)
     peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
-    state = (jnp.zeros(cache.positions.shape, jnp.float32)
+    state = (jnp.zeros((config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity), jnp.float32)
              if plan.compression is not None and plan.compression.policy.accumulates else None)
     n_keep = jnp.asarray(plan.n_keep, jnp.int32) if plan.compression is not None else None
     key = jax.random.PRNGKey(seed)
@@ -229,8 +328,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
 
     t0 = time.perf_counter()
     last_logits, cache, state = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                                        chunk_size, progress, plan.compression, n_keep, plan.max_keep, state)
-    cache = kvcache.resize(cache, plan.decode_capacity)
+                                        chunk_size, progress, plan.compression, n_keep, plan.max_keep, state,
+                                        attention)
+    cache = cache.resize(plan.decode_capacity) if isinstance(cache, LayerwiseCache) else kvcache.resize(
+        cache, plan.decode_capacity)
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
         state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
@@ -238,9 +339,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     first.block_until_ready()
     t1 = time.perf_counter()
     start = decode_start(cache, lengths, plan.compression)
-    out, steps, cache = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
-                                    sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                    compression=plan.compression)
+    name = attention_name(cache, plan.compression, attention)
+    out, steps, cache, _, _ = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
+                                          sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                          compression=plan.compression, attention=attention)
     out = np.asarray(out)
     steps = int(steps)
     t2 = time.perf_counter()
@@ -249,6 +351,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     stats = {
         "prompt_tokens": n_prompt,
         "generated_tokens": sum(len(r) for r in rows),
+        "decode_steps": max(steps - 1, 0),
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,
         "prefill_tok_per_s": n_prompt / (t1 - t0),
@@ -260,7 +363,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "compression": str(plan.compression) if plan.compression else "none",
         "notes": plan.notes,
         "backend": jax.default_backend(),
-        "attention": attention_name(cache, plan.compression),
+        "attention": name,
+        "dtype": str(jnp.dtype(params["embed"].dtype)),
     }
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
     return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)

@@ -26,9 +26,14 @@ from kvjax import cache as kvcache
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerwiseCache:
+    """layers: one cache per layer. uniform: every layer has the same type and capacity (the
+    engine's layout: `resize` gives every layer exactly `capacity` slots); otherwise a ragged final
+    layout (per-layer budgets) whose `resize` keeps each layer's live tokens + room."""
+
     layers: tuple
     capacity: int = dataclasses.field(metadata=dict(static=True), default=0)
     room: int = dataclasses.field(metadata=dict(static=True), default=0)
+    uniform: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def lengths(self) -> jax.Array:
@@ -54,8 +59,11 @@ class LayerwiseCache:
         return kvcache.tree_bytes(self)
 
     def resize(self, capacity: int) -> "LayerwiseCache":
-        """Eager: every layer keeps its live tokens plus `room + capacity - self.capacity` free
-        slots per head."""
+        """Uniform: every layer gets exactly `capacity` slots (kvjax.cache.resize). Ragged (eager):
+        every layer keeps its live tokens plus `room + capacity - self.capacity` free slots per head."""
+        if self.uniform:
+            layers = tuple(kvcache.resize(lc, capacity) for lc in self.layers)
+            return dataclasses.replace(self, layers=layers, capacity=capacity)
         room = self.room + capacity - self.capacity
         if room < 0:
             raise ValueError(f"cannot resize a layer-wise cache to {capacity}: that is less room than it "
@@ -80,8 +88,35 @@ def fit_layer(layer, room: int):
     return layer.fit(room)
 
 
-def from_stacked(cache: kvcache.KVCache) -> LayerwiseCache:
-    """Split a stacked KVCache [L, B, Hkv, S, d] into L single-layer caches of S slots."""
-    n = cache.keys.shape[0]
+def from_stacked(cache, uniform: bool = False) -> LayerwiseCache:
+    """Split any cache stacked over layers (every array leaf has a leading layer axis: KVCache
+    [L, B, Hkv, S, d], a quantized cache, ...) into one cache per layer."""
+    n = jax.tree_util.tree_leaves(cache)[0].shape[0]
     layers = tuple(jax.tree_util.tree_map(lambda x: x[i], cache) for i in range(n))
-    return LayerwiseCache(layers=layers, capacity=cache.capacity, room=0)
+    return LayerwiseCache(layers=layers, capacity=cache.capacity, room=0, uniform=uniform)
+
+
+def per_layer(cache) -> LayerwiseCache:
+    """The engine's layout: a stacked cache split into a uniform LayerwiseCache (eager, one copy;
+    a LayerwiseCache is returned as is). Each layer's arrays are then their own buffers, so a
+    donated decode loop updates them in place."""
+    if isinstance(cache, LayerwiseCache):
+        return cache
+    out = from_stacked(cache, uniform=True)
+    return jax.tree_util.tree_map(jnp.array, out)   # own buffers (slices of the stack may alias it)
+
+
+def stacked(cache):
+    """A uniform LayerwiseCache back to one cache stacked over layers (other caches as they are)."""
+    if not isinstance(cache, LayerwiseCache):
+        return cache
+    if not cache.uniform:
+        raise ValueError("a ragged LayerwiseCache (layers of different sizes) cannot be stacked")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *cache.layers)
+
+
+def layer_positions(cache) -> jax.Array:
+    """[L, B, Hkv, S] slot positions of a uniform LayerwiseCache or a stacked cache (small: int32)."""
+    if isinstance(cache, LayerwiseCache):
+        return jnp.stack([lc.positions for lc in cache.layers])
+    return cache.positions

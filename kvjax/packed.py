@@ -91,10 +91,10 @@ class PackedCache:
             heads=self.heads.at[rows, slot].set(tag, mode="drop"),
             used=jnp.minimum(self.used + hkv * new, self.pool))
 
-    def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
+    def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE [B, Hq, T, d] -> (out [B, Hq, T, dv], {}): each query head attends over the
         live pool slots of its kv head that are not after the query (float32 softmax)."""
-        if stats.window or stats.column_sums:
+        if observe.window or observe.column_sums:
             raise ValueError("a head-packed cache (AdaKV's ragged layout) does not report attention "
                              "statistics: it is the final layout and cannot be compressed again")
         b, hq, t, d = q.shape

@@ -1,50 +1,40 @@
 """Functional Llama-family decoder: `forward(params, tokens, positions, cache, config)`.
 
-One pure function serves prefill, chunked prefill and decode: the new tokens' keys/values are
-appended to the explicit `KVCache` pytree, then the new queries attend over everything the
-cache holds. Layers are scanned over stacked parameters, so compile time is flat in depth
-(except for a `LayerwiseCache` of per-layer sizes, which is looped over: compile time ~ depth).
-Parameters follow the layout documented in `models.config.ModelConfig`.
+One pure function serves prefill, chunked prefill and decode: each layer appends the new tokens'
+keys/values to its cache, then the new queries attend over everything the cache holds (the cache
+routes its own attention: dense, quantized, packed, ...). Parameters follow the layout
+documented in `models.config.ModelConfig`; `params["layers"]` is either a tuple of per-layer
+dicts (what `generate` uses: every layer's weights are their own buffers) or one dict of arrays
+stacked on a leading layer axis (as `models.loading` reads them).
 
-Observation hooks for compression policies are requested with a static `Observe` spec and come
-back stacked over layers; the model code does not change when a policy needs them.
+Two layer loops over the same `decoder_layer`:
+- a per-layer cache (`kvjax.layerwise.LayerwiseCache`, a tuple of one cache per layer): a Python
+  loop over the layers (the compiled program grows with depth). Each layer reads and writes
+  its own cache buffers and weights, so a decode step under a donated `while_loop` updates the
+  cache in place: only the new token is written, nothing cache-sized is copied.
+- a cache stacked over layers: `lax.scan` (compile time flat in depth; each call copies the
+  cache through the scan, which is fine for tests and one-off forwards, not for a decode loop).
+
+Policies see each layer's attention through a static `kvjax.observation.Observer`: the layer
+reduces its observation to the policy's scores `[batch, kv_heads, slots]` (and running state)
+before the next layer runs, so no array with a layers axis and a window x slots axis is built.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from kvjax import cache as kvcache
-from kvjax.attention import AttentionStats
+from kvjax.attention import check_backend
 from kvjax.layerwise import LayerwiseCache
+from kvjax.observation import Observe, Observer, reduce_layer
 from models.config import ModelConfig
 from models.rope import apply_rope
 
 Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Observe:
-    """What `forward` should return for policies (static; all stacked over layers).
-
-    window: attention probabilities of the last `window` new queries over the cache slots
-            -> "window_probs" [layers, batch, q_heads, window, slots], plus their post-RoPE
-            queries -> "window_queries" [layers, batch, q_heads, window, head_dim].
-    column_sums: attention mass each slot received from all new queries
-            -> "column_sums" [layers, batch, q_heads, slots].
-    qkv: pre-RoPE projections of the new tokens -> "q_pre" [layers, batch, q_heads, new, head_dim],
-            "k_pre", "v" [layers, batch, kv_heads, new, head_dim].
-    hidden: the input of every layer -> "hidden" [layers, batch, new, d_model].
-    """
-
-    window: int = 0
-    column_sums: bool = False
-    qkv: bool = False
-    hidden: bool = False
-
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -70,29 +60,62 @@ def project_qkv(lp: Params, h: jax.Array, config: ModelConfig) -> tuple[jax.Arra
     return q, k, v
 
 
-def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache: kvcache.KVCache,
-                  config: ModelConfig, observe: Observe):
-    """One pre-norm block. x [batch, seq, d_model] -> (x, layer_cache, observations)."""
-    obs = {}
+def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, config: ModelConfig,
+                  observe: Observe, observer: Optional[Observer], backend: str, layer, accumulated):
+    """One pre-norm block. x [batch, seq, d_model] -> (x, layer_cache, outputs).
+
+    outputs: the per-token observations `observe` asks for (q_pre, k_pre, v, hidden) and what
+    the observer reduced this layer's observation to (scores, accumulated, queries, queries_pre)."""
+    out_obs = {}
     if observe.hidden:
-        obs["hidden"] = x
+        out_obs["hidden"] = x
+    hidden = x
     h = rms_norm(x, lp["attn_norm"], config.norm_eps)
     q, k, v = project_qkv(lp, h, config)
     if observe.qkv:
-        obs.update(q_pre=q, k_pre=k, v=v)
+        out_obs.update(q_pre=q, k_pre=k, v=v)
     q_rot, k_rot = apply_rope(q, positions, config), apply_rope(k, positions, config)
     layer_cache = layer_cache.append(k_rot, v, positions, keys_pre_rope=k)
-    stats = AttentionStats(window=observe.window, column_sums=observe.column_sums)
-    out, attn_obs = layer_cache.attend(q_rot, positions, stats=stats,
+    wants = observer.observe.attention if observer is not None else Observe()
+    out, attn_obs = layer_cache.attend(q_rot, positions, observe=wants, backend=backend,
                                        rope=lambda x, pos: apply_rope(x, pos, config))
-    obs.update(attn_obs)
-    if observe.window:
-        obs["window_queries"] = q_rot[:, :, -min(observe.window, q.shape[2]):]
+    if observer is not None:
+        red = reduce_layer(observer, layer_cache, config, layer, config.n_layers, attn_obs, q_rot, q, k, v,
+                           hidden, accumulated)
+        out_obs.update({("queries_pre" if n == "q_pre" else n): a for n, a in red.items()})
     b, _, t, _ = out.shape
-    x = x + out.transpose(0, 2, 1, 3).reshape(b, t, -1) @ lp["wo"]
+    x = x + out.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
     h = rms_norm(x, lp["mlp_norm"], config.norm_eps)
     x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
-    return x, layer_cache, obs
+    return x, layer_cache, out_obs
+
+
+def layer_params(params: Params) -> tuple[Params, ...]:
+    """`params["layers"]` as a tuple of per-layer dicts (slices a stacked dict; a tuple is returned as is)."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return tuple(layers)
+    n = next(iter(layers.values())).shape[0]
+    return tuple({k: v[i] for k, v in layers.items()} for i in range(n))
+
+
+def unstack_params(params: Params) -> Params:
+    """The same parameters with `layers` as a tuple of per-layer dicts: every layer's weights are
+    their own buffers, so a decode loop reads them without slicing copies (eager; call once)."""
+    return {**params, "layers": tuple(jax.tree_util.tree_map(jnp.array, lp) for lp in layer_params(params))}
+
+
+def stacked_layer_params(params: Params) -> Params:
+    """`params["layers"]` as one dict of arrays stacked on a leading layer axis."""
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        return layers
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def n_layers_of(params: Params) -> int:
+    layers = params["layers"]
+    return len(layers) if isinstance(layers, (tuple, list)) else next(iter(layers.values())).shape[0]
 
 
 def check_inputs(params: Params, tokens: jax.Array, positions: jax.Array, cache, config: ModelConfig) -> None:
@@ -121,65 +144,92 @@ def check_inputs(params: Params, tokens: jax.Array, positions: jax.Array, cache,
             raise TypeError(f"cache keys must be floating point, got {cache.keys.dtype}")
 
 
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: kvcache.KVCache,
-            config: ModelConfig, observe: Observe = Observe(), all_logits: bool = True):
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, config: ModelConfig,
+            observe: Observe = Observe(), all_logits: bool = True, *, observer: Optional[Observer] = None,
+            attention: str = "auto", accumulated: Optional[jax.Array] = None):
     """Run new tokens through the model, appending their K/V to the cache.
 
     tokens:    [batch, new] int; positions: [batch, new] int (-1 marks left padding).
-    cache:     KVCache stacked over layers, `[layers, batch, kv_heads, capacity, head_dim]`, or any
-               cache pytree with the same protocol (`append`, `attend`, `lengths`; e.g. kvjax.quant).
-               A `kvjax.layerwise.LayerwiseCache` (layers of different sizes, e.g. PyramidKV) is run
-               with an unrolled Python loop over layers instead of `lax.scan`.
-    returns (logits [batch, new or 1, vocab] float32, cache, observations dict stacked over layers).
+    cache:     a `kvjax.layerwise.LayerwiseCache` (one cache per layer: the engine's layout, looped
+               over in Python, updated in place under a donated loop), or any cache pytree stacked
+               over layers (`KVCache [layers, batch, kv_heads, capacity, head_dim]`, a quantized
+               cache of `kvjax.quant`, ...: scanned). Every cache implements `kvjax.cache.LayerCache`.
+    observe:   per-token observations to return stacked over layers: `qkv` -> "q_pre"
+               [L, B, Hq, new, d], "k_pre", "v" [L, B, Hkv, new, d]; `hidden` -> "hidden"
+               [L, B, new, d_model]. Attention statistics are not returned: ask an `observer`.
+    observer:  a static `kvjax.observation.Observer`: every layer reduces its observation to the
+               policy's "scores" [L, B, Hkv, S] / "accumulated" (running state, given in
+               `accumulated` [L, B, Hkv, S]) / last "queries" [L, B, Hq, w, d].
+    attention: "auto" | "xla" | "pallas" | "interpret" (static): which attention implementation
+               the caches use (see kvjax.attention).
+    returns (logits [batch, new or 1, vocab] float32, cache, outputs dict stacked over layers).
     `all_logits=False` returns only the last position's logits (prefill of long prompts).
     """
+    check_backend(attention)
+    if observe.window or observe.column_sums:
+        raise ValueError("attention statistics are reduced inside the layer: pass observer=Observer(policy) "
+                         "instead of Observe(window=/column_sums=)")
     check_inputs(params, tokens, positions, cache, config)
     x = params["embed"][tokens]
+    if observer is not None and observer.policy.accumulates and accumulated is None:
+        raise ValueError(f"{type(observer.policy).__name__} accumulates a running score: pass accumulated=")
 
-    def body(x, layer):
-        lp, lc = layer
-        x, lc, obs = decoder_layer(lp, x, positions, lc, config, observe)
-        return x, (lc, obs)
+    def layer_fn(lp, x, lc, layer, acc):
+        return decoder_layer(lp, x, positions, lc, config, observe, observer, attention, layer, acc)
 
     if isinstance(cache, LayerwiseCache):
-        # layers of different sizes cannot be scanned: unrolled loop (compile time grows with depth)
-        outs = []
-        for i, lc in enumerate(cache.layers):
-            x, out = body(x, (jax.tree_util.tree_map(lambda a: a[i], params["layers"]), lc))
+        layers, outs = [], []
+        for i, (lp, lc) in enumerate(zip(layer_params(params), cache.layers)):
+            x, lc, out = layer_fn(lp, x, lc, i, None if accumulated is None else accumulated[i])
+            layers.append(lc)
             outs.append(out)
-        layers, obs = zip(*outs)
         cache = dataclasses.replace(cache, layers=tuple(layers))
-        if any(len({x.shape for x in xs}) > 1 for xs in zip(*(jax.tree_util.tree_leaves(o) for o in obs))):
+        if outs and any(len({o.shape for o in xs}) > 1 for xs in zip(*(jax.tree_util.tree_leaves(o) for o in outs))):
             raise ValueError("a LayerwiseCache with layers of different sizes cannot return per-slot "
                              "observations (it is a final layout: compress before converting to it)")
-        obs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *obs)
+        outs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs) if outs else {}
     else:
-        x, (cache, obs) = jax.lax.scan(body, x, (params["layers"], cache))
+        def body(x, xs):
+            lp, lc, layer, acc = xs
+            x, lc, out = layer_fn(lp, x, lc, layer, acc)
+            return x, (lc, out)
+
+        xs = (stacked_layer_params(params), cache, jnp.arange(config.n_layers), accumulated)
+        x, (cache, outs) = jax.lax.scan(body, x, xs)
     if not all_logits:
         x = x[:, -1:]
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     logits = (x @ head).astype(jnp.float32)
-    return logits, cache, obs
+    return logits, cache, outs
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
-    """Random parameters in the documented layout (for shape tests and benchmarks)."""
-    L, d, f = config.n_layers, config.d_model, config.ffn_dim
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02,
+                stacked: bool = False) -> Params:
+    """Random parameters in the documented layout (for shape tests and benchmarks); `layers` is a
+    tuple of per-layer dicts (drawn layer by layer), or with `stacked=True` one dict stacked over layers."""
+    d, f = config.d_model, config.ffn_dim
     qd, kd = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    shapes = {"wq": (L, d, qd), "wk": (L, d, kd), "wv": (L, d, kd), "wo": (L, qd, d),
-              "w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d)}
+    shapes = {"wq": (d, qd), "wk": (d, kd), "wv": (d, kd), "wo": (qd, d),
+              "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
     if config.qkv_bias:
-        shapes.update(bq=(L, qd), bk=(L, kd), bv=(L, kd))
-    keys = jax.random.split(key, len(shapes) + 2)
-    layers = {n: (scale * jax.random.normal(k, s)).astype(dtype) for (n, s), k in zip(shapes.items(), keys)}
-    layers["attn_norm"] = jnp.ones((L, d), dtype)
-    layers["mlp_norm"] = jnp.ones((L, d), dtype)
-    if config.qk_norm:
-        layers["q_norm"] = jnp.ones((L, config.head_dim), dtype)
-        layers["k_norm"] = jnp.ones((L, config.head_dim), dtype)
-    params = {"embed": (scale * jax.random.normal(keys[-2], (config.vocab_size, d))).astype(dtype),
-              "final_norm": jnp.ones((d,), dtype), "layers": layers}
+        shapes.update(bq=(qd,), bk=(kd,), bv=(kd,))
+
+    def one_layer(layer_key):
+        keys = jax.random.split(layer_key, len(shapes))
+        lp = {n: (scale * jax.random.normal(k, s, jnp.float32)).astype(dtype) for (n, s), k in zip(shapes.items(), keys)}
+        lp["attn_norm"] = jnp.ones((d,), dtype)
+        lp["mlp_norm"] = jnp.ones((d,), dtype)
+        if config.qk_norm:
+            lp["q_norm"] = jnp.ones((config.head_dim,), dtype)
+            lp["k_norm"] = jnp.ones((config.head_dim,), dtype)
+        return lp
+
+    k_layers, k_embed, k_head = jax.random.split(key, 3)
+    layers = tuple(one_layer(jax.random.fold_in(k_layers, i)) for i in range(config.n_layers))
+    params = {"embed": (scale * jax.random.normal(k_embed, (config.vocab_size, d), jnp.float32)).astype(dtype),
+              "final_norm": jnp.ones((d,), dtype),
+              "layers": stacked_layer_params({"layers": layers}) if stacked else layers}
     if not config.tie_embeddings:
-        params["lm_head"] = (scale * jax.random.normal(keys[-1], (d, config.vocab_size))).astype(dtype)
+        params["lm_head"] = (scale * jax.random.normal(k_head, (d, config.vocab_size), jnp.float32)).astype(dtype)
     return params

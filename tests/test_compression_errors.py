@@ -10,7 +10,7 @@ from models.llama import init_params
 
 CFG = ModelConfig(name="tiny", vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2,
                   head_dim=8, ffn_dim=64, rope_theta=10000.0)
-PARAMS = init_params(CFG, jax.random.PRNGKey(0), scale=0.25)
+PARAMS = init_params(CFG, jax.random.PRNGKey(0), scale=0.25, stacked=True)
 PROMPT = list(range(3, 43))  # 40 tokens
 
 

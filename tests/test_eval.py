@@ -37,7 +37,7 @@ class AsciiTokenizer:
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.PRNGKey(3), scale=0.3)
+    return init_params(CFG, jax.random.PRNGKey(3), scale=0.3, stacked=True)
 
 
 def _np_log_softmax(x):

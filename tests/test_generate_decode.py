@@ -31,7 +31,7 @@ N_PROMPT = 64   # = generate's default bucket: no left padding
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.PRNGKey(5), scale=0.3)
+    return init_params(CFG, jax.random.PRNGKey(5), scale=0.3, stacked=True)
 
 
 @pytest.fixture(scope="module")

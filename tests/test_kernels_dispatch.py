@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from kvjax import attention
-from kvjax.attention import AttentionStats, attend, contiguous_live
+from kvjax.attention import attend, contiguous_live
+from kvjax.observation import Observe
 from kvjax.cache import init_cache
 from kvjax.generate import forward_jit, generate, left_pad, prefill
 from kvjax.quant.kivi import init_kivi_cache
@@ -39,7 +40,7 @@ def _set_mode(monkeypatch, mode):
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.PRNGKey(0), scale=0.25)
+    return init_params(CFG, jax.random.PRNGKey(0), scale=0.25, stacked=True)
 
 
 def _decode_logits(params, cache_init):
@@ -87,7 +88,7 @@ def test_kernel_is_in_the_decode_graph(monkeypatch):
     # observations requested, or more than one query: always XLA
     _set_mode(monkeypatch, "interpret")
     g = lambda q: attend(q, kv, kv, pos, jnp.full((1, 1), 16, jnp.int32), lengths=lens,
-                         stats=AttentionStats(column_sums=True))[0]
+                         observe=Observe(column_sums=True))[0]
     assert "cond" not in str(jax.make_jaxpr(g)(q))
 
 

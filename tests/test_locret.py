@@ -28,7 +28,7 @@ TINY = ModelConfig(name="tiny-locret-test", vocab_size=64, d_model=32, n_layers=
 
 @pytest.fixture(scope="module")
 def tiny():
-    return TINY, init_params(TINY, jax.random.PRNGKey(3), scale=0.3)
+    return TINY, init_params(TINY, jax.random.PRNGKey(3), scale=0.3, stacked=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +127,8 @@ def test_labels_match_float64_reference(tiny):
 
 def test_head_scores_match_reference(tiny):
     config, params = tiny
-    from models.llama import Observe, forward
+    from kvjax.observation import Observe
+from models.llama import forward
     from kvjax import cache as kvcache
     spec = HeadSpec.for_model(config, 16)
     heads = init_heads(spec, jax.random.PRNGKey(1), std=0.3)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kvjax.observation import Observe
+
 from kvjax.cache import init_cache
 from kvjax.generate import forward_jit, left_pad, prefill
 from models.config import ModelConfig, RopeScaling, get_config
@@ -19,7 +21,7 @@ CFG = ModelConfig(name="tiny", vocab_size=97, d_model=48, n_layers=3, n_heads=6,
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.PRNGKey(0), scale=0.25)
+    return init_params(CFG, jax.random.PRNGKey(0), scale=0.25, stacked=True)
 
 
 def _tokens(n, seed=1, batch=1):
@@ -50,9 +52,9 @@ def test_prefill_then_decode_equals_full_forward(params):
 
 def test_chunked_prefill_equals_unchunked(params):
     toks, pos = _tokens(23), _pos(23)
-    cache0 = init_cache(3, 1, 2, 23, 8)
-    a, ca, _ = prefill(params, CFG, toks, pos, cache0)
-    b, cb, _ = prefill(params, CFG, toks, pos, cache0, chunk_size=5)
+    # prefill consumes (donates) its cache: a fresh one each time
+    a, ca, _ = prefill(params, CFG, toks, pos, init_cache(3, 1, 2, 23, 8))
+    b, cb, _ = prefill(params, CFG, toks, pos, init_cache(3, 1, 2, 23, 8), chunk_size=5)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ca.keys), np.asarray(cb.keys), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(ca.positions), np.asarray(cb.positions))
@@ -68,18 +70,45 @@ def test_left_padded_batch_matches_rows_alone(params):
         np.testing.assert_allclose(np.asarray(batch_logits[i, -len(r):]), np.asarray(alone[0]), atol=1e-5)
 
 
-def test_observations_have_documented_shapes(params):
-    from models.llama import Observe
+class _Probe:
+    """A policy that checks what a layer shows it and scores each slot by the window attention
+    it received plus its column sum (so the test can check both reductions)."""
+
+    observe = Observe(window=4, column_sums=True, qkv=True)
+    accumulates = False
+
+    def __init__(self, what):
+        self.what, self.seen = what, []
+
+    def score(self, obs):
+        self.seen.append({k: getattr(obs, k).shape for k in ("window_probs", "column_sums", "q_pre", "k_pre",
+                                                              "window_queries")})
+        self.seen[-1]["cache_keys"] = obs.cache.keys.shape
+        if self.what == "window":
+            return obs.window_probs.sum(-2).reshape(1, 1, 2, 3, -1).sum(3)        # [1, B, Hkv, S]
+        return obs.column_sums.reshape(1, 1, 2, 3, -1).sum(3)
+
+
+def test_observations_are_reduced_inside_the_layer(params):
+    from kvjax.observation import Observer
     toks = _tokens(9)
-    _, _, obs = forward(params, toks, _pos(9), init_cache(3, 1, 2, 12, 8), CFG,
-                        Observe(window=4, column_sums=True, qkv=True))
-    assert obs["window_probs"].shape == (3, 1, 6, 4, 12)
-    assert obs["column_sums"].shape == (3, 1, 6, 12)
-    assert obs["q_pre"].shape == (3, 1, 6, 9, 8) and obs["k_pre"].shape == (3, 1, 2, 9, 8)
-    # each window query's probabilities sum to one over the live slots, zero on empty ones
-    np.testing.assert_allclose(np.asarray(obs["window_probs"].sum(-1)), 1.0, atol=1e-5)
-    assert float(jnp.abs(obs["window_probs"][..., 9:]).max()) == 0.0
-    np.testing.assert_allclose(np.asarray(obs["column_sums"].sum(-1)), 9.0, atol=1e-4)
+    probe, probe_cols = _Probe("window"), _Probe("columns")
+    _, _, obs = forward(params, toks, _pos(9), init_cache(3, 1, 2, 12, 8), CFG, observer=Observer(probe))
+    _, _, cols = forward(params, toks, _pos(9), init_cache(3, 1, 2, 12, 8), CFG, observer=Observer(probe_cols))
+    # what one layer shows a policy: a leading layers axis of 1, never all layers at once
+    want = {"window_probs": (1, 1, 6, 4, 12), "column_sums": (1, 1, 6, 12), "q_pre": (1, 1, 6, 9, 8),
+            "k_pre": (1, 1, 2, 9, 8), "window_queries": (1, 1, 6, 4, 8), "cache_keys": (1, 1, 2, 12, 8)}
+    assert probe.seen and all(s == want for s in probe.seen)
+    scores = np.asarray(obs["scores"], np.float64)
+    assert scores.shape == (3, 1, 2, 12) and set(obs) == {"scores"}
+    col = np.asarray(cols["scores"], np.float64)
+    # every query's probabilities sum to one over the live slots and are zero on empty ones:
+    # per kv head, 3 query heads x 4 window queries and 3 x 9 queries
+    np.testing.assert_allclose(scores.sum(-1), 12.0, atol=1e-4)
+    np.testing.assert_allclose(col.sum(-1), 27.0, atol=1e-4)
+    assert float(np.abs(scores[..., 9:]).max()) == 0.0 and float(np.abs(col[..., 9:]).max()) == 0.0
+    with pytest.raises(ValueError, match="reduced inside the layer"):
+        forward(params, toks, _pos(9), init_cache(3, 1, 2, 12, 8), CFG, Observe(window=4))
 
 
 def test_bad_inputs_raise_clear_errors(params):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kvjax import cache as kvcache
-from kvjax.attention import AttentionStats
+from kvjax.observation import Observe
 from kvjax.compression import Compression
 from kvjax.generate import generate
 from kvjax.policies.adakv import AdaKV
@@ -189,7 +189,7 @@ def test_think_channels_cache_and_attention_match_numpy():
     layer = jax.jit(lambda c, k_, v_: jax.tree_util.tree_map(lambda x: x[0], c.resize(c.capacity + 1)).append(
         k_, v_, jnp.array([[S], [S]], jnp.int32)))(new, jnp.asarray(k_new), jnp.asarray(v_new))
     q = rng.normal(size=(B, HQ, 1, D)).astype(np.float32)
-    out, _ = jax.jit(lambda c, q_, p_: c.attend(q_, p_, stats=AttentionStats()))(layer, jnp.asarray(q), jnp.array([[S], [S]], jnp.int32))
+    out, _ = jax.jit(lambda c, q_, p_: c.attend(q_, p_, observe=Observe()))(layer, jnp.asarray(q), jnp.array([[S], [S]], jnp.int32))
     ch = np.asarray(layer.channels)
     out = np.asarray(out)
     layer = jax.tree_util.tree_map(np.asarray, layer)
@@ -386,7 +386,7 @@ def test_duo_split_cache_attention_and_memory():
     layer = new.layers[1]
     rng = np.random.default_rng(1)
     q = rng.normal(size=(B, HQ, 1, D)).astype(np.float32)
-    out, _ = jax.jit(lambda c, q_, p_: c.attend(q_, p_, stats=AttentionStats()))(layer, jnp.asarray(q), jnp.array([[40], [40]], jnp.int32))
+    out, _ = jax.jit(lambda c, q_, p_: c.attend(q_, p_, observe=Observe()))(layer, jnp.asarray(q), jnp.array([[40], [40]], jnp.int32))
     out = np.asarray(out)
     k = np.asarray(obs.cache.keys[1], np.float64)
     v = np.asarray(obs.cache.values[1], np.float64)
@@ -410,7 +410,7 @@ def test_razor_compensation_token_matches_numpy():
     new, _ = jcompress(pol, obs, 8, cap)
     rng = np.random.default_rng(2)
     q = rng.normal(size=(B, HQ, 1, D)).astype(np.float32)
-    attend = jax.jit(lambda c, q_, p_: c.attend(q_, p_, stats=AttentionStats()))
+    attend = jax.jit(lambda c, q_, p_: c.attend(q_, p_, observe=Observe()))
     new = new.resize(new.capacity)          # parts trimmed to their live tokens
     for l in range(L):
         layer = new.layers[l]

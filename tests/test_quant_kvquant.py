@@ -124,14 +124,14 @@ def test_cache_pre_rope_sink_and_attention():
     with pytest.raises(ValueError, match="cannot shrink"):
         kvquant.resize(layer, 5)
 
-    from kvjax.attention import AttentionStats
+    from kvjax.observation import Observe
     from models.config import ModelConfig
     from models.rope import apply_rope
     mc = ModelConfig(name="t", vocab_size=8, d_model=8, n_layers=1, n_heads=4, n_kv_heads=H, head_dim=D,
                      ffn_dim=8, rope_theta=10000.0)
     q = rng.normal(size=(1, 4, 3, D)).astype(np.float32)
     qpos = np.array([[8, 9, 10]])
-    out, _ = layer.attend(jnp.asarray(q), jnp.asarray(qpos), stats=AttentionStats(),
+    out, _ = layer.attend(jnp.asarray(q), jnp.asarray(qpos), observe=Observe(),
                           rope=lambda x, p: apply_rope(x, p, mc))
     kr = rope_np(kref, np.arange(T))
     want = np.zeros_like(q, dtype=np.float64)
@@ -174,7 +174,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="keys_pre_rope"):
         layer.append(x, x, jnp.arange(2)[None])
     with pytest.raises(ValueError, match="rope"):
-        layer.attend(jnp.ones((1, 4, 1, D)), jnp.zeros((1, 1), jnp.int32), stats=None)
+        layer.attend(jnp.ones((1, 4, 1, D)), jnp.zeros((1, 1), jnp.int32), observe=None)
     bad = np.ones((1, H, 2, D), np.float32)
     bad[0, 1, 1, 3] = np.inf
     with pytest.raises(ValueError, match="NaN/inf"):
@@ -193,7 +193,7 @@ def test_real_smollm2_calibrate_and_prefill(smollm2, smollm2_tokenizer, tmp_path
     from kvjax import cache as kvcache
     from kvjax.eval.text import kjv_text
     from kvjax.generate import forward_jit
-    from models.llama import Observe
+    from kvjax.observation import Observe
     config, params = smollm2
     cal_ids = smollm2_tokenizer.encode(kjv_text(start_verse=20000, n_chars=800))[:96]
     calib = kvquant.calibrate(params, config, cal_ids, kvquant.KVQuantConfig(bits=4), bits_list=(4,))

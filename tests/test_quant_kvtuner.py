@@ -18,7 +18,7 @@ TINY = ModelConfig(name="tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4
 
 @pytest.mark.parametrize("bits", [(4, 2)])
 def test_simulated_cache_matches_packed_kivi(bits):
-    params = init_params(TINY, jax.random.PRNGKey(0), scale=0.3)
+    params = init_params(TINY, jax.random.PRNGKey(0), scale=0.3, stacked=True)
     toks = jax.random.randint(jax.random.PRNGKey(1), (1, 29), 0, 64)
     tuner = kvtuner.KVTunerConfig((bits, bits), group=8, residual=16)
     sim = kvtuner.init_sim_cache(TINY, 1, 40, tuner)
@@ -59,7 +59,7 @@ def test_config_accounting_and_bad_input():
 
 
 def test_search_on_tiny_model_meets_target():
-    params = init_params(TINY, jax.random.PRNGKey(3), scale=0.3)
+    params = init_params(TINY, jax.random.PRNGKey(3), scale=0.3, stacked=True)
     toks = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (48,), 0, 64))
     tuner, sens = kvtuner.search(params, TINY, toks, 3.0, group=8, residual=16)
     assert tuner.average_bits <= 3.0 and len(tuner.layer_bits) == 2

@@ -16,7 +16,8 @@ from kvjax.policies.knorm import KNorm
 from kvjax.policies.snapkv import SnapKV
 from kvjax.quant import mikv
 from kvjax.quant.zipcache import dense_view
-from models.llama import Observe, forward
+from kvjax.observation import Observe
+from models.llama import forward
 
 
 def np_pair_norm(x):

@@ -143,7 +143,7 @@ def test_real_smollm2_prefill_with_qjl_cache(smollm2, smollm2_tokenizer):
     from kvjax import cache as kvcache
     from kvjax.eval.text import kjv_text
     from kvjax.generate import forward_jit
-    from models.llama import Observe
+    from kvjax.observation import Observe
     config, params = smollm2
     ids = smollm2_tokenizer.encode(kjv_text(n_chars=400))[:40]
     toks, pos = jnp.asarray([ids]), jnp.arange(40)[None]

@@ -21,7 +21,7 @@ PROMPT_LEN = 100
 
 @pytest.fixture(scope="module")
 def tiny():
-    params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
+    params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3, stacked=True)
     ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (PROMPT_LEN,), 0, CFG.vocab_size))
     return params, ids
 

@@ -6,13 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.attention import AttentionStats, attend
+from kvjax.attention import attend
+from kvjax.observation import Observe
 from kvjax.cache import init_cache
 from kvjax.eval.text import kjv_text
 from kvjax.generate import forward_jit
 from kvjax.quant import rotatekv as rk
 from models.config import get_config
-from models.llama import Observe, forward
+from kvjax.observation import Observe
+from models.llama import forward
 from models.rope import apply_rope
 
 
@@ -163,7 +165,7 @@ def test_cache_odd_lengths_sinks_and_rope():
     q = jnp.asarray(rng.standard_normal((1, 9, 2, d)), jnp.float32)
     qpos = pos[:, total - 2:]
     rope = lambda x, p: apply_rope(x, p, cfg_model)
-    out, _ = layer.attend(q, qpos, stats=AttentionStats(), rope=rope)
+    out, _ = layer.attend(q, qpos, observe=Observe(), rope=rope)
     k_post = apply_rope(jnp.asarray(rkh[None], jnp.float32), pos[:, :total], cfg_model)
     want, _ = attend(q, k_post, jnp.asarray(rvh[None], jnp.float32), jnp.broadcast_to(pos[:, None, :total], (1, h, total)),
                      qpos)
@@ -199,7 +201,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="NaN"):
         layer.append(x, x, jnp.arange(2)[None], keys_pre_rope=x * jnp.nan)
     with pytest.raises(ValueError, match="rope"):
-        layer.attend(jnp.ones((1, 9, 1, 64)), jnp.zeros((1, 1), jnp.int32), stats=AttentionStats())
+        layer.attend(jnp.ones((1, 9, 1, 64)), jnp.zeros((1, 1), jnp.int32), observe=Observe())
 
 
 # ----------------------------------------------------------------------------- real model

@@ -61,8 +61,8 @@ def test_sink_attention_matches_dense_at_8_bits():
     c = c.append(k[..., :17, :], v[..., :17, :], pos[:, :17]).append(k[..., 17:, :], v[..., 17:, :], pos[:, 17:])
     q = jax.random.normal(jax.random.PRNGKey(9), (1, 4, 3, 64))
     qp = jnp.asarray([[37, 38, 39]], jnp.int32)
-    from kvjax.attention import AttentionStats
-    got, _ = c.attend(q, qp, stats=AttentionStats())
+    from kvjax.observation import Observe
+    got, _ = c.attend(q, qp, observe=Observe())
     ref, _ = attend(q, k, v, jnp.broadcast_to(pos[:, None], (1, 2, n)), qp)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=3e-2)
 
@@ -134,7 +134,7 @@ def test_kivi_sink_through_generate_matches_8bit_dense_tokens():
     from kvjax.generate import generate
     from kvjax.quant import make_cache_init
     from models.llama import init_params
-    params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
+    params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3, stacked=True)
     ids = [int(t) for t in np.asarray(jax.random.randint(jax.random.PRNGKey(1), (70,), 0, CFG.vocab_size))]
     prompts = [ids, ids[:45]]
     dense = generate(params, CFG, prompts, max_new_tokens=5, eos_ids=())

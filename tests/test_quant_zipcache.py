@@ -12,7 +12,8 @@ from kvjax.cache import init_cache
 from kvjax.eval.text import kjv_text
 from kvjax.generate import forward_jit
 from kvjax.quant import zipcache as zc
-from models.llama import Observe, forward
+from kvjax.observation import Observe
+from models.llama import forward
 
 
 def np_stats_quant(x, lo, hi, bits):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kvjax import cache as kvcache
-from kvjax.attention import AttentionStats
+from kvjax.observation import Observe
 from kvjax.compression import Compression
 from kvjax.generate import forward_jit, generate, left_pad, plan_cache, prefill
 from kvjax.layerwise import LayerwiseCache
@@ -192,7 +192,7 @@ def test_packed_attention_and_append_match_numpy():
     assert packed.pool == lengths.sum(-1).max() + 2 * HKV
     np.testing.assert_array_equal(np.asarray(packed.lengths), lengths)
 
-    attend = jax.jit(lambda c, q_, p_: c.attend(q_, p_, stats=AttentionStats())[0])
+    attend = jax.jit(lambda c, q_, p_: c.attend(q_, p_, observe=Observe())[0])
     new_k = rng.normal(size=(B, HKV, 1, D)).astype(np.float32)
     new_v = rng.normal(size=(B, HKV, 1, D)).astype(np.float32)
     for step in range(2):
@@ -217,7 +217,7 @@ def test_packed_attention_and_append_match_numpy():
 @pytest.fixture(scope="module")
 def tiny_model():
     config = tiny_config()
-    params = init_params(config, jax.random.PRNGKey(0), scale=0.5)
+    params = init_params(config, jax.random.PRNGKey(0), scale=0.5, stacked=True)
     prompts = [list(np.random.default_rng(5).integers(1, 64, 64)), list(np.random.default_rng(6).integers(1, 64, 52))]
     tokens, positions = (jnp.asarray(x) for x in left_pad(prompts, 0))
     full = kvcache.init_cache(L, B, HKV, 64 + 1, D)
@@ -298,9 +298,10 @@ def test_bad_inputs(tiny_model):
         pack(obs.cache, pool=0)
     with pytest.raises(ValueError, match="cannot be compressed again"):
         jax.tree_util.tree_map(lambda x: x[0], c).attend(
-            jnp.zeros((B, HQ, 1, D)), jnp.zeros((B, 1), jnp.int32), stats=AttentionStats(window=1))
+            jnp.zeros((B, HQ, 1, D)), jnp.zeros((B, 1), jnp.int32), observe=Observe(window=1))
     # per-slot observations of a layer-wise cache whose layers differ in size
-    from models.llama import Observe, forward
+    from kvjax.observation import Observe
+from models.llama import forward
     with pytest.raises(ValueError, match="different sizes"):
         forward(params, jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), 70, jnp.int32), lw, config, Observe(window=1))
     # chunk / decode schedules keep the padded stacked layout (they observe the cache again)

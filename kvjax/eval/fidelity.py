@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.compression import (Compression, accumulate, compress_cache, decode_compress, init_query_buffer,
-                               push_query)
-from kvjax.generate import CachePlan, continue_positions, decode_start, forward_jit, plan_cache
+from kvjax.compression import Compression
+from kvjax.generate import (CachePlan, decode_loop, decode_start, forward_jit, init_engine_cache, plan_cache,
+                            prefill)
+from kvjax.layerwise import LayerwiseCache
+from kvjax.sampling import Sampling
 from models.config import ModelConfig
-from models.llama import Observe, forward
+from models.llama import unstack_params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,28 +111,13 @@ class Runner:
         return out, time.perf_counter() - t0
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "config"))
-def _accumulate(cache, obs, state, *, policy, config):
-    return accumulate(policy, config, cache, obs, state)
+def _own_buffers(tree):
+    """A copy of a cache (the engine's jitted steps donate their cache argument)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "config", "capacity", "max_keep"))
-def _compress(cache, obs, n_keep, state, *, policy, config, capacity, max_keep):
-    return compress_cache(policy, config, cache, obs, n_keep, capacity, max_keep, state)
-
-
-def _resize(cache, state, capacity: int):
-    """generate's post-prefill resize (eager: shrinking checks the live lengths) -> (cache, state, seconds)."""
-    t0 = time.perf_counter()
-    cache = kvcache.resize(cache, capacity)
-    if state is not None:
-        extra = max(capacity - state.shape[-1], 0)
-        state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :capacity]
-    cache, state = jax.block_until_ready((cache, state))
-    return cache, state, time.perf_counter() - t0
-
-
-_continue_positions = jax.jit(continue_positions)
+def _layers(params):
+    return params if isinstance(params["layers"], (tuple, list)) else unstack_params(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,18 +144,6 @@ class Prefilled:
     start: Optional[jax.Array] = None  # [batch] first continuation position, when not the default
 
 
-@dataclasses.dataclass
-class ForwardOut:
-    """One unchunked forward over the whole context (shareable by every policy with the same
-    `observe`): last logits [batch, vocab], the full cache, the observation dict, seconds."""
-
-    logits: jax.Array
-    cache: kvcache.KVCache
-    obs: dict
-    seconds: float
-    observe: Observe
-
-
 def check_tokens(tokens) -> jax.Array:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
@@ -183,31 +158,16 @@ def _positions(tokens: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def forward_context(params, config: ModelConfig, tokens, observe: Observe = Observe(),
-                    runner: Optional[Runner] = None, cache_dtype=jnp.float32) -> ForwardOut:
-    """One forward over the whole context `tokens [batch, T]` (positions 0..T-1) into a cache of
-    exactly T slots, returning what `observe` asks for."""
-    runner = runner or Runner()
-    tokens = check_tokens(tokens)
-    cache = kvcache.init_cache(config.n_layers, tokens.shape[0], config.n_kv_heads, tokens.shape[1],
-                               config.head_dim, cache_dtype)
-    (logits, cache, obs), secs = runner.timed(forward_jit, params, tokens, _positions(tokens), cache,
-                                              config=config, observe=observe, all_logits=False)
-    return ForwardOut(logits[:, -1], cache, obs, secs, observe)
-
-
 def prefill_context(params, config: ModelConfig, tokens, compression: Optional[Compression] = None,
                     max_new_tokens: int = 1, chunk_size: Optional[int] = None,
-                    runner: Optional[Runner] = None, shared: Optional[ForwardOut] = None,
-                    cache_dtype=jnp.float32) -> Prefilled:
-    """Prefill `tokens [batch, T]` (unpadded, equal lengths) and compress as `compression` says.
-
-    Mirrors `kvjax.generate.prefill` + `generate`'s resize: capacities come from
-    `generate.plan_cache`; "chunk" compresses after every chunk of `chunk_size` tokens,
-    "prefill"/"decode" once at the end. `shared`: a `forward_context` output with this
-    compression's `observe`, reused instead of recomputing the forward (unchunked only).
-    The cache comes back with `plan.decode_capacity` slots (room for `max_new_tokens`)."""
+                    runner: Optional[Runner] = None, cache_dtype=None, attention: str = "auto") -> Prefilled:
+    """Prefill `tokens [batch, T]` (unpadded, equal lengths) and compress as `compression` says,
+    with the engine's own `kvjax.generate.prefill` (capacities from `generate.plan_cache`; "chunk"
+    compresses after every chunk of `chunk_size` tokens, "prefill"/"decode" once at the end).
+    The cache comes back with `plan.decode_capacity` slots (room for `max_new_tokens`).
+    seconds: wall time of the prefill (compilation of a new shape included)."""
     runner = runner or Runner()
+    params = _layers(params)
     tokens = check_tokens(tokens)
     b, t = tokens.shape
     if max_new_tokens <= 0:
@@ -218,87 +178,39 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
         raise ValueError("compression when='chunk' needs a chunk_size")
     plan = plan_cache(t, [t] * b, max_new_tokens, chunk_size, compression)
     comp = plan.compression  # None when the budget keeps the whole context
-    positions = _positions(tokens)
-    secs = 0.0
-    if comp is None or (comp.when != "chunk" and not chunk_size):
-        observe = comp.observe if comp is not None else Observe()
-        if shared is None or shared.observe != observe or shared.cache.keys.shape[1] != b:
-            shared = forward_context(params, config, tokens, observe, runner, cache_dtype)
-        logits, cache, obs, secs = shared.logits, shared.cache, shared.obs, shared.seconds
-        peak = cache.memory_bytes()
-        state = jnp.zeros(cache.positions.shape, jnp.float32) if comp is not None and comp.policy.accumulates else None
-        if comp is not None:
-            if state is not None:
-                state, s = runner.timed(_accumulate, cache, obs, state, policy=comp.policy, config=config)
-                secs += s
-            n_keep = jnp.asarray(plan.n_keep, jnp.int32)
-            (cache, state), s = runner.timed(_compress, cache, obs, n_keep, state, policy=comp.policy,
-                                             config=config, capacity=plan.max_keep, max_keep=plan.max_keep)
-            secs += s
-    else:  # chunked prefill, compressed after every chunk ("chunk") or once at the end
-        cache = kvcache.init_cache(config.n_layers, b, config.n_kv_heads, plan.prefill_capacity,
-                                   config.head_dim, cache_dtype)
-        peak = cache.memory_bytes()
-        observe = comp.observe
-        state = jnp.zeros(cache.positions.shape, jnp.float32) if comp.policy.accumulates else None
-        n_keep = jnp.asarray(plan.n_keep, jnp.int32)
-        obs, logits = {}, None
-        for s0 in range(0, t, chunk_size):
-            pos = positions[:, s0:s0 + chunk_size]
-            if comp.policy.rerotate and s0 > 0:
-                pos, s = runner.timed(_continue_positions, cache, pos)
-                secs += s
-            (logits, cache, obs), s = runner.timed(forward_jit, params, tokens[:, s0:s0 + chunk_size], pos, cache,
-                                                   config=config, observe=observe, all_logits=False)
-            secs += s
-            logits = logits[:, -1]
-            if state is not None:
-                state, s = runner.timed(_accumulate, cache, obs, state, policy=comp.policy, config=config)
-                secs += s
-            if comp.when == "chunk":
-                (cache, state), s = runner.timed(_compress, cache, obs, n_keep, state, policy=comp.policy,
-                                                 config=config, capacity=cache.capacity, max_keep=plan.max_keep)
-                secs += s
-        if comp.when != "chunk":
-            (cache, state), s = runner.timed(_compress, cache, obs, n_keep, state, policy=comp.policy,
-                                             config=config, capacity=plan.max_keep, max_keep=plan.max_keep)
-            secs += s
-    cache, state, s = _resize(cache, state, plan.decode_capacity)
-    secs += s
+    cache = init_engine_cache(config, b, plan.prefill_capacity,
+                              params["embed"].dtype if cache_dtype is None else cache_dtype)
+    peak = cache.memory_bytes()
+    state = (jnp.zeros((config.n_layers, b, config.n_kv_heads, plan.prefill_capacity), jnp.float32)
+             if comp is not None and comp.policy.accumulates else None)
+    n_keep = jnp.asarray(plan.n_keep, jnp.int32) if comp is not None else None
+    t0 = time.perf_counter()
+    logits, cache, state = prefill(params, config, tokens, _positions(tokens), cache, chunk_size, False, comp,
+                                   n_keep, plan.max_keep, state, attention)
+    cache = cache.resize(plan.decode_capacity)
+    if state is not None:
+        extra = max(plan.decode_capacity - state.shape[-1], 0)
+        state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
+    cache, state = jax.block_until_ready((cache, state))
+    secs = time.perf_counter() - t0
     peak = max(peak, cache.memory_bytes())
     return Prefilled(logits, cache, state, plan, comp, t, secs, peak, plan.notes)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compression", "max_keep"))
-def teacher_forced_steps(params, cache, tokens, start, state, n_keep, *, config: ModelConfig,
-                         compression: Optional[Compression], max_keep: int):
-    """Feed `tokens [batch, n]` one decode step at a time (a `lax.scan`), like
-    `generate.decode_loop` but with the tokens given instead of sampled.
-
-    start [batch]: position of tokens[:, 0]. With a "decode" compression, whenever a head's slots
-    are full the cache is compressed back to `n_keep` before the step (same rule, same
-    query-buffer observation as decode_loop), and re-rotating policies continue after the in-cache positions.
-    returns (logits [batch, n, vocab] after each fed token, cache)."""
-    in_loop = compression is not None and compression.when == "decode"
-    observe = compression.decode_observe if in_loop else Observe()
-    buf = init_query_buffer(compression, config, tokens.shape[0],
-                            cache.keys.dtype if isinstance(cache, kvcache.KVCache) else jnp.float32) \
-        if in_loop else None
-
-    def body(carry, tok):
-        cache, pos, state, buf = carry
-        if in_loop:
-            cache, state, buf = decode_compress(compression, config, cache, state, buf, n_keep, max_keep)
-            if compression.policy.rerotate:
-                pos = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
-        logits, cache, obs = forward(params, tok[:, None], pos[:, None], cache, config, observe, False)
-        if in_loop:
-            state = accumulate(compression.policy, config, cache, obs, state)
-            buf = push_query(buf, obs, pos)
-        return (cache, pos + 1, state, buf), logits[:, -1]
-
-    (cache, _, _, _), logits = jax.lax.scan(body, (cache, start, state, buf), jnp.swapaxes(tokens, 0, 1))
-    return jnp.swapaxes(logits, 0, 1), cache
+def teacher_forced(params, config: ModelConfig, pre: "Prefilled", feed, runner: "Runner", attention: str = "auto"):
+    """Feed `feed [batch, n]` one decode step at a time through the engine's `decode_loop` (tokens
+    given instead of sampled; "decode" compressions act as in generate).
+    returns ((log-probs [batch, n, vocab] after each fed token except the last, ...), seconds)."""
+    in_loop = pre.compression is not None and pre.compression.when == "decode"
+    n = feed.shape[1]
+    n_keep = jnp.asarray(pre.plan.n_keep if pre.plan.n_keep else (0,) * feed.shape[0], jnp.int32)
+    static = dict(config=config, sampling=Sampling(), max_new_tokens=n + 1, eos_ids=(),
+                  compression=pre.compression if in_loop else None, attention=attention)
+    forced = jnp.concatenate([feed[:, 1:], feed[:, -1:]], axis=1)         # the last one is never fed
+    args = (_layers(params), _own_buffers(pre.cache), feed[:, 0], start_positions(pre), jax.random.PRNGKey(0),
+            None if pre.state is None else jnp.copy(pre.state), n_keep, forced)
+    out, secs = runner.timed(decode_loop, *args, **static)
+    return out, secs
 
 
 def start_positions(pre: Prefilled) -> jax.Array:
@@ -311,53 +223,45 @@ def start_positions(pre: Prefilled) -> jax.Array:
 
 
 def continuation_logits(params, config: ModelConfig, pre: Prefilled, targets, *, stepwise: bool = True,
-                        runner: Optional[Runner] = None) -> tuple[jax.Array, float, kvcache.KVCache]:
-    """Next-token logits for every continuation token: `targets [batch, C]` ->
-    logits [batch, C, vocab] where logits[:, i] predicts targets[:, i] (i = 0 from the prefill).
+                        runner: Optional[Runner] = None, attention: str = "auto"):
+    """Next-token log-probabilities for every continuation token: `targets [batch, C]` ->
+    [batch, C, vocab] where [:, i] predicts targets[:, i] (i = 0 from the prefill).
 
-    stepwise: feed targets[:, :-1] one decode step at a time (required for "decode" compression);
-    otherwise in one forward over the compressed cache. Returns (logits, seconds, cache)."""
+    stepwise: feed targets[:, :-1] one decode step at a time (the engine's decode loop; required for
+    "decode" compression); otherwise in one forward over the compressed cache. Returns
+    (log-probs, seconds, cache)."""
     runner = runner or Runner()
     targets = check_tokens(targets)
     c = targets.shape[1]
     if c > pre.plan.decode_capacity - int(jnp.max(pre.cache.lengths)) and not (
             pre.compression is not None and pre.compression.when == "decode"):
         raise ValueError(f"{c} continuation tokens do not fit the cache ({pre.plan.decode_capacity} slots)")
-    first = pre.logits[:, None]
+    first = jax.nn.log_softmax(pre.logits[:, None].astype(jnp.float32), axis=-1)
     if c == 1:
         return first, 0.0, pre.cache
     feed = targets[:, :-1]
     start = start_positions(pre)
     in_loop = pre.compression is not None and pre.compression.when == "decode"
     if stepwise or in_loop:
-        n_keep = jnp.asarray(pre.plan.n_keep if pre.plan.n_keep else (0,) * targets.shape[0], jnp.int32)
-        max_keep = pre.cache.capacity - pre.compression.interval if in_loop else 0
-        (logits, cache), secs = runner.timed(teacher_forced_steps, params, pre.cache, feed, start, pre.state,
-                                             n_keep, config=config,
-                                             compression=pre.compression if in_loop else None, max_keep=max_keep)
+        (_, _, cache, _, logp), secs = teacher_forced(params, config, pre, feed, runner, attention)
     else:
         pos = start[:, None] + jnp.arange(c - 1, dtype=jnp.int32)[None]
-        (logits, cache, _), secs = runner.timed(forward_jit, params, feed, pos, pre.cache, config=config,
-                                                observe=Observe(), all_logits=True)
-    return jnp.concatenate([first, logits], axis=1), secs, cache
+        (logits, cache, _), secs = runner.timed(forward_jit, _layers(params), feed, pos, _own_buffers(pre.cache),
+                                                config=config, all_logits=True, attention=attention)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.concatenate([first, logp], axis=1), secs, cache
 
 
 def decode_seconds_per_token(params, config: ModelConfig, pre: Prefilled, targets, n_steps: int,
                              runner: Optional[Runner] = None) -> float:
     """Time `n_steps` real decode steps (teacher-forced on targets[:, :n_steps]) over the prefilled
-    cache, as `teacher_forced_steps` runs them: seconds per step, compilation excluded.
-    A cheap decode-speed probe when the continuation's quality is computed in one forward."""
+    cache with the engine's decode loop: seconds per step, compilation excluded."""
     runner = runner or Runner()
     targets = check_tokens(targets)
     n = min(n_steps, targets.shape[1])
     if n <= 0:
         raise ValueError(f"n_steps must be positive, got {n_steps}")
-    in_loop = pre.compression is not None and pre.compression.when == "decode"
-    n_keep = jnp.asarray(pre.plan.n_keep if pre.plan.n_keep else (0,) * targets.shape[0], jnp.int32)
-    max_keep = pre.cache.capacity - pre.compression.interval if in_loop else 0
-    _, secs = runner.timed(teacher_forced_steps, params, pre.cache, targets[:, :n], start_positions(pre), pre.state,
-                           n_keep, config=config, compression=pre.compression if in_loop else None,
-                           max_keep=max_keep)
+    _, secs = teacher_forced(params, config, pre, targets[:, :n], runner)
     return secs / n
 
 
@@ -402,11 +306,13 @@ def prefill_quantized(params, config: ModelConfig, tokens, cache_init: Callable,
     b, t = tokens.shape
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    cache = cache_init(config, b, t + max_new_tokens)
-    (logits, cache, _), secs = runner.timed(forward_jit, params, tokens, _positions(tokens), cache,
-                                            config=config, observe=Observe(), all_logits=False)
+    cache = init_engine_cache(config, b, t + max_new_tokens, cache_init=cache_init)
+    t0 = time.perf_counter()
+    logits, cache, _ = prefill(_layers(params), config, tokens, _positions(tokens), cache)
+    logits = jax.block_until_ready(logits)
+    secs = time.perf_counter() - t0
     plan = CachePlan(t + max_new_tokens, t + max_new_tokens, t, (t,) * b)
-    return Prefilled(logits[:, -1], cache, None, plan, None, t, secs, cache.memory_bytes())
+    return Prefilled(logits, cache, None, plan, None, t, secs, cache.memory_bytes())
 
 
 def fidelity_metrics(full_logits, comp_logits, targets) -> dict:

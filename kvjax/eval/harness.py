@@ -40,7 +40,7 @@ from kvjax.eval import fidelity, needle
 from kvjax.policies import POLICIES, make_policy
 from kvjax.policies.base import Budget
 from models.config import ModelConfig
-from models.llama import Observe
+from kvjax.observation import Observe
 
 COLUMNS = ("policy", "budget", "regime", "kept", "kl", "kl_max", "ppl", "needle_logprob", "needle_acc",
            "needle_exact", "passkey_logprob", "passkey_exact", "kv_logprob", "kv_exact", "cache_bytes",
@@ -244,8 +244,7 @@ def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, ru
         pre = fidelity.prefill_quantized(params, config, task.tokens, method.cache_init, n_new, runner=runner)
     else:
         chunk = ecfg.chunk_size if comp is not None and comp.when == "chunk" else None
-        pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner,
-                                       shared=shared)
+        pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner)
     logits, secs, cache = fidelity.continuation_logits(params, config, pre, task.targets, stepwise=stepwise,
                                                        runner=runner)
     return pre, logits, secs, cache
@@ -316,7 +315,7 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
 
     order = sorted(range(len(specs)), key=order_key)
     rows: list[Optional[dict]] = [None] * len(specs)
-    shared: dict[str, fidelity.ForwardOut] = {}
+    shared: dict = {}   # (unused: every row prefills with the engine; observations are policy-specific)
     full_logits: dict[str, jax.Array] = {}
     bar = order
     if progress:
@@ -365,10 +364,6 @@ def _evaluate_row(params, config, tasks: dict, method: _Method, ecfg: EvalConfig
             notes.append(f"+{buf.memory_bytes() / 2 ** 20:.2f} MiB decode query buffer")
     plain = method.locret is None and method.cache_init is None
     for key, task in tasks.items():
-        want = comp.observe if comp is not None else Observe()
-        if plain and (comp is None or comp.when != "chunk"):
-            if key not in shared or shared[key].observe != want:
-                shared[key] = fidelity.forward_context(params, config, task.tokens, want, runner)
         stepwise = ecfg.stepwise if key == "fidelity" else False
         pre, logits, secs, cache = _run_task(params, config, task, method, ecfg, runner, shared.get(key), stepwise)
         notes += [f"{key}: {n}" for n in pre.notes]

@@ -36,7 +36,7 @@ from kvjax.layerwise import LayerwiseCache
 from kvjax.packed import pack
 from kvjax.policies.base import Observation, ScoringPolicy
 from kvjax.policies.snapkv import SnapKV
-from models.llama import Observe
+from kvjax.observation import Observe
 
 
 def adaptive_budgets(scores: jax.Array, n_keep: jax.Array, alpha: float) -> jax.Array:

@@ -28,39 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as kvcache
+from kvjax.layerwise import LayerwiseCache, from_stacked, layer_positions
+from kvjax.observation import Observation, Observe
 from models.config import ModelConfig
-from models.llama import Observe
 from models.rope import apply_rope
 
+__all__ = ["Observation", "Observe", "ScoringPolicy", "Budget", "compress", "select"]
+
 NEG = -jnp.inf
-
-
-@dataclasses.dataclass(frozen=True)
-class Observation:
-    """What a policy sees (stacked over layers; window/column/qkv fields only if requested).
-
-    cache: the full cache before compression (keys post-RoPE [L, B, Hkv, S, d], positions [L, B, Hkv, S]).
-    window_probs [L, B, Hq, w, S], window_queries [L, B, Hq, w, d], column_sums [L, B, Hq, S],
-    q_pre [L, B, Hq, T, d], k_pre / v [L, B, Hkv, T, d] of the tokens of the last forward,
-    accumulated [L, B, Hkv, S]: the running per-slot score of accumulating policies.
-    """
-
-    cache: kvcache.KVCache
-    config: ModelConfig
-    window_probs: Optional[jax.Array] = None
-    window_queries: Optional[jax.Array] = None
-    column_sums: Optional[jax.Array] = None
-    q_pre: Optional[jax.Array] = None
-    k_pre: Optional[jax.Array] = None
-    v: Optional[jax.Array] = None
-    accumulated: Optional[jax.Array] = None
-
-    @staticmethod
-    def from_forward(cache, config, obs: dict, accumulated=None) -> "Observation":
-        return Observation(cache=cache, config=config, window_probs=obs.get("window_probs"),
-                           window_queries=obs.get("window_queries"), column_sums=obs.get("column_sums"),
-                           q_pre=obs.get("q_pre"), k_pre=obs.get("k_pre"), v=obs.get("v"),
-                           accumulated=accumulated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,21 +184,64 @@ def rerotate_keys(cache: kvcache.KVCache, config: ModelConfig) -> kvcache.KVCach
     return dataclasses.replace(cache, keys=rot, positions=new_pos)
 
 
-def compress(policy: ScoringPolicy, obs: Observation, n_keep: jax.Array, capacity: int,
-             max_keep: int, state: Optional[jax.Array] = None):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PositionsView:
+    """What selection needs of a cache: slot positions `[L, B, Hkv, S]` (-1 = empty)."""
+
+    positions: jax.Array
+
+    @property
+    def valid(self) -> jax.Array:
+        return self.positions >= 0
+
+    @property
+    def lengths(self) -> jax.Array:
+        return jnp.sum(self.valid, axis=-1).astype(jnp.int32)
+
+
+def _custom_finalize(policy) -> bool:
+    return type(policy).finalize is not ScoringPolicy.finalize
+
+
+def compress(policy: ScoringPolicy, config: ModelConfig, cache, scores: jax.Array, n_keep: jax.Array,
+             capacity: int, max_keep: int, state: Optional[jax.Array] = None,
+             queries: Optional[jax.Array] = None):
     """Keep each head's best `n_keep` (or the policy's per-head allocation) slots.
 
-    n_keep: [B] int tokens per head for each batch row (<= max_keep); capacity: slots of the new
-    cache (>= max_keep, the rest is room for new tokens); state: optional running per-slot score
-    [L, B, Hkv, S] gathered along. Returns (cache, state)."""
-    cache = obs.cache
-    scores = policy.adjust_scores(policy.score(obs), obs, n_keep)
+    cache: the engine's per-layer cache (`LayerwiseCache` of KVCache layers) or a stacked KVCache;
+    scores: `[L, B, Hkv, S]` the policy's scores, reduced inside the layers by the forward
+    (`kvjax.observation.Observer`); n_keep: [B] int tokens per head for each batch row
+    (<= max_keep); capacity: slots of the new cache (>= max_keep, the rest is room for new tokens);
+    state: optional running per-slot score [L, B, Hkv, S] gathered along; queries: the last window
+    queries `[L, B, Hq, w, d]` for policies whose layout needs them (ThinK).
+    Selection and gathering run layer by layer: nothing cache-sized is stacked, except for policies
+    with their own final layout (`finalize`: ThinK, RazorAttention, DuoAttention, AdaKV/PyramidKV
+    ragged), which get the gathered (budget-sized) cache stacked. Returns (cache, state)."""
+    per_layer = isinstance(cache, LayerwiseCache)
+    layers = cache.layers if per_layer else None
+    positions = layer_positions(cache)
+    view = Observation(cache=PositionsView(positions), config=config, accumulated=state, window_queries=queries,
+                       n_layers=positions.shape[0])
+    scores = policy.adjust_scores(scores, view, n_keep)
     counts = policy.head_budgets(scores, n_keep)
-    idx = select(scores, cache.valid, counts, max_keep)
-    new = kvcache.gather(cache, idx, capacity)
-    if policy.rerotate:
-        new = rerotate_keys(new, obs.config)
-    new = policy.finalize(new, obs, idx)
+    idx = select(scores, positions >= 0, counts, max_keep)
+    if per_layer:
+        new_layers = [kvcache.gather(lc, idx[i], capacity) for i, lc in enumerate(layers)]
+        if policy.rerotate:
+            new_layers = [rerotate_keys(lc, config) for lc in new_layers]
+        new = dataclasses.replace(cache, layers=tuple(new_layers), capacity=capacity)
+    else:
+        new = kvcache.gather(cache, idx, capacity)
+        if policy.rerotate:
+            new = rerotate_keys(new, config)
+    if _custom_finalize(policy):
+        stack = lambda c: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *c.layers) if per_layer else c
+        full = Observation(cache=stack(cache), config=config, accumulated=state, window_queries=queries,
+                           n_layers=positions.shape[0])
+        new = policy.finalize(stack(new), full, idx)
+        if per_layer and isinstance(new, kvcache.KVCache):
+            new = from_stacked(new, uniform=True)   # other own layouts stay stacked (scanned)
     if state is not None:
         safe = jnp.clip(idx, 0, None)
         state = jnp.where(idx >= 0, jnp.take_along_axis(state, safe, axis=-1), 0.0)

@@ -102,9 +102,9 @@ class HeadSplitCache:
         return dataclasses.replace(self, full=add(self.full, self.full_heads),
                                    stream=add(self.stream, self.stream_heads))
 
-    def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
+    def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE [B, Hq, T, d] (one layer) -> out [B, Hq, T, dv]; each head attends to its part."""
-        if stats.window or stats.column_sums:
+        if observe.window or observe.column_sums:
             raise ValueError("a head-split (DuoAttention/RazorAttention) cache does not report attention "
                              "statistics: it cannot be compressed again")
         b, hq, t, d = q.shape
@@ -184,15 +184,15 @@ class DuoAttention(ScoringPolicy):
         """Retrieval heads keep the whole context (streaming heads keep n_keep, see the module doc)."""
         return context
 
-    def _check(self, cache) -> None:
-        if not isinstance(cache, kvcache.KVCache):
+    def _check(self, obs: Observation) -> None:
+        if not isinstance(obs.cache, kvcache.KVCache):
             raise ValueError(f"{type(self).__name__} compresses once, after prefill (when='prefill')")
-        if cache.positions.shape[0] != len(self.pattern) or cache.positions.shape[2] != len(self.pattern[0]):
-            raise ValueError(f"pattern is [{len(self.pattern)}][{len(self.pattern[0])}] but the cache has "
-                             f"{cache.positions.shape[0]} layers x {cache.positions.shape[2]} kv heads")
+        if obs.n_layers != len(self.pattern) or obs.cache.positions.shape[2] != len(self.pattern[0]):
+            raise ValueError(f"pattern is [{len(self.pattern)}][{len(self.pattern[0])}] but the model has "
+                             f"{obs.n_layers} layers x {obs.cache.positions.shape[2]} kv heads")
 
     def score(self, obs: Observation) -> jax.Array:
-        self._check(obs.cache)
+        self._check(obs)
         pos = obs.cache.positions
         s = jnp.where(oldest_mask(pos, self.sink), jnp.inf, pos.astype(jnp.float32))
         return jnp.where(obs.cache.valid, s, -jnp.inf)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.policies.base import Observation, ScoringPolicy, group_reduce, oldest_mask, protect
-from models.llama import Observe
+from kvjax.observation import Observe
 from models.rope import rope_angles, rotate_half
 
 

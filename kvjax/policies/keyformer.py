@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from kvjax.policies.base import Observation, ScoringPolicy, group_reduce
 from kvjax.policies.expected_attention import new_token_positions
-from models.llama import Observe
+from kvjax.observation import Observe
 from models.rope import apply_rope
 
 

@@ -36,7 +36,8 @@ import numpy as np
 from kvjax import cache as kvcache
 from kvjax.policies.base import rerotate_keys, select
 from models.config import ModelConfig
-from models.llama import Observe, forward
+from kvjax.observation import Observe
+from models.llama import forward
 
 HEADS_FORMAT = "kvjax-locret-heads"
 HEADS_VERSION = 1

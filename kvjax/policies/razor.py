@@ -32,7 +32,9 @@ from kvjax.layerwise import LayerwiseCache
 from kvjax.policies.base import Observation
 from kvjax.policies.duo_attention import DuoAttention, _take_heads
 from models.config import ModelConfig
-from models.llama import Observe, forward
+from models.rope import apply_rope
+from kvjax.observation import Observe
+from models.llama import forward
 
 
 def copy_masks(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +84,18 @@ def find_retrieval_heads(params, config: ModelConfig, segment: int = 64, repeats
     toks = np.tile(seg, repeats).astype(np.int32)
     t = len(toks)
     cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
     _, _, obs = jax.jit(forward, static_argnames=("config", "observe", "all_logits"))(
-        params, jnp.asarray(toks)[None], jnp.arange(t, dtype=jnp.int32)[None], cache, config,
-        observe=Observe(window=t), all_logits=False)
-    probs = np.asarray(obs["window_probs"][:, 0], np.float64)                  # [L, Hq, T, T]
+        params, jnp.asarray(toks)[None], pos, cache, config, observe=Observe(qkv=True), all_logits=False)
+    # causal attention probabilities of the calibration sequence from the layers' q/k (float64)
+    rot = jax.vmap(lambda x: apply_rope(x, pos, config))
+    q = np.asarray(rot(obs["q_pre"]), np.float64)[:, 0]                        # [L, Hq, T, d]
+    k = np.asarray(rot(obs["k_pre"]), np.float64)[:, 0]                        # [L, Hkv, T, d]
+    k = np.repeat(k, config.n_heads // config.n_kv_heads, axis=1)
+    logits = np.einsum("lhtd,lhsd->lhts", q, k) / np.sqrt(config.head_dim)
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)                                      # [L, Hq, T, T]
     echo, ind = head_scores(probs, toks, segment)
     return select_heads(echo, ind, config.n_kv_heads, echo_frac, induction_frac), echo, ind
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.policies.base import Observation, ScoringPolicy, group_reduce, newest_mask, protect, window_scores
-from models.llama import Observe
+from kvjax.observation import Observe
 
 
 def pool1d(x: jax.Array, kernel: int, how: str = "avg") -> jax.Array:

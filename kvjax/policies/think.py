@@ -22,18 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.attention import NEG_INF, AttentionStats, attention_mask
+from kvjax.attention import NEG_INF, attention_mask
+from kvjax.observation import Observe
 from kvjax.policies.base import Observation, ScoringPolicy
 from kvjax.policies.snapkv import SnapKV
-from models.llama import Observe
 
 
-def attend_logits(logits: jax.Array, mask: jax.Array, values: jax.Array, stats: AttentionStats,
+def attend_logits(logits: jax.Array, mask: jax.Array, values: jax.Array, observe: Observe,
                   dtype) -> tuple[jax.Array, dict]:
     """Softmax attention from precomputed scaled logits (shared by ThinK and RazorAttention).
 
     logits [B, Hkv, G, T, S] float32, mask [B, Hkv, 1, T, S] bool, values [B, Hkv, S, dv]
-    -> out [B, Hq, T, dv] and the observations `stats` asks for (as kvjax.attention.attend)."""
+    -> out [B, Hq, T, dv] and the observations `observe` asks for (as kvjax.attention.attend)."""
     b, hkv, g, t, s = logits.shape
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -41,10 +41,10 @@ def attend_logits(logits: jax.Array, mask: jax.Array, values: jax.Array, stats: 
     out = jnp.einsum("bhgts,bhsv->bhgtv", probs, values.astype(jnp.float32))
     out = out.reshape(b, hkv * g, t, -1).astype(dtype)
     obs = {}
-    if stats.window:
-        w = min(stats.window, t)
+    if observe.window:
+        w = min(observe.window, t)
         obs["window_probs"] = probs[:, :, :, t - w:].reshape(b, hkv * g, w, s)
-    if stats.column_sums:
+    if observe.column_sums:
         obs["column_sums"] = probs.sum(axis=3).reshape(b, hkv * g, s)
     return out, obs
 
@@ -91,7 +91,7 @@ class ThinKCache:
         """New tokens go full width into the recent part (`[B, Hkv, new, d]`)."""
         return dataclasses.replace(self, recent=kvcache.append(self.recent, keys, values, positions))
 
-    def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
+    def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE [B, Hq, T, d]; pruned keys see q gathered onto their kept channels."""
         b, hq, t, d = q.shape
         hkv = self.keys.shape[1]
@@ -105,7 +105,7 @@ class ThinKCache:
         logits = jnp.concatenate([lp, lr], axis=-1) * scale
         mask = attention_mask(self.positions, query_positions)[:, :, None]
         values = jnp.concatenate([self.values, self.recent.values.astype(self.values.dtype)], axis=-2)
-        return attend_logits(logits, mask, values, stats, q.dtype)
+        return attend_logits(logits, mask, values, observe, q.dtype)
 
     def resize(self, capacity: int) -> "ThinKCache":
         """Total slots = pruned part + recent part; only the recent (full-width) part changes."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.policies.base import Observation, ScoringPolicy, newest_mask, protect, window_scores
-from models.llama import Observe
+from kvjax.observation import Observe
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,10 +259,10 @@ class GEARCache:
                              "the larger capacity")
         return self
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         from kvjax.attention import attend
         k, v = dequantize(self)
-        return attend(q, k, v, self.positions, query_positions, stats=stats)
+        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(

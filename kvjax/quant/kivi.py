@@ -54,7 +54,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
+from kvjax.attention import attend, decode_impl, is_decode_step, kivi_kernel_ok, mask_padded_queries
 from kvjax.cache import tree_bytes
+from kvjax.observation import Observe
 from kvjax.quant import packing
 
 KIVI_BITS = (2, 4, 8)
@@ -205,6 +208,28 @@ def merge_resid(deq: jax.Array, resid: jax.Array, n_quant: jax.Array) -> jax.Arr
 
 
 
+def attend_kivi(layer, q: jax.Array, query_positions: jax.Array, observe: Observe, backend: str = "auto"):
+    """Decode step over one layer of a `kvjax.quant.kivi.KIVICache` through the fused Pallas KIVI
+    kernel, or None when the XLA path must run (not a decode step, no kernel for the backend, or
+    the cache's bits/group/head_dim outside the kernel's constraints).
+
+    Left padding: slot t holds position t + pos_offset, masked when negative, so the live slots
+    are [max(-pos_offset, 0), lengths) -- always contiguous (KIVI does no eviction)."""
+    if not is_decode_step(q, observe):
+        return None
+    sel = decode_impl("kivi_decode", backend)
+    if sel is None or not kivi_kernel_ok(layer.k_bits, layer.v_bits, layer.group, layer.residual,
+                                         layer.head_dim, sel[0]):
+        return None
+    impl, interpret = sel
+    starts = jnp.clip(-layer.pos_offset, 0, layer.lengths).astype(jnp.int32)
+    out = pallas_kernels.kivi_decode(
+        q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_min, layer.v_codes, layer.v_scale,
+        layer.v_min, layer.k_resid, layer.v_resid, layer.k_len, layer.v_len, layer.lengths, starts,
+        bits=layer.k_bits, v_bits=layer.v_bits, group_size=layer.group, impl=impl, interpret=interpret)
+    return mask_padded_queries(out[:, :, None], query_positions), {}
+
+
 # ----------------------------------------------------------------------------- the cache
 
 @dataclasses.dataclass(frozen=True)
@@ -258,16 +283,15 @@ class KIVICache:
         """keys (post-RoPE), values `[batch, kv_heads, new, d]`; positions `[batch, new]`."""
         return append(self, keys, values, positions)
 
-    def attend(self, q: jax.Array, query_positions: jax.Array, *, stats, rope=None):
+    def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q `[batch, q_heads, new, d]` (post-RoPE) -> (out, observations); XLA reference path:
         dequantize to dense K/V, then `kvjax.attention.attend`. A decode step runs the fused Pallas
         KIVI kernel instead where `kvjax.attention.attend_kivi` says it applies (gpu)."""
-        from kvjax.attention import attend, attend_kivi
-        fused = attend_kivi(self, q, query_positions, stats)
+        fused = attend_kivi(self, q, query_positions, observe, backend)
         if fused is not None:
             return fused
         k, v = dequantize(self)
-        return attend(q, k, v, self.positions, query_positions, stats=stats)
+        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend)
 
     def resize(self, capacity: int) -> "KIVICache":
         return resize(self, capacity)

@@ -219,7 +219,7 @@ def collect_activations(params, config, token_ids) -> tuple[np.ndarray, np.ndarr
     """Pre-RoPE keys and values of one forward over `token_ids` -> `[layers, tokens, kv_heads, d]`."""
     from kvjax import cache as kvcache
     from kvjax.generate import forward_jit
-    from models.llama import Observe
+    from kvjax.observation import Observe
     t = len(token_ids)
     cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
     _, _, obs = forward_jit(params, jnp.asarray([token_ids], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None],
@@ -296,7 +296,7 @@ class KVQuantCache:
     def resize(self, capacity: int) -> "KVQuantCache":
         return resize(self, capacity)
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         """Dequantize pre-RoPE keys, rotate them by their slot positions with `rope`, attend."""
         if rope is None:
             raise ValueError("KVQuant stores pre-RoPE keys: attend needs the `rope` function")
@@ -304,7 +304,7 @@ class KVQuantCache:
         pos = self.positions
         k_pre, v = dequantize(self)
         k = rope(k_pre, jnp.maximum(pos, 0))
-        return attend(q, k, v, pos, query_positions, stats=stats)
+        return attend(q, k, v, pos, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(

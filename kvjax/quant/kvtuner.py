@@ -126,10 +126,10 @@ class SimKIVICache:
         packing.check_finite("append keys/values", keys, values)
         return dataclasses.replace(self, dense=kvcache.append(self.dense, keys, values, positions))
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         from kvjax.attention import attend
         k, v = simulated_kv(self)
-        return attend(q, k, v, self.dense.positions, query_positions, stats=stats)
+        return attend(q, k, v, self.dense.positions, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(SimKIVICache, data_fields=["dense", "k_bits", "v_bits"],

@@ -43,8 +43,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kvjax.quant import packing
+import pallas_kernels
+from kvjax.attention import _planar_sketch_columns, attend, attend_logits, decode_impl, is_decode_step, qjl_kernel_ok
 from kvjax.cache import tree_bytes
+from kvjax.observation import Observe
+from kvjax.quant import packing
 from kvjax.quant.kivi import (NO_POSITION, _scatter_rows, flush_blocks, merge_resid, slide_window,
                               slot_positions, update_pos_offset)
 
@@ -184,13 +187,43 @@ class QJLCache:
     def resize(self, capacity: int) -> "QJLCache":
         return resize(self, capacity)
 
-    def attend(self, q, query_positions, *, stats, rope=None):
-        from kvjax.attention import attend, attend_qjl
-        kernel_out = attend_qjl(self, q, query_positions, stats)   # decode step on GPU/TPU
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
+        kernel_out = attend_qjl(self, q, query_positions, observe, backend)   # decode step on GPU/TPU
         if kernel_out is not None:
             return kernel_out
         k, v = dequantize(self)
-        return attend(q, k, v, self.positions, query_positions, stats=stats)
+        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend)
+
+
+def attend_qjl(layer, q: jax.Array, query_positions: jax.Array, observe: Observe, backend: str = "auto"):
+    """Decode step over one layer of a `kvjax.quant.qjl.QJLCache` with the sketched keys' scores
+    from the Pallas QJL kernel (the fp key buffer, softmax and the 2-bit values stay in XLA), or
+    None when the XLA path must run (not a decode step, no kernel, or the config outside its
+    constraints)."""
+    if not is_decode_step(q, observe):
+        return None
+    sel = decode_impl("qjl_scores", backend)
+    cfg = layer.cfg
+    if sel is None or not qjl_kernel_ok(cfg, sel[0]):
+        return None
+    impl, interpret = sel
+    b, hq, _, d = q.shape
+    hkv = layer.lengths.shape[1]
+    g = hq // hkv
+    sketch = layer.sketch[:, _planar_sketch_columns(cfg.sketch_dim)]
+    scores = pallas_kernels.qjl_scores(
+        q[:, :, 0], layer.k_sign, layer.k_out_sign, layer.k_norm, layer.k_out_norm,
+        layer.k_out_idx.astype(jnp.int32), sketch, layer.k_len, group_size=cfg.group, impl=impl,
+        interpret=interpret).reshape(b, hkv, g, -1)                          # [b, hkv, g, C]
+    cap = scores.shape[-1]
+    qg = q[:, :, 0].reshape(b, hkv, g, d).astype(jnp.float32)
+    tail = jnp.einsum("bhgd,bhrd->bhgr", qg, layer.k_resid.astype(jnp.float32))  # fp key buffer
+    t = jnp.arange(cap, dtype=jnp.int32)
+    ridx = jnp.clip(t - layer.k_len[..., None], 0, layer.k_resid.shape[2] - 1)   # [b, hkv, C]
+    tail = jnp.take_along_axis(tail, jnp.broadcast_to(ridx[:, :, None], (b, hkv, g, cap)), axis=-1)
+    logits = jnp.where(t < layer.k_len[:, :, None, None], scores, tail) * d ** -0.5
+    return attend_logits(logits[:, :, :, None], dequantize_values(layer), layer.positions,
+                         query_positions, q.dtype, observe)
 
 
 jax.tree_util.register_dataclass(

@@ -200,14 +200,14 @@ class RotateKVCache:
         """Same tokens, `capacity` slots (grow for decode room; shrinking below the longest row is an error)."""
         return resize(self, capacity)
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         if rope is None:
             raise ValueError("RotateKV stores pre-RoPE keys: attend needs the model's rope function")
         from kvjax.attention import attend
         k, v = dequantize(self)
         pos = self.positions
         k = rope(k, jnp.maximum(pos, 0))
-        return attend(q, k, v, pos, query_positions, stats=stats)
+        return attend(q, k, v, pos, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(

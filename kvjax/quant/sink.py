@@ -84,12 +84,12 @@ class KIVISinkCache:
         return dataclasses.replace(self, inner=inner, k_sink=put(self.k_sink, keys), v_sink=put(self.v_sink, values),
                                    sink_pos=put(self.sink_pos, pos))
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         from kvjax.attention import attend
         k, v = kivi.dequantize(self.inner)
         k = jnp.concatenate([self.k_sink.astype(k.dtype), k], axis=-2)
         v = jnp.concatenate([self.v_sink.astype(v.dtype), v], axis=-2)
-        return attend(q, k, v, self.positions, query_positions, stats=stats)
+        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend)
 
     def resize(self, capacity: int) -> "KIVISinkCache":
         return dataclasses.replace(self, inner=self.inner.resize(max(capacity - self.sink, 1)))

@@ -67,8 +67,8 @@ class StreamingMixedCache:
         inner = jax.lax.cond(full, lambda c: compress_round(c, self.scorer), lambda c: c, self.inner)
         return dataclasses.replace(self, inner=inner.append(keys, values, positions))
 
-    def attend(self, q, query_positions, *, stats, rope=None):
-        return self.inner.attend(q, query_positions, stats=stats)
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
+        return self.inner.attend(q, query_positions, observe=observe, backend=backend)
 
     def resize(self, capacity: int) -> "StreamingMixedCache":
         """Compress the buffer (the prompt after a prefill) and shrink it to `interval` slots.

@@ -226,10 +226,10 @@ class MixedCache:
                                    buf_pos=put(self.buf_pos, pos), buf_len=self.buf_len + n,
                                    lengths=self.lengths + n)
 
-    def attend(self, q, query_positions, *, stats, rope=None):
+    def attend(self, q, query_positions, *, observe, backend="auto", rope=None):
         from kvjax.attention import attend
         k, v = dense_view(self)
-        return attend(q, k, v, self.positions, query_positions, stats=stats)
+        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend)
 
 
 jax.tree_util.register_dataclass(
@@ -408,10 +408,11 @@ def init_zipcache(cfg: ZipCacheConfig, n_layers: int, batch: int, kv_heads: int,
 def probe_attention(cache: MixedCache, q: jax.Array, q_pos: jax.Array) -> jax.Array:
     """Attention probabilities of probe queries over one layer's dense view, summed over the GQA
     group. q [B, Hq, P, d] post-RoPE, q_pos [B, P] -> [B, H, P, S]."""
-    from kvjax.attention import attend, AttentionStats
+    from kvjax.attention import attend
+    from kvjax.observation import Observe
     k, v = dense_view(cache)
     p = q.shape[2]
-    _, obs = attend(q, k, v, cache.positions, q_pos, stats=AttentionStats(window=p))
+    _, obs = attend(q, k, v, cache.positions, q_pos, observe=Observe(window=p))
     probs = obs["window_probs"]                                                  # [B, Hq, P, S]
     b, hq, _, s = probs.shape
     h = cache.lengths.shape[-1]
