@@ -235,6 +235,8 @@ def attention_name(cache, compression=None, attention: str = "auto") -> str:
                                              layer.head_dim, sel[0]):
             return "xla-reference"
         name, fallback = "kivi_decode", ""
+        if decode_impl("flash_prefill", attention) is not None:
+            prefill = "flash prefill over dequantized K/V"
     elif isinstance(layer, QJLCache):
         sel = decode_impl("qjl_scores", attention)
         if sel is None or not qjl_kernel_ok(layer.cfg, sel[0]):
@@ -318,6 +320,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
             raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
                              f"{plan.prefill_capacity} cache slots, but capacity is {capacity}")
         plan = dataclasses.replace(plan, prefill_capacity=capacity)
+    if jax.default_backend() != "cpu":
+        # decode kernels tile the slots in blocks of 64: a capacity they divide is never padded (copied)
+        plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // 64) * 64)
     cache = init_engine_cache(config, len(prompts), plan.prefill_capacity, cache_dtype, cache_init)
     peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
     state = (jnp.zeros((config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity), jnp.float32)

@@ -77,8 +77,8 @@ def test_full_cache_continuation_matches_numpy_forward_and_kl_is_zero(params):
     ref = ref[len(ctx) - 1: len(ctx) + len(cont) - 1]  # the rows that predict the continuation
     for stepwise in (False, True):
         pre = fidelity.prefill_context(params, CFG, [ctx], None, len(cont))
-        logits, _, _ = fidelity.continuation_logits(params, CFG, pre, [cont], stepwise=stepwise)
-        np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=2e-4)
+        logp, _, _ = fidelity.continuation_logits(params, CFG, pre, [cont], stepwise=stepwise)
+        np.testing.assert_allclose(np.asarray(logp[0]), _np_log_softmax(ref), atol=2e-4)
     lr = _np_log_softmax(ref)
     ppl_ref = np.exp(-lr[np.arange(len(cont)), cont].mean())
     out = fidelity.evaluate_fidelity(params, CFG, ctx, cont, None)

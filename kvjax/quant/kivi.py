@@ -290,8 +290,11 @@ class KIVICache:
         fused = attend_kivi(self, q, query_positions, observe, backend)
         if fused is not None:
             return fused
-        k, v = dequantize(self)
-        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend)
+        # prefill (or a decode step the fused kernel cannot take): dequantized K/V in the cache's
+        # fp dtype; its live slots are [max(-pos_offset, 0), lengths), so the flash/dense kernels apply
+        k, v = dequantize(self, self.k_resid.dtype)
+        return attend(q, k, v, self.positions, query_positions, observe=observe, backend=backend,
+                      lengths=self.lengths)
 
     def resize(self, capacity: int) -> "KIVICache":
         return resize(self, capacity)
