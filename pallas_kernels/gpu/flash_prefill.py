@@ -94,10 +94,14 @@ def _pow2_at_least_16(x: int) -> bool:
 
 def default_config(dtype, head_dim: int) -> dict:
     """Tile defaults. bf16/fp16: 128 queries x 64 keys, 8 warps for head_dim >= 128 (4 below),
-    3 stages: the Triton FA2 Hopper configuration (K+V tiles of 3 stages + the Q tile in 128 KB
-    of shared memory at head_dim 128). float32 operands are twice as wide: 64 x 32, 2 stages."""
+    3 stages: the Triton FA2 Hopper configuration (K+V tiles of 3 stages + the Q tile take 128 KB
+    of shared memory at head_dim 128; a [128, 128] float32 accumulator over 8 warps is 64
+    registers a thread). head_dim 256 halves the query tile and keeps 2 stages (160 KB).
+    float32 operands are twice as wide: 64 x 32 (32 x 32 at head_dim 256), 4 warps, 2 stages."""
     if jnp.dtype(dtype) == jnp.float32:
-        return dict(block_q=64, block_k=32, num_warps=4, num_stages=2)
+        return dict(block_q=64 if head_dim < 256 else 32, block_k=32, num_warps=4, num_stages=2)
+    if head_dim >= 256:
+        return dict(block_q=64, block_k=64, num_warps=8, num_stages=2)
     return dict(block_q=128, block_k=64, num_warps=8 if head_dim >= 128 else 4, num_stages=3)
 
 
