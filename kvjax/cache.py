@@ -21,6 +21,7 @@ positions (the default regime); a policy that needs re-rotated in-cache position
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,38 @@ import numpy as np
 def tree_bytes(tree) -> int:
     """Bytes of every array leaf of a pytree (what a cache of any type really allocates)."""
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """What the model needs of one layer's cache, whatever it stores (dense, quantized codes,
+    head-packed pools, pruned channels, ...). Shapes: `[batch, kv_heads, ...]` for one layer; the
+    same class stacked over layers carries a leading `[layers]` axis on every array.
+
+    append: write the new tokens' post-RoPE keys / values `[batch, kv_heads, new, d]` at positions
+            `[batch, new]` (-1 = padding); `keys_pre_rope` for caches that store pre-RoPE keys.
+    attend: new post-RoPE queries `[batch, q_heads, new, d]` over everything held, returning
+            (out `[batch, q_heads, new, d]`, what `observe` asks for); the cache picks its own
+            implementation (XLA reference or a Pallas kernel, per the static `backend`).
+    lengths `[batch, kv_heads]`: slots in use; positions `[batch, kv_heads, capacity]` (-1 = empty);
+    capacity: slots per head; memory_bytes(): bytes really allocated.
+    """
+
+    lengths: jax.Array
+
+    @property
+    def positions(self) -> jax.Array: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    def append(self, keys: jax.Array, values: jax.Array, positions: jax.Array,
+               keys_pre_rope: Optional[jax.Array] = None) -> "LayerCache": ...
+
+    def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend: str = "auto",
+               rope: Optional[Callable] = None) -> tuple[jax.Array, dict]: ...
+
+    def memory_bytes(self) -> int: ...
 
 
 @jax.tree_util.register_dataclass

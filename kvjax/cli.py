@@ -10,11 +10,29 @@ import jax
 import jax.numpy as jnp
 
 
-def _load(model: str):
+def resolve_dtype(text: Optional[str]):
+    """`--dtype`: auto (bfloat16 on gpu/tpu, float32 on cpu) | bfloat16 | float32."""
+    from models.loading import parse_dtype
+    if text in (None, "", "auto"):
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return parse_dtype(text)
+
+
+def check_attention(name: str) -> str:
+    """`--attention`: one clear line for an unknown value or a Pallas backend with no kernels here."""
+    from kvjax.attention import check_backend
+    check_backend(name)
+    if name == "pallas" and jax.default_backend() == "cpu":
+        raise ValueError("--attention pallas: the Pallas kernels need a gpu or tpu; on cpu use 'interpret' "
+                         "(kernels interpreted, slow) or 'auto'/'xla'")
+    return name
+
+
+def _load(model: str, dtype=None):
     from models.loading import load_model
     from models.tokenizer import load_tokenizer
     t0 = time.perf_counter()
-    config, params = load_model(model)
+    config, params = load_model(model, dtype=resolve_dtype(dtype))
     params = jax.tree_util.tree_map(jnp.asarray, params)
     tokenizer = load_tokenizer(model)
     return config, params, tokenizer, time.perf_counter() - t0
@@ -49,19 +67,28 @@ def compression_from_args(args, params=None, config=None):
     from kvjax.compression import Compression
     from kvjax.eval.harness import build_policy
     from kvjax.policies import Budget
+    from kvjax.budget_parse import parse_budget
     if args.budget is None:
         raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
-    return Compression(build_policy(args.policy, params, config), Budget.parse(args.budget), when=args.when,
+    return Compression(build_policy(args.policy, params, config), parse_budget(args.budget), when=args.when,
                        interval=args.interval)
 
 
 def check_generate_args(args) -> None:
     """Input errors of `generate` that need no model (raised before loading it)."""
+    from kvjax.budget_parse import parse_budget
     from kvjax.eval.harness import is_locret, parse_policy, quant_cache_init
+    check_attention(args.attention)
+    resolve_dtype(args.dtype)
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.chunk_size is not None and args.chunk_size <= 0:
+        raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
     if args.policy:
         parse_policy(args.policy)
         if args.budget is None:
             raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
+        parse_budget(args.budget)
     if args.policy and is_locret(args.policy):
         if not args.heads:
             raise ValueError("--policy locret needs --heads PATH (a directory exported by `python -m train.locret`)")
@@ -102,7 +129,7 @@ def run_locret(config, params, tokenizer, args):
 def cmd_generate(args) -> int:
     from kvjax.sampling import Sampling
     check_generate_args(args)
-    config, params, tokenizer, load_s = _load(args.model)
+    config, params, tokenizer, load_s = _load(args.model, args.dtype)
     from kvjax.eval.harness import is_locret, quant_cache_init
     if args.policy and is_locret(args.policy):
         answer, line = run_locret(config, params, tokenizer, args)
@@ -113,7 +140,7 @@ def cmd_generate(args) -> int:
                                max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                                sampling=Sampling(args.temperature, args.top_k, args.top_p),
                                seed=args.seed, progress=True,
-                               compression=compression_from_args(args, params, config),
+                               compression=compression_from_args(args, params, config), attention=args.attention,
                                cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None)
     print(answer)
     quant = f" | kv-quant {args.kv_quant}" if args.kv_quant else ""
@@ -134,15 +161,17 @@ def demo_long_prompt(tokenizer, target_tokens: int = 1200, passkey: str = "68239
 
 
 def cmd_demo(args) -> int:
-    config, params, tokenizer, load_s = _load(args.model)
+    check_attention(args.attention)
+    config, params, tokenizer, load_s = _load(args.model, args.dtype)
     print(f"loaded {config.name}: {config.n_layers} layers, {config.n_heads} q / {config.n_kv_heads} kv heads, "
           f"head_dim {config.head_dim} in {load_s:.1f} s on {jax.default_backend()}")
     question = "What is the capital of France?"
-    answer, stats = run_prompt(config, params, tokenizer, question, chat=True, max_new_tokens=48)
+    answer, stats = run_prompt(config, params, tokenizer, question, chat=True, max_new_tokens=48,
+                               attention=args.attention)
     print(f"\n>>> {question}\n{answer.strip()}\n  ({_format_stats(stats)}; first call includes compilation)")
     long_prompt = demo_long_prompt(tokenizer)
     answer, stats = run_prompt(config, params, tokenizer, long_prompt, chat=True, max_new_tokens=32,
-                               chunk_size=256, progress=True)
+                               chunk_size=256, progress=True, attention=args.attention)
     print(f"\n>>> [{stats['prompt_tokens']}-token passage with a hidden passkey 68239] "
           f"What is the secret passkey?\n{answer.strip()}\n  ({_format_stats(stats)})")
     # The same long prompt with SnapKV keeping 25% of the context (question-aware: the question is
@@ -151,7 +180,7 @@ def cmd_demo(args) -> int:
     from kvjax.policies import Budget, make_policy
     snap = Compression(make_policy("snapkv"), Budget(ratio=0.25))
     answer, stats = run_prompt(config, params, tokenizer, long_prompt, chat=True, max_new_tokens=32,
-                               compression=snap, progress=True)
+                               compression=snap, progress=True, attention=args.attention)
     print(f"\n>>> same passage, SnapKV keeping 25% of the KV cache\n{answer.strip()}\n  ({_format_stats(stats)})")
     return 0
 
@@ -222,10 +251,11 @@ def cmd_eval(args) -> int:
     from kvjax.eval.text import kjv_text, read_text_file
     notes: list[str] = []
     ecfg = eval_config_from_args(args, notes)  # validate before loading anything
+    resolve_dtype(args.dtype)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
-    config, params, tokenizer, load_s = _load(args.model)
+    config, params, tokenizer, load_s = _load(args.model, args.dtype)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
     command = "python -m kvjax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "python -m kvjax eval"
     rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out or None, progress=True,
@@ -242,12 +272,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto",
+                   help="parameters and cache: auto (bfloat16 on gpu/tpu, float32 on cpu), bfloat16 or float32")
+    p.add_argument("--attention", default="auto", help="attention implementation: auto (Pallas kernels on "
+                   "gpu/tpu, XLA on cpu), xla, pallas, interpret (GPU kernels interpreted, for checks on cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="chat and long-context demo on the embedded SmolLM2")
     demo.add_argument("--model", default="smollm2")
+    _engine_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate a continuation or a chat answer")
@@ -268,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--heads", default=None, help="--policy locret: directory of trained retaining heads")
     gen.add_argument("--kv-quant", default=None,
                      help="quantized KV cache from kvjax.quant (e.g. kivi2, kivi4, kivi2:residual=64)")
+    _engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="fidelity (KL, perplexity), needle tasks, memory and time per policy x budget x regime")
@@ -297,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compress the prompt with the question in it (default: compress the haystack, then ask)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="docs/eval", help="output folder for results.csv/.md/.png ('' for none)")
+    ev.add_argument("--dtype", default="auto",
+                    help="parameters and cache: auto (bfloat16 on gpu/tpu, float32 on cpu), bfloat16 or float32")
     ev.set_defaults(func=cmd_eval)
     return parser
 
