@@ -24,6 +24,7 @@ the cut-off at 0.75.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -33,14 +34,14 @@ import numpy as np
 import pytest
 
 from kvjax import cache as kvcache
-from kvjax.policies.base import Observation, compress
+from kvjax.policies.base import Observation, ScoringPolicy, compress
 from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
-from kvjax.observation import Observe
+from kvjax.observation import Observe, Observer
 from models.llama import forward
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "kvpress_indices.npz"
@@ -73,30 +74,68 @@ def _union_observe(policies) -> Observe:
                    qkv=any(s.qkv for s in specs), hidden=any(s.hidden for s in specs))
 
 
-_forward = jax.jit(forward, static_argnames=("config", "observe", "all_logits"))
+@dataclasses.dataclass(frozen=True)
+class _EveryScore(ScoringPolicy):
+    """Test-only scorer: one forward serves every tested policy. Inside each layer it computes the
+    score of each of `policies` on that layer's observation (the union of their needs) and returns
+    them side by side on the kv-head axis: policy i's scores are heads [i * Hkv, (i + 1) * Hkv)."""
+
+    policies: tuple = ()
+
+    @property
+    def observe(self) -> Observe:
+        return _union_observe(self.policies)
+
+    def score(self, obs: Observation) -> jax.Array:
+        return jnp.concatenate([p.score(obs).astype(jnp.float32) for p in self.policies], axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """One prompt after a full prefill: its cache, length, every policy's scores [L, 1, Hkv, T]
+    (reduced inside the layers) and the last 32 post-RoPE queries [L, 1, Hq, 32, d] (ThinK)."""
+
+    cache: kvcache.KVCache
+    config: object
+    t: int
+    scores: dict
+    queries: jax.Array
+
+
+_forward = jax.jit(forward, static_argnames=("config", "observe", "all_logits", "observer", "attention"))
 
 
 @pytest.fixture(scope="module")
 def observed(smollm2, peer):
-    """Per prompt: (Observation after a full prefill, T), for the union of every tested policy's needs."""
+    """Per prompt: an `Observed` after a full prefill, every tested policy's scores from one forward."""
     config, params = smollm2
     z, settings = peer
-    pols = list(_policies().values()) + [ExpectedAttention(), ThinK(query_window=32)]
-    observe = _union_observe(pols)
+    named = {**_policies(), "expected_attention": ExpectedAttention(), "think": ThinK(query_window=32)}
+    union = _EveryScore(tuple(named.values()))
+    hkv = config.n_kv_heads
     out = []
     for p in range(len(settings["prompts"])):
         ids = jnp.asarray(z[f"tokens/{p}"])[None]
         t = ids.shape[1]
         cache = kvcache.init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
-        _, cache, obs = _forward(params, ids, jnp.arange(t, dtype=jnp.int32)[None], cache, config, observe)
-        out.append((Observation.from_forward(cache, config, obs), t))
+        _, cache, outs = _forward(params, ids, jnp.arange(t, dtype=jnp.int32)[None], cache, config,
+                                  observer=Observer(union, queries=32))
+        scores = {name: outs["scores"][:, :, i * hkv:(i + 1) * hkv] for i, name in enumerate(named)}
+        out.append(Observed(cache, config, t, scores, outs["queries"]))
     return out
 
 
-def _kept(policy, obs: Observation, n: int) -> np.ndarray:
-    """Our kept token indices [layers, kv_heads, n] through the shared compress path (score -> select ->
-    gather at the budget); after a prefill from position 0 a slot's position is its token index."""
-    new, _ = compress(policy, obs, jnp.array([n], jnp.int32), capacity=n, max_keep=n)
+def _compress(policy, name: str, obs: Observed, n: int):
+    """compress with the scores `name` reduced in the forward (ThinK: and its window queries)."""
+    return compress(policy, obs.config, obs.cache, obs.scores[name], jnp.array([n], jnp.int32), capacity=n,
+                    max_keep=n, queries=obs.queries)
+
+
+def _kept(policy, name: str, obs: Observed, n: int) -> np.ndarray:
+    """Our kept token indices [layers, kv_heads, n] through the shared compress path (scores reduced in
+    the layers -> select -> gather at the budget); after a prefill from position 0 a slot's position
+    is its token index."""
+    new, _ = _compress(policy, name, obs, n)
     kept = np.asarray(new.positions[:, 0])
     assert (kept >= 0).all(), "a head kept fewer than n tokens"
     return np.sort(kept, axis=-1)
@@ -112,12 +151,13 @@ def _check_method(name, policy, peer, observed, ratios=None):
     """Agreement >= 99% for every (prompt, ratio); returns {(prompt, ratio): (agreement, ours, ref)}."""
     z, settings = peer
     results = {}
-    for p, (obs, t) in enumerate(observed):
+    for p, obs in enumerate(observed):
+        t = obs.t
         for r in ratios or settings["ratios_removed"]:
             ref = z[f"kept/{name}/{r:g}/{p}"].astype(np.int64)
             n = ref.shape[-1]
             assert n == int(t * (1 - r)), "fixture n_kept is not kvpress's int(T * (1 - ratio))"
-            ours = _kept(policy, obs, n)
+            ours = _kept(policy, name, obs, n)
             agree = _agreement(ours, ref)
             results[p, r] = (agree.mean(), ours, ref)
             assert agree.mean() >= MIN_AGREEMENT, (
@@ -212,15 +252,16 @@ def test_scorer_matches_kvpress_up_to_float_ties(name, peer, observed):
 
 def test_knorm_scores_match_kvpress(peer, observed):
     z, _ = peer
-    for p, (obs, _) in enumerate(observed):
-        ours = np.asarray(KNorm().score(obs)[:, 0])
+    for p, obs in enumerate(observed):
+        ours = np.asarray(obs.scores["knorm"][:, 0])
         np.testing.assert_allclose(ours, z[f"scores/knorm/{p}"], rtol=1e-5, atol=0)
 
 
 def test_tova_scores_match_kvpress(peer, observed):
     z, _ = peer
-    for p, (obs, t) in enumerate(observed):
-        ours = np.asarray(TOVA().score(obs)[:, 0])
+    for p, obs in enumerate(observed):
+        t = obs.t
+        ours = np.asarray(obs.scores["tova"][:, 0])
         ref = z[f"scores/tova/{p}"]
         # the last token is protected in both (ours +inf, kvpress max+1); compare the rest
         np.testing.assert_allclose(ours[..., :t - 1], ref[..., :t - 1], atol=2e-5, rtol=0)
@@ -238,8 +279,9 @@ def test_snapkv_scores_match_kvpress(peer, observed):
     (both zero the window columns before pooling)."""
     z, _ = peer
     pol = _policies()["snapkv"]
-    for p, (obs, t) in enumerate(observed):
-        ours = np.asarray(pol.score(obs)[:, 0], np.float64)
+    for p, obs in enumerate(observed):
+        t = obs.t
+        ours = np.asarray(obs.scores["snapkv"][:, 0], np.float64)
         ref = z[f"scores/snapkv/{p}"].astype(np.float64)
         stop = t - pol.window
         o, r = ours[..., :stop], ref[..., :stop]
@@ -269,8 +311,8 @@ def test_expected_attention_matches_kvpress(peer, observed):
 def test_expected_attention_scores_match_kvpress(peer, observed):
     z, _ = peer
     pol = ExpectedAttention()
-    for p, (obs, t) in enumerate(observed):
-        ours = np.asarray(pol.score(obs)[:, 0], np.float64)
+    for p, obs in enumerate(observed):
+        ours = np.asarray(obs.scores["expected_attention"][:, 0], np.float64)
         ref = z[f"scores/expected_attention/{p}"].astype(np.float64)
         n = pol.n_sink                  # sinks: ours +inf, kvpress max+1
         assert np.isposinf(ours[..., :n]).all()
@@ -282,12 +324,13 @@ def test_think_kept_channels_match_kvpress(peer, observed):
     """kvpress's ThinKPress alone prunes channels of ALL prompt keys; ours does it after its token
     eviction, so a budget of the whole prompt reproduces the standalone press."""
     z, settings = peer
-    for p, (obs, t) in enumerate(observed):
+    for p, obs in enumerate(observed):
+        t = obs.t
         for r in settings["think_channel_ratios_removed"]:
             ref = z[f"kept/think/{r:g}/{p}"].astype(np.int64)
             pol = ThinK(pruning_ratio=r, query_window=32)
             assert ref.shape[-1] == obs.config.head_dim - pol.n_pruned(obs.config.head_dim)
-            new, _ = compress(pol, obs, jnp.array([t], jnp.int32), capacity=t, max_keep=t)
+            new, _ = _compress(pol, "think", obs, t)
             ours = np.sort(np.asarray(new.channels[:, 0]), axis=-1)
             agree = np.mean(ours == ref)
             assert agree >= MIN_AGREEMENT, f"think prompt {p} ratio {r}: channel agreement {agree:.4f}"
@@ -313,7 +356,8 @@ def test_continuation_logits_after_compression_match_kvpress(name, ratio, smollm
     feeds a question after the compressed context): logits agree with HF + kvpress within 1e-3."""
     config, params = smollm2
     z, _ = peer
-    obs, t = observed[0]
+    obs = observed[0]
+    t = obs.t
     cont = jnp.asarray(z["continuation/tokens"])[None]
     m = cont.shape[1]
     policy = _continuation_policy(name, ratio)
@@ -321,7 +365,7 @@ def test_continuation_logits_after_compression_match_kvpress(name, ratio, smollm
         cache = kvcache.resize(obs.cache, t + m)
     else:
         n = t if name == "think" else int(t * (1 - ratio))       # ThinK keeps every token
-        cache, _ = compress(policy, obs, jnp.array([n], jnp.int32), capacity=n, max_keep=n)
+        cache, _ = _compress(policy, name, obs, n)
         cache = cache.resize(n + m) if hasattr(cache, "resize") else kvcache.resize(cache, n + m)
     positions = jnp.arange(t, t + m, dtype=jnp.int32)[None]
     logits, _, _ = forward(params, cont, positions, cache, config)

@@ -58,25 +58,48 @@ def random_obs(seed=0, n_layers=L, hq=HQ, hkv=HKV, s=S, d=D, pad=PAD, window=4, 
     probs = np.where(pos[:, :, :1, None, :].repeat(hq, 2) >= 0, probs, 0)
     probs /= probs.sum(-1, keepdims=True)
     return Observation(cache=cache, config=tiny_config(n_layers, hq, hkv, d), window_probs=jnp.asarray(probs),
-                       window_queries=jnp.asarray(wq), q_pre=jnp.asarray(q_pre))
+                       window_queries=jnp.asarray(wq), q_pre=jnp.asarray(q_pre), n_layers=n_layers)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "config"))
-def _run(fn, config, cache, wp, wq, qp, acc):
-    return fn(Observation(cache=cache, config=config, window_probs=wp, window_queries=wq, q_pre=qp,
-                          accumulated=acc))
+def layer_obs(obs: Observation, layer: int) -> Observation:
+    """Layer `layer` of a stacked Observation as the forward shows it to a policy: every array with
+    a leading layers axis of size 1, `obs.layer` and `obs.n_layers` set."""
+    one = lambda x: None if x is None else x[layer:layer + 1]
+    return Observation(cache=jax.tree_util.tree_map(one, obs.cache), config=obs.config,
+                       window_probs=one(obs.window_probs), window_queries=one(obs.window_queries),
+                       column_sums=one(obs.column_sums), q_pre=one(obs.q_pre), k_pre=one(obs.k_pre),
+                       v=one(obs.v), hidden=one(obs.hidden), accumulated=one(obs.accumulated),
+                       layer=layer, n_layers=obs.n_layers)
 
 
-def jit_obs(fn, obs: Observation):
-    """Run `fn(observation)` under one jax.jit (op-by-op dispatch compiles every primitive: slow).
+def by_layer(fn, obs: Observation) -> jax.Array:
+    """`fn` (a policy's score / accumulate) run on one layer at a time, as inside the forward,
+    stacked over layers: [L, ...]."""
+    return jnp.concatenate([fn(layer_obs(obs, l)) for l in range(obs.n_layers)])
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "config", "layered"))
+def _run(fn, config, cache, wp, wq, qp, acc, layered=True):
+    obs = Observation(cache=cache, config=config, window_probs=wp, window_queries=wq, q_pre=qp,
+                      accumulated=acc, n_layers=cache.keys.shape[0])
+    return by_layer(fn, obs) if layered else fn(obs)
+
+
+def jit_obs(fn, obs: Observation, layered: bool = True):
+    """Run `fn(observation)` under one jax.jit (op-by-op dispatch compiles every primitive: slow);
+    layered: one layer at a time (a policy's score / accumulate, as the forward calls them).
     fn must be hashable by value (a bound method of a policy) for the compile cache to hit."""
-    return _run(fn, obs.config, obs.cache, obs.window_probs, obs.window_queries, obs.q_pre, obs.accumulated)
+    return _run(fn, obs.config, obs.cache, obs.window_probs, obs.window_queries, obs.q_pre, obs.accumulated,
+                layered=layered)
 
 
 def jcompress(policy, obs, n_keep, capacity, state=None):
-    """compress() under jit, same n_keep for every batch row."""
-    return jit_obs(lambda o: compress(policy, o, jnp.full((B,), n_keep, jnp.int32), capacity, capacity,
-                                      o.accumulated if state is not None else None), obs)
+    """compress() under jit, same n_keep for every batch row: the policy's scores computed layer by
+    layer (as the forward's Observer reduces them), then selection over the stacked cache."""
+    return jit_obs(lambda o: compress(policy, o.config, o.cache, by_layer(policy.score, o),
+                                      jnp.full((B,), n_keep, jnp.int32), capacity, capacity,
+                                      o.accumulated if state is not None else None, o.window_queries),
+                   obs, layered=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +338,11 @@ def test_keyformer_accumulated_gumbel_score_matches_numpy():
     obs = random_obs(7, s=10, pad=2)
     pol = Keyformer(seed=3)
     ours = np.asarray(jit_obs(pol.accumulate, obs), np.float64)
-    # the same Gumbel draw (the noise is an input of the formula, not part of what is tested)
-    zeta = jax.jit(lambda p: jax.random.gumbel(jax.random.fold_in(jax.random.key(3, impl="rbg"), jnp.max(p)),
-                                               (L, B, HKV, 2, 10, 10)))(obs.cache.positions)
+    # the same Gumbel draw, layer l's from fold_in(key, l) (the noise is an input of the formula,
+    # not part of what is tested)
+    zeta = jax.jit(lambda p: jnp.stack([jax.random.gumbel(
+        jax.random.fold_in(jax.random.fold_in(jax.random.key(3, impl="rbg"), jnp.max(p)), l),
+        (B, HKV, 2, 10, 10)) for l in range(L)]))(obs.cache.positions)
     zeta = np.asarray(zeta, np.float64)
     pos = np.asarray(obs.cache.positions)
     q = np.asarray(obs.q_pre, np.float64)
@@ -336,6 +361,8 @@ def test_keyformer_accumulated_gumbel_score_matches_numpy():
                 gs = np.divide(e, e.sum(1, keepdims=True), out=np.zeros_like(e), where=e.sum(1, keepdims=True) > 0)
                 ref[l, b, h] += gs.sum(0)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # one layer at a time (inside the forward) or all layers stacked: the same noise per layer
+    np.testing.assert_array_equal(ours, np.asarray(jit_obs(pol.accumulate, obs, layered=False), np.float64))
     # deterministic given the seed, different across seeds
     np.testing.assert_array_equal(ours, np.asarray(jit_obs(Keyformer(seed=3).accumulate, obs)))
     assert not np.allclose(ours, np.asarray(jit_obs(Keyformer(seed=4).accumulate, obs)))

@@ -49,13 +49,26 @@ def random_obs(seed=0, window=8):
     probs = rng.random((L, B, HQ, window, S)).astype(np.float32)
     probs /= probs.sum(-1, keepdims=True)
     return Observation(cache=cache, config=tiny_config(), window_probs=jnp.asarray(probs),
-                       window_queries=jnp.asarray(rng.normal(size=(L, B, HQ, window, D)), jnp.float32))
+                       window_queries=jnp.asarray(rng.normal(size=(L, B, HQ, window, D)), jnp.float32),
+                       n_layers=L)
+
+
+def layer_scores(policy, obs: Observation) -> jax.Array:
+    """The policy's scores [L, B, Hkv, S], computed one layer at a time as the forward's Observer
+    does (each layer's arrays with a leading layers axis of 1, `layer` and `n_layers` set)."""
+    def one(l):
+        take = lambda x: None if x is None else x[l:l + 1]
+        return policy.score(Observation(cache=jax.tree_util.tree_map(take, obs.cache), config=obs.config,
+                                        window_probs=take(obs.window_probs),
+                                        window_queries=take(obs.window_queries), layer=l, n_layers=L))
+    return jnp.concatenate([one(l) for l in range(L)])
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "max_keep"))
 def _compress(policy, cache, wp, wq, n_keep, *, max_keep):
-    obs = Observation(cache=cache, config=tiny_config(), window_probs=wp, window_queries=wq)
-    return compress(policy, obs, n_keep, max_keep, max_keep)[0]
+    obs = Observation(cache=cache, config=tiny_config(), window_probs=wp, window_queries=wq, n_layers=L)
+    return compress(policy, obs.config, cache, layer_scores(policy, obs), n_keep, max_keep, max_keep,
+                    queries=wq)[0]
 
 
 def compressed(policy, obs, n_keep, room=0):
@@ -300,10 +313,11 @@ def test_bad_inputs(tiny_model):
         jax.tree_util.tree_map(lambda x: x[0], c).attend(
             jnp.zeros((B, HQ, 1, D)), jnp.zeros((B, 1), jnp.int32), observe=Observe(window=1))
     # per-slot observations of a layer-wise cache whose layers differ in size
-    from kvjax.observation import Observe
-from models.llama import forward
+    from kvjax.observation import Observer
+    from models.llama import forward
     with pytest.raises(ValueError, match="different sizes"):
-        forward(params, jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), 70, jnp.int32), lw, config, Observe(window=1))
+        forward(params, jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), 70, jnp.int32), lw, config,
+                observer=Observer(SnapKV(window=1, kernel=3)))
     # chunk / decode schedules keep the padded stacked layout (they observe the cache again)
     assert Compression(AdaKV(), Budget(ratio=0.5), when="chunk").policy.ragged is False
     assert Compression(PyramidKV(), Budget(ratio=0.5), when="decode").policy.ragged is False

@@ -11,9 +11,11 @@ t is 0 for the prompt (the reference resets it there). Selection keeps the newes
 `int(recent * n_keep)` tokens plus the top-scoring rest (reference: recent=30% of the kept
 `kv_cache`=60% of the prompt, i.e. use Budget(ratio=0.6) for the paper's operating point).
 The logits are recomputed from the observed pre-RoPE queries and the cached post-RoPE keys
-(the model is unchanged; cost O(T * S) per head, like the attention itself). The noise is drawn
-from `jax.random.fold_in(key(seed, impl="rbg"), newest position)`: deterministic given the seed
-(on one backend; rbg compiles far faster than threefry).
+(the model is unchanged; cost O(T * S) per head, like the attention itself). Layer l's noise is
+drawn from `fold_in(fold_in(key(seed, impl="rbg"), newest position), l)` (`layer_noise`): one
+independent draw per layer, as every attention layer of the reference draws its own, and the same
+whether the forward scores the layer alone (inside its layer loop) or a test scores a stack of
+layers; deterministic given the seed (on one backend; rbg compiles far faster than threefry).
 Keys stay post-RoPE at their original positions.
 """
 from __future__ import annotations
@@ -29,11 +31,20 @@ from kvjax.observation import Observe
 from models.rope import apply_rope
 
 
+def layer_noise(key: jax.Array, first_layer, shape: tuple[int, ...]) -> jax.Array:
+    """Gumbel(0, 1) noise `shape` = [n, ...] for layers first_layer .. first_layer + n - 1: layer l's
+    slice is drawn from `fold_in(key, l)` (first_layer may be traced: the forward's layer index).
+    A loop, not vmap: rbg bits drawn under vmap differ from the same draw made alone."""
+    return jnp.stack([jax.random.gumbel(jax.random.fold_in(key, first_layer + i), shape[1:], jnp.float32)
+                      for i in range(shape[0])])
+
+
 def gumbel_logits_scores(obs: Observation, key: jax.Array, tau: float) -> jax.Array:
     """sum over the forward's queries of softmax((x + zeta) / tau) over the cache: [L, B, Hq, S].
 
     x = q k^T / sqrt(d) with q the post-RoPE queries (rotated here from obs.q_pre at their
-    positions) and k the cache's post-RoPE keys; causal/empty slots are masked out."""
+    positions) and k the cache's post-RoPE keys; causal/empty slots are masked out. zeta: each
+    layer's own noise (`layer_noise` from `key` and obs.layer)."""
     cache = obs.cache
     n_layers, b, hq, t, d = obs.q_pre.shape
     hkv = cache.keys.shape[2]
@@ -43,7 +54,7 @@ def gumbel_logits_scores(obs: Observation, key: jax.Array, tau: float) -> jax.Ar
     x = jnp.einsum("lbhgtd,lbhsd->lbhgts", q, cache.keys.astype(jnp.float32)) / jnp.sqrt(d)
     live = ((cache.positions[:, :, :, None, None, :] >= 0)
             & (cache.positions[:, :, :, None, None, :] <= qpos[:, :, None, None, :, None]))
-    zeta = jax.random.gumbel(key, x.shape, jnp.float32)
+    zeta = layer_noise(key, obs.layer, x.shape)
     g = jax.nn.softmax(jnp.where(live, (x + zeta) / tau, -jnp.inf), axis=-1)
     g = jnp.where(live, g, 0.0)                                          # padding queries see nothing
     return g.sum(-2).reshape(n_layers, b, hq, -1)
