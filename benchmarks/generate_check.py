@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/generate_check.py [--max-new-tokens 48]
 
 For a dense cache (batch 2, left-padded prompts of different lengths) and KIVI-4 / KIVI-2 caches
-(group 32, residual 128), generates greedily with KVJAX_ATTENTION=auto (the Pallas kernels on a
-GPU) and KVJAX_ATTENTION=xla in one process, and prints per case: the attention path named in
+(group 32, residual 128), generates greedily with generate's `attention="auto"` (the Pallas kernels
+on a GPU) and `attention="xla"` in one process, and prints per case: the attention path named in
 generate's stats, decode tokens/s of both, and whether the token ids are equal (with the first
 differing step if not).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +40,9 @@ def main():
     for name, ci in cases.items():
         res = {}
         for mode in ("auto", "xla"):
-            os.environ["KVJAX_ATTENTION"] = mode
-            jax.clear_caches()
-            # compile (max_new_tokens is static in decode_loop: warm up with the same value)
-            generate(params, config, ids, a.max_new_tokens, cache_init=ci, tokenizer=tok)
-            r = generate(params, config, ids, a.max_new_tokens, cache_init=ci, tokenizer=tok)
+            # compile (max_new_tokens and attention are static in decode_loop: warm up with the same values)
+            generate(params, config, ids, a.max_new_tokens, cache_init=ci, tokenizer=tok, attention=mode)
+            r = generate(params, config, ids, a.max_new_tokens, cache_init=ci, tokenizer=tok, attention=mode)
             res[mode] = r
             print(f"{name:<10} {mode:<5} decode {r.stats['decode_tok_per_s']:8.1f} tok/s  attention: "
                   f"{r.stats['attention']}", flush=True)

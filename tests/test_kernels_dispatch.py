@@ -1,7 +1,8 @@
 """Dispatch from kvjax's attention entry point to the Pallas decode kernels, end to end on CPU.
 
-`KVJAX_ATTENTION=interpret` runs the GPU kernels in Pallas interpret mode; the XLA path
-(`KVJAX_ATTENTION=xla`, itself checked against float64 numpy in test_model_tiny) is the reference.
+`attention="interpret"` (generate / forward / attend's static backend argument) runs the GPU kernels
+in Pallas interpret mode; the XLA path (`attention="xla"`, itself checked against float64 numpy in
+test_model_tiny) is the reference.
 A tiny model generates with left-padded prompts of different lengths through a dense cache, a
 KIVI-4 cache and a QJL cache (kernel scores for the sketched keys); tokens must be equal and
 decode-step logits close.
@@ -19,7 +20,7 @@ from kvjax import attention
 from kvjax.attention import attend, contiguous_live
 from kvjax.observation import Observe
 from kvjax.cache import init_cache
-from kvjax.generate import forward_jit, generate, left_pad, prefill
+from kvjax.generate import forward_jit, generate, init_engine_cache, left_pad, prefill
 from kvjax.quant.kivi import init_kivi_cache
 from kvjax.quant.qjl import QJLConfig, init_qjl_cache
 from models.config import ModelConfig
@@ -33,26 +34,22 @@ KIVI4 = functools.partial(init_kivi_cache, bits=4, group=16, residual=32)
 QJL = lambda cfg, b, cap: init_qjl_cache(cfg, b, cap, QJLConfig(group=16, buffer=16, value_residual=32))
 
 
-def _set_mode(monkeypatch, mode):
-    monkeypatch.setenv("KVJAX_ATTENTION", mode)
-    jax.clear_caches()  # the mode is read at trace time
-
-
 @pytest.fixture(scope="module")
 def params():
     return init_params(CFG, jax.random.PRNGKey(0), scale=0.25, stacked=True)
 
 
-def _decode_logits(params, cache_init):
-    """Logits of 2 decode steps after a left-padded prefill: [steps, batch, vocab]."""
+def _decode_logits(params, cache_init, mode):
+    """Logits of 2 decode steps after a left-padded prefill (the engine's per-layer cache, attention
+    backend `mode`): [steps, batch, vocab]."""
     toks, pos = left_pad(PROMPTS, 0, 16)
-    cache = (cache_init(CFG, 2, 64) if cache_init else init_cache(2, 2, 2, 64, 32))
-    logits, cache, _ = prefill(params, CFG, jnp.asarray(toks), jnp.asarray(pos), cache)
+    cache = init_engine_cache(CFG, 2, 64, cache_init=cache_init)
+    logits, cache, _ = prefill(params, CFG, jnp.asarray(toks), jnp.asarray(pos), cache, attention=mode)
     nxt = jnp.argmax(logits, -1).astype(jnp.int32)
     p = jnp.asarray([len(x) for x in PROMPTS], jnp.int32)
     out = []
     for i in range(2):
-        lg, cache, _ = forward_jit(params, nxt[:, None], (p + i)[:, None], cache, CFG)
+        lg, cache, _ = forward_jit(params, nxt[:, None], (p + i)[:, None], cache, CFG, attention=mode)
         out.append(lg[:, -1])
         nxt = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
     return np.asarray(jnp.stack(out))
@@ -60,12 +57,11 @@ def _decode_logits(params, cache_init):
 
 @pytest.mark.parametrize("cache_init,kernel,tol", [(None, "dense_decode", 1e-4), (KIVI4, "kivi_decode", 2e-2),
                                                    (QJL, "qjl_scores", 2e-2)])
-def test_generate_kernel_path_equals_xla(params, monkeypatch, cache_init, kernel, tol):
+def test_generate_kernel_path_equals_xla(params, cache_init, kernel, tol):
     got = {}
     for mode in ("xla", "interpret"):
-        _set_mode(monkeypatch, mode)
-        r = generate(params, CFG, PROMPTS, 6, bucket=16, cache_init=cache_init, eos_ids=())
-        got[mode] = (r.tokens, r.stats["attention"], _decode_logits(params, cache_init))
+        r = generate(params, CFG, PROMPTS, 6, bucket=16, cache_init=cache_init, eos_ids=(), attention=mode)
+        got[mode] = (r.tokens, r.stats["attention"], _decode_logits(params, cache_init, mode))
     assert got["xla"][1] == "xla-reference"
     assert got["interpret"][1].startswith(f"pallas-gpu-interpret:{kernel}")
     assert got["interpret"][0] == got["xla"][0]
@@ -74,21 +70,18 @@ def test_generate_kernel_path_equals_xla(params, monkeypatch, cache_init, kernel
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol
 
 
-def test_kernel_is_in_the_decode_graph(monkeypatch):
+def test_kernel_is_in_the_decode_graph():
     q = jnp.ones((1, 6, 1, 32))
     kv = jnp.ones((1, 2, 16, 32))
     pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, 2, 16))
     lens = jnp.full((1, 2), 16, jnp.int32)
-    f = lambda q: attend(q, kv, kv, pos, jnp.full((1, 1), 16, jnp.int32), lengths=lens)[0]
-    _set_mode(monkeypatch, "interpret")
-    assert "pallas_call" in str(jax.make_jaxpr(f)(q))
-    assert "cond" in str(jax.make_jaxpr(f)(q))
-    _set_mode(monkeypatch, "xla")
-    assert "cond" not in str(jax.make_jaxpr(f)(q))
+    f = lambda q, mode: attend(q, kv, kv, pos, jnp.full((1, 1), 16, jnp.int32), lengths=lens, backend=mode)[0]
+    assert "pallas_call" in str(jax.make_jaxpr(lambda q: f(q, "interpret"))(q))
+    assert "cond" in str(jax.make_jaxpr(lambda q: f(q, "interpret"))(q))
+    assert "cond" not in str(jax.make_jaxpr(lambda q: f(q, "xla"))(q))
     # observations requested, or more than one query: always XLA
-    _set_mode(monkeypatch, "interpret")
     g = lambda q: attend(q, kv, kv, pos, jnp.full((1, 1), 16, jnp.int32), lengths=lens,
-                         observe=Observe(column_sums=True))[0]
+                         observe=Observe(column_sums=True), backend="interpret")[0]
     assert "cond" not in str(jax.make_jaxpr(g)(q))
 
 
@@ -104,7 +97,7 @@ def test_contiguous_live():
     assert not bool(ok)
 
 
-def test_fallback_and_padded_query_match_xla(monkeypatch):
+def test_fallback_and_padded_query_match_xla():
     """A head with a hole (evicted slot) takes the XLA branch; a padded query (-1) gives zeros."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, 6, 1, 32)), jnp.float32)
@@ -120,21 +113,25 @@ def test_fallback_and_padded_query_match_xla(monkeypatch):
         if hole:
             p[0, 1, 4] = -1
         for mode in ("xla", "interpret"):
-            _set_mode(monkeypatch, mode)
-            outs[hole, mode] = np.asarray(attend(q, k, v, jnp.asarray(p), qpos, lengths=lens)[0])
+            outs[hole, mode] = np.asarray(attend(q, k, v, jnp.asarray(p), qpos, lengths=lens, backend=mode)[0])
         np.testing.assert_allclose(outs[hole, "interpret"], outs[hole, "xla"], atol=2e-5)
         assert not outs[hole, "interpret"][1].any()
         assert outs[hole, "interpret"][0].any()
 
 
-def test_bad_mode_and_pallas_on_cpu(monkeypatch):
-    monkeypatch.setenv("KVJAX_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="KVJAX_ATTENTION"):
-        attention.decode_impl()
-    monkeypatch.setenv("KVJAX_ATTENTION", "pallas")
+def test_bad_mode_and_pallas_on_cpu(params):
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        attention.decode_impl(backend="fast")
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        generate(params, CFG, PROMPTS, 2, bucket=16, eos_ids=(), attention="fast")
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        forward_jit(params, jnp.ones((1, 4), jnp.int32), jnp.arange(4, dtype=jnp.int32)[None],
+                    init_cache(2, 1, 2, 8, 32), CFG, attention="fast")
     if jax.default_backend() == "cpu":
-        with pytest.raises(ValueError, match="interpret"):
-            attention.decode_impl()
+        with pytest.raises(ValueError, match="no Pallas dense_decode kernel for the 'cpu' device.*interpret"):
+            attention.decode_impl(backend="pallas")
+        with pytest.raises(ValueError, match=r"no Pallas \w+ kernel for the 'cpu' device"):
+            generate(params, CFG, PROMPTS, 2, bucket=16, eos_ids=(), attention="pallas")
 
 
 def test_kivi_kernel_constraints_per_backend():

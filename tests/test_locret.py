@@ -128,7 +128,7 @@ def test_labels_match_float64_reference(tiny):
 def test_head_scores_match_reference(tiny):
     config, params = tiny
     from kvjax.observation import Observe
-from models.llama import forward
+    from models.llama import forward
     from kvjax import cache as kvcache
     spec = HeadSpec.for_model(config, 16)
     heads = init_heads(spec, jax.random.PRNGKey(1), std=0.3)

@@ -185,7 +185,11 @@ def test_bad_inputs():
         mikv.MiKVConfig(keep_ratio=1.2).validate(64)
     cache = mikv.init_mikv_cache(mikv.MiKVConfig(), 1, 1, 2, 16, capacity=8, buffer=8)
     with pytest.raises(ValueError, match="accumulated"):
-        mikv.compress(cache, {"column_sums": jnp.zeros((1, 1, 4, 32))}, H2O(), None)
+        mikv.compress(cache, {"q_pre": jnp.zeros((1, 1, 4, 8, 16))}, H2O(), None)
+    with pytest.raises(ValueError, match="observer"):     # window attention only exists inside the layers
+        mikv.compress(cache, {"q_pre": jnp.zeros((1, 1, 4, 8, 16))}, SnapKV(window=4), None)
+    with pytest.raises(ValueError, match="slots"):
+        mikv.compress(cache, {"scores": jnp.zeros((1, 1, 2, 9))}, SnapKV(window=4), None)
     with pytest.raises(ValueError, match="queries"):
         mikv.compress(cache, {}, KNorm(), None)
 
@@ -199,10 +203,13 @@ def test_smollm2_snapkv_mixed_precision(model, real):
     ids, full = jnp.asarray(real[2][:n + steps])[None], real[3]      # full-cache logits of the 96 tokens
     pos = jnp.arange(n + steps, dtype=jnp.int32)[None]
     policy = SnapKV(window=16)
-    fwd = jax.jit(forward, static_argnums=(4, 5))
+    fwd = jax.jit(forward, static_argnums=(4, 5), static_argnames=("observer",))
     cfg = mikv.MiKVConfig(keep_ratio=0.2, lo_bits=4)        # 2-bit per-token keys are far off on SmolLM2 (d = 64)
     cache = mikv.init_mikv_cache(cfg, config.n_layers, 1, config.n_kv_heads, config.head_dim, capacity=n, buffer=n)
-    logits, cache, obs = fwd(params, ids[:, :n], pos[:, :n], cache, config, mikv.observe_for(policy))
+    # SnapKV's window attention is reduced to scores inside each layer (over the MixedCache's slots)
+    logits, cache, obs = fwd(params, ids[:, :n], pos[:, :n], cache, config, mikv.observe_for(policy),
+                             observer=mikv.observer_for(policy))
+    assert obs["scores"].shape == (config.n_layers, 1, config.n_kv_heads, cache.capacity)
     cache = jax.jit(mikv.compress, static_argnums=(2, 3))(cache, obs, policy, config)
     assert int(cache.hi_len[0, 0, 0]) == 18 and int(cache.lo_len[0, 0, 0]) == 72
     # the scorer's protected window (the newest 16 tokens) is among the high-precision tokens

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
+from kvjax.observation import Observe
 from kvjax.policies.locret import HeadSpec, head_scores, init_heads, save_heads
 from models.config import ModelConfig
-from models.llama import Observe, forward, init_params
+from models.llama import forward, init_params
 from models.rope import apply_rope
 from train.data import DataConfig, make_dataset
 from train.loop import TrainConfig, train

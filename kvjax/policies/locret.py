@@ -35,8 +35,8 @@ import numpy as np
 
 from kvjax import cache as kvcache
 from kvjax.policies.base import rerotate_keys, select
-from models.config import ModelConfig
 from kvjax.observation import Observe
+from models.config import ModelConfig
 from models.llama import forward
 
 HEADS_FORMAT = "kvjax-locret-heads"
@@ -320,6 +320,7 @@ def locret_generate(params, config: ModelConfig, heads: dict, prompt: list[int],
     policy), scores kept per slot like H2O's `state` but *written* (not accumulated) for the new
     tokens, stabilizer protection on non-final chunks only, and a local tail excluded from eviction."""
     from kvjax.generate import decode_loop
+    from kvjax.layerwise import per_layer
     from kvjax.sampling import Sampling, sample
     sampling = Sampling() if sampling is None else sampling
     eos_ids = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
@@ -328,8 +329,8 @@ def locret_generate(params, config: ModelConfig, heads: dict, prompt: list[int],
     key, sub = jax.random.split(jax.random.PRNGKey(seed))
     first = sample(logits, sub, sampling)
     start = jnp.max(state.cache.positions, axis=(0, 2, 3)) + 1
-    out, steps, _ = decode_loop(params, state.cache, first, start, key, None, None, config=config,
-                                sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    out, steps, *_ = decode_loop(params, per_layer(state.cache), first, start, key, None, None, config=config,
+                                 sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
     row = np.asarray(out)[0, :int(steps)].tolist()
     for i, tok in enumerate(row):
         if tok in eos_ids:

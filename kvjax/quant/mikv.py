@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as kvcache
-from kvjax.policies.base import Observation, ScoringPolicy
+from kvjax.observation import Observation, Observe, Observer
+from kvjax.policies.base import ScoringPolicy
 from kvjax.quant import packing
 from kvjax.quant.zipcache import MixedCache, compress_layer, dense_view, init_mixed_cache, scatter_rows
 
@@ -172,22 +173,46 @@ def dense_cache(cache: MixedCache) -> kvcache.KVCache:
     return kvcache.KVCache(keys=k, values=v, positions=cache.positions, lengths=cache.lengths)
 
 
-def observe_for(policy: ScoringPolicy):
-    """The `Observe` spec a forward needs before `compress`: the policy's, plus the queries (balancer)."""
-    return dataclasses.replace(policy.observe, qkv=True)
+def observe_for(policy: ScoringPolicy) -> Observe:
+    """The per-token observations a forward returns for `compress`: the pre-RoPE queries (channel
+    balancer; also the policy's `qkv`) and the policy's `hidden`. Attention statistics are reduced
+    inside the layers: pass `observer=observer_for(policy)` to the same forward."""
+    return Observe(qkv=True, hidden=policy.observe.hidden)
+
+
+def observer_for(policy: ScoringPolicy) -> Observer:
+    """The forward's in-layer reduction for `compress`: the policy's scores `[L, B, H, S]` over the
+    cache's slots (hi pool, lo pool, buffer) after the forward's tokens entered the buffer."""
+    return Observer(policy)
 
 
 def compress(cache: MixedCache, obs: dict, policy: ScoringPolicy, config, accumulated=None) -> MixedCache:
-    """One MiKV round on a stacked cache after a forward run with `observe_for(policy)`.
+    """One MiKV round on a stacked cache after a forward run with `observe_for(policy)` (and,
+    for policies that observe attention, `observer=observer_for(policy)`).
 
-    obs: that forward's observations; config: the model config; accumulated: the running score of
-    accumulating policies (H2O) `[layers, B, H, slots]` over this cache's slots. The buffered
-    tokens are ranked by `policy.score`; the top keep_ratio go to the high-precision pool."""
+    obs: that forward's outputs: "scores" `[layers, B, H, slots]` reduced inside the layers (used
+    as they are when present), else the scores are computed here from the dequantized cache and the
+    per-token observations (policies that need only keys / q, k, v, e.g. KNorm); "q_pre" for the
+    balancer. config: the model config; accumulated: the running score of accumulating policies
+    (H2O) `[layers, B, H, slots]` over this cache's slots when the scores are computed here. The
+    buffered tokens are ranked by the scores; the top keep_ratio go to the high-precision pool."""
     cfg = cache.method
-    observation = Observation.from_forward(dense_cache(cache), config, obs, accumulated)
-    if policy.accumulates and accumulated is None:
-        raise ValueError(f"{type(policy).__name__} accumulates scores: pass `accumulated`")
-    scores = policy.score(observation)                                  # [L, B, H, S]
+    if obs.get("scores") is not None:
+        scores = obs["scores"]                                          # [L, B, H, S] from the layers
+        if scores.shape[-1] != cache.capacity:
+            raise ValueError(f"scores cover {scores.shape[-1]} slots, the cache has {cache.capacity}: pass the "
+                             "outputs of the forward that filled this cache")
+    else:
+        if policy.accumulates and accumulated is None:
+            raise ValueError(f"{type(policy).__name__} accumulates scores: pass `accumulated` (or the forward's "
+                             "in-layer scores, observer=observer_for(policy))")
+        if policy.observe.wants_attention:
+            raise ValueError(f"{type(policy).__name__} observes attention, which is reduced inside the layers: run "
+                             "the forward with observer=observer_for(policy) and pass its outputs")
+        observation = Observation(cache=dense_cache(cache), config=config, q_pre=obs.get("q_pre"),
+                                  k_pre=obs.get("k_pre"), v=obs.get("v"), hidden=obs.get("hidden"),
+                                  accumulated=accumulated, n_layers=cache.lengths.shape[0])
+        scores = policy.score(observation)                              # [L, B, H, S]
     cb = cache.buf_pos.shape[-1]
     sal = scores[..., -cb:]
     if cfg.balance:

@@ -19,7 +19,8 @@ whose result cannot update the cache). So this wrapper:
     one of the eviction issue's scorers that needs only keys; the query/key channel balancer is off
     (it needs max |q_c|).
   What generate would need for the faithful versions: forward with `Observe(qkv=True)` (ZipCache) or
-  the scorer's `observe` (MiKV) during prefill and decode, keep the last `interval` decode queries
+  `mikv.observe_for(policy)` + `observer=mikv.observer_for(policy)` (MiKV: the scorer's scores are
+  reduced inside the layers over the MixedCache's slots) during prefill and decode, keep the last `interval` decode queries
   (`kvjax.compression.QueryBuffer` does this for decode-time eviction), and call
   `cache = zipcache.compress(cache, queries_from_obs(...), positions)` / `mikv.compress(cache, obs,
   policy, config)` after the prefill and every `interval` decode steps -- e.g. a
@@ -110,6 +111,10 @@ def compress_round(cache: zipcache.MixedCache, scorer: str) -> zipcache.MixedCac
 
 
 def _compress_stacked(cache: zipcache.MixedCache, scorer: str) -> zipcache.MixedCache:
+    """A round on every layer: a cache stacked over layers (buf_pos [L, B, H, Cb]) or, in the
+    engine's per-layer layout (`kvjax.layerwise.LayerwiseCache`), one layer slice ([B, H, Cb])."""
+    if cache.buf_pos.ndim == 3:
+        return jax.jit(lambda c: compress_round(c, scorer))(cache)
     return jax.jit(jax.vmap(lambda c: compress_round(c, scorer)))(cache)
 
 

@@ -204,6 +204,18 @@ class MixedCache:
     def positions(self) -> jax.Array:
         return jnp.concatenate([self.hi_pos, self.lo_pos, self.buf_pos], axis=-1)
 
+    @property
+    def keys(self) -> jax.Array:
+        """Dense post-RoPE keys `[..., kv_heads, Ch + Cl + Cb, d]` float32 (dequantized, matching
+        `positions`): what a scoring policy's observation of this cache sees (e.g. inside a forward
+        run with `observer=Observer(policy)`, MiKV's scorers)."""
+        return dense_view(self)[0]
+
+    @property
+    def values(self) -> jax.Array:
+        """Dense values, like `keys`."""
+        return dense_view(self)[1]
+
     def memory_bytes(self) -> int:
         """Bytes of every array held: codes, stats, per-round stats, positions, buffer, counters."""
         return tree_bytes(self)
