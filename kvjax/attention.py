@@ -151,9 +151,10 @@ def _dense_decode(q, keys, values, slot_positions, query_positions, lengths, sca
     lens = lengths.astype(jnp.int32)
 
     def kernel(q, keys, values, lens, starts):
+        from kvjax.sharding import per_device
         kw = dict(block_k=_block_k(cap)) if impl == "gpu" else {}
-        out = pallas_kernels.dense_decode(q[:, :, 0], keys, values, lens, starts, scale=scale,
-                                          impl=impl, interpret=interpret, **kw)
+        run = lambda *a: pallas_kernels.dense_decode(*a, scale=scale, impl=impl, interpret=interpret, **kw)
+        out = per_device(run, q[:, :, 0], keys, values, lens, starts)   # per device under a mesh
         return out[:, :, None]
 
     def xla(q, keys, values, lens, starts):
@@ -218,8 +219,9 @@ def _flash_prefill(q, keys, values, slot_positions, query_positions, lengths, sc
     import pallas_kernels
     t = q.shape[2]
     starts = live_starts(slot_positions, lengths)
-    out = pallas_kernels.flash_prefill(q, keys, values, starts, lengths.astype(jnp.int32), scale=scale,
-                                       impl=impl, interpret=interpret)
+    from kvjax.sharding import per_device
+    run = lambda *a: pallas_kernels.flash_prefill(*a, scale=scale, impl=impl, interpret=interpret)
+    out = per_device(run, q, keys, values, starts, lengths.astype(jnp.int32))   # per device under a mesh
     out = mask_padded_queries(out, query_positions)
     obs = {}
     if observe.window:

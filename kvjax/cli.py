@@ -101,6 +101,9 @@ def check_generate_args(args) -> None:
         if args.policy:
             raise ValueError("--kv-quant (a quantized full cache) cannot be combined with --policy eviction")
         quant_cache_init(args.kv_quant)
+    mesh_kwargs(args)   # --mesh: malformed, or more devices than there are
+    if getattr(args, "mesh", None) and args.policy and is_locret(args.policy):
+        raise ValueError("--mesh is not supported with --policy locret (its own prefill loop runs on one device)")
 
 
 def run_locret(config, params, tokenizer, args):
@@ -141,13 +144,22 @@ def cmd_generate(args) -> int:
                                sampling=Sampling(args.temperature, args.top_k, args.top_p),
                                seed=args.seed, progress=True,
                                compression=compression_from_args(args, params, config), attention=args.attention,
-                               cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None)
+                               cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None,
+                               **mesh_kwargs(args))
     print(answer)
     quant = f" | kv-quant {args.kv_quant}" if args.kv_quant else ""
     print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}{quant}", file=sys.stderr)
-    for note in stats["notes"]:
+    for note in tuple(stats["notes"]) + tuple(stats.get("sharding_notes", ())):
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def mesh_kwargs(args) -> dict:
+    """`--mesh data=N,model=M` -> {"mesh": Mesh} for generate (ValueError when too few devices)."""
+    if not getattr(args, "mesh", None):
+        return {}
+    from kvjax.sharding import make_mesh
+    return {"mesh": make_mesh(args.mesh)}
 
 
 def demo_long_prompt(tokenizer, target_tokens: int = 1200, passkey: str = "68239") -> str:
@@ -304,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
     gen.add_argument("--heads", default=None, help="--policy locret: directory of trained retaining heads")
+    gen.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=3 (kvjax.sharding): "
+                     "batch over data, heads over model")
     gen.add_argument("--kv-quant", default=None,
                      help="quantized KV cache from kvjax.quant (e.g. kivi2, kivi4, kivi2:residual=64)")
     _engine_args(gen)

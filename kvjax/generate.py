@@ -283,7 +283,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              capacity: Optional[int] = None, cache_dtype=None, pad_id: int = 0,
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
              compression: Optional[Compression] = None, progress: bool = False,
-             tokenizer=None, cache_init: Optional[Callable] = None, attention: str = "auto") -> GenerateResult:
+             tokenizer=None, cache_init: Optional[Callable] = None, attention: str = "auto",
+             mesh=None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
     tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
@@ -293,6 +294,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     cache_dtype: of the dense cache (default: the parameters' dtype).
     attention: "auto" | "xla" | "pallas" | "interpret" (kvjax.attention).
     chunk_size: prefill chunk (None: one forward over the prompt).
+    mesh: a `jax.sharding.Mesh` with axes ("data", "model") (`kvjax.sharding.make_mesh("data=2,model=4")`):
+    parameters tensor-parallel over `model`, the batch and cache over `data` x kv heads (see
+    kvjax.sharding); None runs on one device.
 
     capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
@@ -309,6 +313,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         params = unstack_params(params)       # per-layer weights: no slicing copies in the loop
     if cache_dtype is None:
         cache_dtype = params["embed"].dtype
+    if mesh is not None:
+        from kvjax import sharding
+        sharding.plan(config, mesh, batch=len(prompts))          # clear errors for axes that do not divide
+        params = sharding.shard_params(params, config, mesh)
     tokens, positions = left_pad(prompts, pad_id, bucket)
     lengths = [len(p) for p in prompts]
     if max(lengths) + max_new_tokens > config.max_position:
@@ -328,26 +336,33 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     state = (jnp.zeros((config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity), jnp.float32)
              if plan.compression is not None and plan.compression.policy.accumulates else None)
     n_keep = jnp.asarray(plan.n_keep, jnp.int32) if plan.compression is not None else None
+    if mesh is not None:
+        cache, state = _on_mesh(cache, config, mesh), _on_mesh(state, config, mesh)
+        tokens, positions = sharding.shard_batch((tokens, positions), mesh)
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
 
     t0 = time.perf_counter()
-    last_logits, cache, state = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache,
-                                        chunk_size, progress, plan.compression, n_keep, plan.max_keep, state,
-                                        attention)
+    with _mesh_context(mesh):
+        last_logits, cache, state = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache,
+                                            chunk_size, progress, plan.compression, n_keep, plan.max_keep, state,
+                                            attention)
     cache = cache.resize(plan.decode_capacity) if isinstance(cache, LayerwiseCache) else kvcache.resize(
         cache, plan.decode_capacity)
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
         state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
+    if mesh is not None:  # compression may have built another layout: place it again
+        cache, state = _on_mesh(cache, config, mesh), _on_mesh(state, config, mesh)
     first = sample(last_logits, sub, sampling)
     first.block_until_ready()
     t1 = time.perf_counter()
     start = decode_start(cache, lengths, plan.compression)
     name = attention_name(cache, plan.compression, attention)
-    out, steps, cache, _, _ = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
-                                          sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                          compression=plan.compression, attention=attention)
+    with _mesh_context(mesh):
+        out, steps, cache, _, _ = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
+                                              sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                              compression=plan.compression, attention=attention)
     out = np.asarray(out)
     steps = int(steps)
     t2 = time.perf_counter()
@@ -371,8 +386,25 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "attention": name,
         "dtype": str(jnp.dtype(params["embed"].dtype)),
     }
+    if mesh is not None:
+        per_device = sharding.device_bytes(cache)
+        stats.update(mesh=dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
+                     cache_bytes_per_device=max(per_device.values()) if per_device else 0,
+                     sharding_notes=sharding.plan(config, mesh).notes)
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
     return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)
+
+
+def _on_mesh(tree, config: ModelConfig, mesh):
+    """A cache or policy state placed on `mesh` (kvjax.sharding.cache_specs); None stays None."""
+    from kvjax import sharding
+    return None if tree is None else sharding.shard_cache(tree, config, mesh)
+
+
+def _mesh_context(mesh):
+    """The mesh as JAX's context (`jax.set_mesh`) while tracing, for the kernels' shard_map."""
+    from kvjax import sharding
+    return sharding.use(mesh)
 
 
 def _query_buffer_bytes(compression, config, batch: int, cache) -> int:

@@ -78,11 +78,24 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
-def _init(rngs: nnx.Rngs, shape, kind: str, dtype, scale: float) -> nnx.Param:
-    """As `models.llama.init_params`: normal * scale drawn in float32 then cast; norms at 1."""
+# Logical axis names of every weight (the Params' `out_sharding` metadata); `kvjax.sharding` maps
+# them to mesh axes (q/kv heads, MLP hidden, vocabulary -> "model"; the rest replicated).
+LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("embed",),
+    "wq": ("embed", "q_heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
+    "wo": ("q_heads", "embed"), "bq": ("q_heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
+    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    "attn_norm": ("embed",), "mlp_norm": ("embed",), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+}
+
+
+def _init(rngs: nnx.Rngs, shape, kind: str, dtype, scale: float, name: str = "") -> nnx.Param:
+    """As `models.llama.init_params`: normal * scale drawn in float32 then cast; norms at 1.
+    The Param carries its logical axes (`LOGICAL_AXES[name]`, placed only by `kvjax.sharding`)."""
+    meta = dict(sharding_names=LOGICAL_AXES[name], eager_sharding=False) if name else {}
     if kind == "ones":
-        return nnx.Param(jnp.ones(shape, dtype))
-    return nnx.Param((scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+        return nnx.Param(jnp.ones(shape, dtype), **meta)
+    return nnx.Param((scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype), **meta)
 
 
 class DecoderLayer(nnx.Module):
@@ -93,7 +106,7 @@ class DecoderLayer(nnx.Module):
         dtype = parse_dtype(param_dtype)
         self.names = tuple(layer_shapes(config))
         for name, (shape, kind) in layer_shapes(config).items():
-            setattr(self, name, _init(rngs, shape, kind, dtype, scale))
+            setattr(self, name, _init(rngs, shape, kind, dtype, scale, name))
 
     def params(self) -> Params:
         """This layer's weights as the dict `models.llama.decoder_layer` takes (the Params' own arrays)."""
@@ -112,12 +125,12 @@ class Llama(nnx.Module):
         pdt = parse_dtype(param_dtype)
         self.config = config
         self.dtype = None if dtype is None else parse_dtype(dtype)
-        self.embed = _init(rngs, (config.vocab_size, config.d_model), "normal", pdt, scale)
+        self.embed = _init(rngs, (config.vocab_size, config.d_model), "normal", pdt, scale, "embed")
         self.layers = _List([DecoderLayer(config, rngs=rngs, param_dtype=pdt, scale=scale)
                              for _ in range(config.n_layers)])
-        self.final_norm = _init(rngs, (config.d_model,), "ones", pdt, scale)
+        self.final_norm = _init(rngs, (config.d_model,), "ones", pdt, scale, "final_norm")
         self.lm_head = (None if config.tie_embeddings else
-                        _init(rngs, (config.d_model, config.vocab_size), "normal", pdt, scale))
+                        _init(rngs, (config.d_model, config.vocab_size), "normal", pdt, scale, "lm_head"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache, **forward_kwargs):
         """`models.llama.forward(params_of(self), tokens, positions, cache, self.config, **forward_kwargs)`

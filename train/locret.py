@@ -210,8 +210,9 @@ def batch_fn_for(data: dict, batch_size: int, seed: int):
 
 
 def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labels_path=None,
-        export_dtype: str = "float32") -> tuple[dict, dict]:
-    """Labels (cached), training (resumable), export. Returns (summary, trained heads)."""
+        export_dtype: str = "float32", mesh=None) -> tuple[dict, dict]:
+    """Labels (cached), training (resumable), export. Returns (summary, trained heads).
+    mesh: train data-parallel over its `data` axis with the backbone tensor-parallel over `model`."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -222,7 +223,8 @@ def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labe
     heads = init_heads(spec, jax.random.PRNGKey(cfg.train.seed))
     heads, history = train(make_loss(config, cfg), heads, params, batch_fn_for(data, cfg.train.batch_size,
                                                                                cfg.train.seed),
-                           cfg.train, ckpt_dir=out / "ckpt", progress=progress, die_after=die_after)
+                           cfg.train, ckpt_dir=out / "ckpt", progress=progress, die_after=die_after, mesh=mesh,
+                           frozen_specs=None if mesh is None else _backbone_specs(params, config, mesh))
     save_heads(out / "heads", heads, spec, extra={"steps": cfg.train.steps, "train_config": json.loads(
         json.dumps(dataclasses.asdict(cfg), default=str))}, dtype=export_dtype)
     summary = {"model": config.name, "steps": cfg.train.steps, "labels_s": t_labels,
@@ -230,6 +232,11 @@ def run(cfg: LocretTrainConfig, out, progress: bool = True, die_after=None, labe
                "backend": jax.default_backend()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary, heads
+
+
+def _backbone_specs(params, config, mesh):
+    from kvjax.sharding import param_specs
+    return param_specs(params, config, mesh)
 
 
 def main(argv=None):
@@ -246,6 +253,7 @@ def main(argv=None):
     ap.add_argument("--labels", help="label cache file (default <out>/labels.npz)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--export-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--mesh", default=None, help="train sharded, e.g. data=8 or data=2,model=4 (kvjax.sharding)")
     ap.add_argument("--die-after", type=int, help=argparse.SUPPRESS)   # tests: SIGKILL after this checkpoint
     a = ap.parse_args(argv)
     cfg = load_config(a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
@@ -253,8 +261,13 @@ def main(argv=None):
     if cfg.train.warmup_steps > cfg.train.steps:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=cfg.train.steps * 2 // 3))
     summary, _ = run(cfg, a.out, progress=not a.no_progress, die_after=a.die_after, labels_path=a.labels,
-                  export_dtype=a.export_dtype)
+                  export_dtype=a.export_dtype, mesh=_mesh_arg(a.mesh))
     print(json.dumps(summary))
+
+
+def _mesh_arg(spec):
+    from kvjax.sharding import make_mesh
+    return None if spec is None else make_mesh(spec)
 
 
 if __name__ == "__main__":

@@ -100,13 +100,26 @@ def _manager(ckpt_dir, cfg: TrainConfig):
 
 
 def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[int], Any], cfg: TrainConfig,
-          ckpt_dir=None, progress: bool = True, die_after: Optional[int] = None) -> tuple[Any, list[dict]]:
+          ckpt_dir=None, progress: bool = True, die_after: Optional[int] = None, mesh=None,
+          frozen_specs=None) -> tuple[Any, list[dict]]:
     """Train `trainable` for `cfg.steps` steps (resuming from the latest checkpoint in `ckpt_dir`).
+
+    mesh: a ("data", "model") `jax.sharding.Mesh` (kvjax.sharding.make_mesh): data-parallel over
+    `data` (every batch array split on its leading axis; jit all-reduces the gradients), the
+    trainable parameters and optimizer state replicated, the frozen backbone placed per
+    `frozen_specs` (e.g. `kvjax.sharding.param_specs(params, config, mesh)`: tensor-parallel over
+    `model`; None: replicated). Checkpoints restore onto the current mesh, whatever mesh wrote them.
 
     die_after: testing aid; after the checkpoint of that step is written the process kills itself
     with SIGKILL (what a preempted job looks like). Returns (trainable, history of logged dicts)."""
     import orbax.checkpoint as ocp
     opt = make_optimizer(cfg)
+    if mesh is not None:
+        from kvjax import sharding
+        trainable = sharding.replicate(trainable, mesh)
+        frozen = (sharding.replicate(frozen, mesh) if frozen_specs is None
+                  else sharding.place(frozen, frozen_specs, mesh))
+        batch_fn = (lambda fn: lambda s: sharding.shard_batch(fn(s), mesh))(batch_fn)
     opt_state = opt.init(trainable)
     start = 0
     mngr = _manager(ckpt_dir, cfg) if ckpt_dir is not None else None

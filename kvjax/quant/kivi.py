@@ -223,10 +223,12 @@ def attend_kivi(layer, q: jax.Array, query_positions: jax.Array, observe: Observ
         return None
     impl, interpret = sel
     starts = jnp.clip(-layer.pos_offset, 0, layer.lengths).astype(jnp.int32)
-    out = pallas_kernels.kivi_decode(
-        q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_min, layer.v_codes, layer.v_scale,
-        layer.v_min, layer.k_resid, layer.v_resid, layer.k_len, layer.v_len, layer.lengths, starts,
-        bits=layer.k_bits, v_bits=layer.v_bits, group_size=layer.group, impl=impl, interpret=interpret)
+    from kvjax.sharding import per_device
+    run = lambda *a: pallas_kernels.kivi_decode(*a, bits=layer.k_bits, v_bits=layer.v_bits, group_size=layer.group,
+                                                impl=impl, interpret=interpret)
+    out = per_device(run,   # per device under a mesh (jax.shard_map)
+                     q[:, :, 0], layer.k_codes, layer.k_scale, layer.k_min, layer.v_codes, layer.v_scale,
+                     layer.v_min, layer.k_resid, layer.v_resid, layer.k_len, layer.v_len, layer.lengths, starts)
     return mask_padded_queries(out[:, :, None], query_positions), {}
 
 
