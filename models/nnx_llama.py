@@ -92,7 +92,7 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
 def _init(rngs: nnx.Rngs, shape, kind: str, dtype, scale: float, name: str = "") -> nnx.Param:
     """As `models.llama.init_params`: normal * scale drawn in float32 then cast; norms at 1.
     The Param carries its logical axes (`LOGICAL_AXES[name]`, placed only by `kvjax.sharding`)."""
-    meta = dict(sharding_names=LOGICAL_AXES[name], eager_sharding=False) if name else {}
+    meta = dict(out_sharding=LOGICAL_AXES[name], eager_sharding=False) if name else {}
     if kind == "ones":
         return nnx.Param(jnp.ones(shape, dtype), **meta)
     return nnx.Param((scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype), **meta)
