@@ -36,14 +36,15 @@ def group_queries(q: jax.Array, kv_heads: int, scale: float, dtype, gp: int) -> 
     return qg.astype(dtype)
 
 
-def choose_splits(batch: int, kv_heads: int, n_blocks: int, requested: int | None) -> int:
-    """About two waves of (batch, kv-head, split) programs (splits a power of two), at most one
-    split per block."""
+def choose_splits(batch: int, kv_heads: int, n_blocks: int, requested: int | None,
+                  waves: int = 2) -> int:
+    """About `waves` waves of (batch, kv-head, split) programs on NUM_SMS SMs (splits a power of
+    two), at most one split per block."""
     if requested is not None:
         if requested <= 0:
             raise ValueError(f"num_splits must be positive, got {requested}")
         return max(1, min(requested, n_blocks))
-    want = -(-2 * NUM_SMS // (batch * kv_heads))
+    want = -(-waves * NUM_SMS // (batch * kv_heads))
     # round down to a power of two: on an H200 (2026-12-02, 8x32768 and 8x131072) 4 splits ran
     # 1.35x faster than the 5 that "2 waves" gives for 64 (batch, kv-head) rows (BENCHMARKS.md)
     want = 1 << (max(1, want).bit_length() - 1)
