@@ -11,6 +11,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
 NEG_INF = -1e30
@@ -74,3 +76,13 @@ def online_softmax_step(s, valid, m_prev, l_prev):
     p = jnp.where(valid[None, :], p, 0.0)
     l_new = alpha * l_prev + p.sum(axis=1)
     return p, alpha, m_new, l_new
+
+
+def store_rows(o_ref, o, g: int):
+    """o_ref[...] = o ([gp, d]) for rows < g only: the GQA padding rows (>= g) of the split-K
+    partials are never read by `combine_splits`, so they are not written either (a [gp, d] f32
+    partial per split costs gp/g times the traffic otherwise)."""
+    if g >= o.shape[0]:
+        o_ref[...] = o
+    else:
+        plgpu.store(o_ref, o, mask=lax.broadcasted_iota(jnp.int32, o.shape, 0) < g)

@@ -205,7 +205,7 @@ def _unpack16(codes_u8, shift: int, bits: int):
 
 def _dequant_kernel(qf_ref, qr_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
                     len_ref, o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int,
-                    n_sub: int, num_splits: int):
+                    n_sub: int, num_splits: int, g: int):
     """One program = one (batch, kv-head, split). Loop steps of n_sub key groups (G tokens each);
     every group is dequantised in registers to fp16 ([G, P] per bit field, its scale/min rows
     loaded once) and multiplied by the un-stacked GQA query tile: no stacked copies, no selects.
@@ -313,7 +313,7 @@ def _dequant_kernel(qf_ref, qr_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_r
                         jnp.maximum(pl.cdiv(length, group) - start_mixed, 0), 0)
     acc, m, l = lax.fori_loop(0, n_mixed, mixed_body, carry)
     for c in range(n_ch):
-        o_ref[c] = acc[c]
+        common.store_rows(o_ref.at[c], acc[c], g)
     m_ref[...] = m
     l_ref[...] = l
 
@@ -390,7 +390,7 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     qg = common.group_queries(q, hkv, scale, jnp.float32, gp)                 # [b, h, gp, d]
     qf = qg.reshape(b, hkv, gp, 8 // bits, pk).transpose(0, 1, 3, 2, 4).astype(jnp.float16)
     kernel = functools.partial(_dequant_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
-                               n_sub=n_sub, num_splits=splits)
+                               n_sub=n_sub, num_splits=splits, g=g)
     ng, nvg = capq // group_size, d // group_size
     out_specs, out_shape = _split_outputs(b, hkv, splits, (d // w, gp, w))
     o, m, l = pl.pallas_call(
