@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
@@ -78,11 +79,13 @@ def online_softmax_step(s, valid, m_prev, l_prev):
     return p, alpha, m_new, l_new
 
 
-def store_rows(o_ref, o, g: int):
-    """o_ref[...] = o ([gp, d]) for rows < g only: the GQA padding rows (>= g) of the split-K
-    partials are never read by `combine_splits`, so they are not written either (a [gp, d] f32
-    partial per split costs gp/g times the traffic otherwise)."""
-    if g >= o.shape[0]:
+def store_rows(o_ref, o, g: int, lead: int | None = None):
+    """o_ref[...] = o ([gp, d]) (or o_ref[lead] = o) for rows < g only: the GQA padding rows
+    (>= g) of the split-K partials are never read by `combine_splits`, so they are not written
+    either (a [gp, d] f32 partial per split costs gp/g times the traffic otherwise)."""
+    if lead is not None:  # a static leading index, as a length-1 slice (what plgpu.store takes)
+        o_ref, o = o_ref.at[pl.ds(lead, 1)], o[None]
+    if g >= o.shape[-2]:
         o_ref[...] = o
     else:
-        plgpu.store(o_ref, o, mask=lax.broadcasted_iota(jnp.int32, o.shape, 0) < g)
+        plgpu.store(o_ref, o, mask=lax.broadcasted_iota(jnp.int32, o.shape, o.ndim - 2) < g)

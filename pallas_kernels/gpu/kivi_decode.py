@@ -313,7 +313,7 @@ def _dequant_kernel(qf_ref, qr_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_r
                         jnp.maximum(pl.cdiv(length, group) - start_mixed, 0), 0)
     acc, m, l = lax.fori_loop(0, n_mixed, mixed_body, carry)
     for c in range(n_ch):
-        common.store_rows(o_ref.at[c], acc[c], g)
+        common.store_rows(o_ref, acc[c], g, lead=c)
     m_ref[...] = m
     l_ref[...] = l
 
