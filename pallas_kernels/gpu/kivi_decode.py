@@ -206,114 +206,112 @@ def _unpack16(codes_u8, shift: int, bits: int):
 def _dequant_kernel(qf_ref, qr_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
                     len_ref, o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int,
                     n_sub: int, num_splits: int, g: int):
-    """One program = one (batch, kv-head, split). Loop steps of n_sub key groups (G tokens each);
-    every group is dequantised in registers to fp16 ([G, P] per bit field, its scale/min rows
-    loaded once) and multiplied by the un-stacked GQA query tile: no stacked copies, no selects.
+    """One program = one (batch, kv-head, split). Loop steps are tiles of T = n_sub * G tokens:
+    every bit field of the tile's codes is dequantised in registers to an fp16 [T, P] operand
+    (scale/min rows of the tile's groups loaded once and broadcast over their tokens) and meets
+    the un-stacked GQA query tile in one dot: n_kf key dots and n_vf value dots per tile (4 per
+    128 tokens at 4 bits, as the stacked variant), no stacked copies and no selects.
 
     qf_ref [n_kf, gp, P_k] f16 (the query channels of each key bit field); qr_ref [gp, d] (query
-    in the residual dtype); o_ref [n_chunks, gp, W]: chunk c = channels [c*W, (c+1)*W)."""
+    in the residual dtype); o_ref [n_vf, gp, P_v]: value field f = channels [f*P_v, (f+1)*P_v)."""
     split = pl.program_id(2)
     k_len, v_len, length, first = len_ref[0], len_ref[1], len_ref[2], len_ref[3]
     n_kf, gp, pk = qf_ref.shape
-    n_ch, _, w = o_ref.shape
-    pv = vc_ref.shape[1]
+    n_vf, _, pv = o_ref.shape
     capq, ng, r = kc_ref.shape[0], ks_ref.shape[0], kr_ref.shape[0]
-    n_vf = 8 // v_bits
+    tile = n_sub * group
     f32, f16 = jnp.float32, jnp.float16
     qf = [qf_ref[f] for f in range(n_kf)]
     qr = qr_ref[...]
-    iota = lax.iota(jnp.int32, group)
+    iota = lax.iota(jnp.int32, tile)
 
-    def logits_quant(rows, j):
-        """[gp, G] logits against the dequantised keys of group j (rows: its G code rows)."""
-        codes = kc_ref[rows, :]                                             # [G, P_k] u8
-        s = jnp.zeros((gp, group), f32)
+    def per_token(x):
+        """[n_sub, P] rows of the tile's key groups -> [T, P] (each row repeated G times)."""
+        return jnp.broadcast_to(x[:, None, :], (n_sub, group, x.shape[1])).reshape(tile, x.shape[1])
+
+    def logits_quant(rows, grps):
+        """[gp, T] logits against the dequantised keys of rows (grps: their n_sub groups)."""
+        codes = kc_ref[rows, :]                                             # [T, P_k] u8
+        s = jnp.zeros((gp, tile), f32)
         for f in range(n_kf):
-            sc = ks_ref[pl.ds(j, 1), pl.ds(f * pk, pk)]                      # [1, P_k] f16
-            mn = km_ref[pl.ds(j, 1), pl.ds(f * pk, pk)]
-            k_hat = _unpack16(codes, f * k_bits, k_bits) * sc + mn          # [G, P_k] f16
+            sc = per_token(ks_ref[grps, pl.ds(f * pk, pk)])                  # [T, P_k] f16
+            mn = per_token(km_ref[grps, pl.ds(f * pk, pk)])
+            k_hat = _unpack16(codes, f * k_bits, k_bits) * sc + mn
             s += plgpu.dot(qf[f], k_hat, trans_b=True)
         return s
 
+    def per_channel(ref, rows, f):
+        """The per-token value scales (or mins) of field f's channels: [T, P_v] or [T, 1]."""
+        if group >= pv:  # the whole field lies in one value group
+            return ref[rows, pl.ds(f * pv // group, 1)]
+        k = pv // group
+        x = ref[rows, pl.ds(f * k, k)]                                       # [T, k]
+        return jnp.broadcast_to(x[:, :, None], (tile, k, group)).reshape(tile, pv)
+
     def values_quant(acc, p, rows):
-        """acc[c] += p . v_hat over the quantised values of rows (p [gp, G] f32, masked)."""
+        """acc[f] += p . v_hat[:, field f] over the quantised values of rows (p masked)."""
+        codes = vc_ref[rows, :]                                             # [T, P_v] u8
         p16 = p.astype(f16)
-        acc = list(acc)
-        for blk in range(pv // w):                                          # byte columns
-            codes = vc_ref[rows, pl.ds(blk * w, w)]                         # [G, W] u8
-            for f in range(n_vf):
-                c = (f * pv + blk * w) // w                                  # channel chunk
-                grp = c * w // group                                         # its value group
-                sc = vs_ref[rows, pl.ds(grp, 1)]                             # [G, 1] f16
-                mn = vm_ref[rows, pl.ds(grp, 1)]
-                v_hat = _unpack16(codes, f * v_bits, v_bits) * sc + mn      # [G, W] f16
-                acc[c] = acc[c] + plgpu.dot(p16, v_hat)
-        return tuple(acc)
+        out = []
+        for f in range(n_vf):
+            v_hat = (_unpack16(codes, f * v_bits, v_bits) * per_channel(vs_ref, rows, f)
+                     + per_channel(vm_ref, rows, f))
+            out.append(acc[f] + plgpu.dot(p16, v_hat))
+        return tuple(out)
 
     def values_resid(acc, p, rows):
-        """acc[c] += p . v_resid[rows] (p masked to the tokens of the fp window)."""
-        acc = list(acc)
-        for c in range(n_ch):
-            vr = vr_ref[rows, pl.ds(c * w, w)]                              # [G, W]
-            acc[c] = acc[c] + plgpu.dot(p.astype(vr.dtype), vr)
-        return tuple(acc)
+        """acc[f] += p . v_resid[rows, field f's channels] (p masked to the fp window)."""
+        out = []
+        for f in range(n_vf):
+            vr = vr_ref[rows, pl.ds(f * pv, pv)]                            # [T, P_v]
+            out.append(acc[f] + plgpu.dot(p.astype(vr.dtype), vr))
+        return tuple(out)
 
-    def update(carry, ss, valids):
-        """Online softmax over one step's sub-blocks: returns (p per sub-block, rescaled carry)."""
+    def update(carry, s, valid):
         acc, m, l = carry
-        ss = [jnp.where(v[None, :], s, common.NEG_INF) for s, v in zip(ss, valids)]
-        m_new = m
-        for s in ss:
-            m_new = jnp.maximum(m_new, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        ps = [jnp.where(v[None, :], jnp.exp2(s - m_new[:, None]), 0.0) for s, v in zip(ss, valids)]
-        l = alpha * l
-        for p in ps:
-            l = l + p.sum(axis=1)
-        return ps, (tuple(a * alpha[:, None] for a in acc), m_new, l)
+        p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
+        return p, (tuple(a * alpha[:, None] for a in acc), m, l)
 
     def pure_body(i, carry):
-        """n_sub whole groups whose keys and values are all quantised (only `first` masks)."""
+        """A tile whose keys and values are all quantised (only `first` masks)."""
         j0 = (base + i) * n_sub
-        rows = [pl.ds(pl.multiple_of((j0 + u) * group, group), group) for u in range(n_sub)]
-        ss = [logits_quant(rows[u], j0 + u) for u in range(n_sub)]
-        valids = [(j0 + u) * group + iota >= first for u in range(n_sub)]
-        ps, (acc, m, l) = update(carry, ss, valids)
-        for u in range(n_sub):
-            acc = values_quant(acc, ps[u], rows[u])
-        return acc, m, l
+        t0 = pl.multiple_of(j0 * group, tile)
+        rows = pl.ds(t0, tile)
+        p, (acc, m, l) = update(carry, logits_quant(rows, pl.ds(j0, n_sub)), t0 + iota >= first)
+        return values_quant(acc, p, rows), m, l
 
     def mixed_body(i, carry):
-        """One group of tokens mixing quantised and fp keys/values (clamped row gathers)."""
-        j = start_mixed + i
-        t = j * group + iota
+        """A tile mixing quantised and fp keys/values (clamped row gathers)."""
+        t0 = start_mixed + i * tile
+        t = t0 + iota
         rows = jnp.clip(t, 0, capq - 1)
-        s_q = logits_quant(rows, jnp.clip(j, 0, ng - 1))
+        grps = jnp.clip(t0 // group + lax.iota(jnp.int32, n_sub), 0, ng - 1)
+        s_q = logits_quant(rows, grps)
         kr = kr_ref[jnp.clip(t - k_len, 0, r - 1), :]
         s_r = plgpu.dot(qr.astype(kr.dtype), kr, trans_b=True)
         s = jnp.where((t < k_len)[None, :], s_q, s_r)
-        (p,), (acc, m, l) = update(carry, [s], [(t >= first) & (t < length)])
+        p, (acc, m, l) = update(carry, s, (t >= first) & (t < length))
         acc = values_quant(acc, jnp.where((t < v_len)[None, :], p, 0.0), rows)
         acc = values_resid(acc, jnp.where((t >= v_len)[None, :], p, 0.0),
                            jnp.clip(t - v_len, 0, r - 1))
         return acc, m, l
 
-    # steps of n_sub groups lying wholly below k_len, v_len and length; those wholly before
-    # `first` are skipped; the rest (< n_sub + R/G groups) goes to the last split's mixed loop
-    n_full = jnp.minimum(jnp.minimum(k_len, v_len), length) // (group * n_sub)
-    base0 = jnp.minimum(first // (group * n_sub), n_full)
+    # tiles lying wholly below k_len, v_len and length are split over the programs (those wholly
+    # before `first` skipped); the rest (< one tile + R tokens) is the last split's mixed loop
+    n_full = jnp.minimum(jnp.minimum(k_len, v_len), length) // tile
+    base0 = jnp.minimum(first // tile, n_full)
     per = pl.cdiv(n_full - base0, num_splits)
     base = base0 + split * per
     n_steps = jnp.clip(n_full - base, 0, per)
-    carry = (tuple(jnp.zeros((gp, w), f32) for _ in range(n_ch)),
+    carry = (tuple(jnp.zeros((gp, pv), f32) for _ in range(n_vf)),
              jnp.full((gp,), common.NEG_INF, f32), jnp.zeros((gp,), f32))
     carry = lax.fori_loop(0, n_steps, pure_body, carry)
-    start_mixed = n_full * n_sub
+    start_mixed = n_full * tile
     n_mixed = jnp.where(split == num_splits - 1,
-                        jnp.maximum(pl.cdiv(length, group) - start_mixed, 0), 0)
+                        pl.cdiv(jnp.maximum(length - start_mixed, 0), tile), 0)
     acc, m, l = lax.fori_loop(0, n_mixed, mixed_body, carry)
-    for c in range(n_ch):
-        common.store_rows(o_ref, acc[c], g, lead=c)
+    for f in range(n_vf):
+        common.store_rows(o_ref, acc[f], g, lead=f)
     m_ref[...] = m
     l_ref[...] = l
 
@@ -350,9 +348,9 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
-    variant "dequant" (default): per key group, codes -> fp16 in registers (magic-number unpack,
-    one fp16 multiply-add with the group's scale/min), un-stacked GQA tile (>= 16 rows) times the
-    dequantised tile; tile_groups = key groups per loop step (default 2).
+    variant "dequant" (default): per tile of tile_groups key groups (default 128 tokens), each bit
+    field -> fp16 [tile, P] in registers (magic-number unpack, one fp16 multiply-add with the
+    broadcast scale/min rows), one dot with the un-stacked GQA tile (>= 16 rows) per field.
     variant "stacked": scales folded into stacked query/probability copies (module docstring);
     tile_groups = groups stacked per tile (default: enough for 16 dot rows).
     num_splits: split-K programs per (batch, kv-head) (default ~4 waves on 132 SMs)."""
@@ -383,8 +381,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
         return _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_splits,
                              tile_groups, params, interpret)
     gp = common.padded_heads(g)
-    n_sub = tile_groups or 2
-    w = min(group_size, pv)
+    n_sub = tile_groups or max(1, 128 // group_size)
+    n_sub = min(n_sub, 1 << (max(capq // group_size, 1).bit_length() - 1))  # a tile fits the cache
     splits = common.choose_splits(b, hkv, max(capq // group_size // n_sub, 1), num_splits,
                                   waves=4)
     qg = common.group_queries(q, hkv, scale, jnp.float32, gp)                 # [b, h, gp, d]
@@ -392,7 +390,7 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     kernel = functools.partial(_dequant_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
                                n_sub=n_sub, num_splits=splits, g=g)
     ng, nvg = capq // group_size, d // group_size
-    out_specs, out_shape = _split_outputs(b, hkv, splits, (d // w, gp, w))
+    out_specs, out_shape = _split_outputs(b, hkv, splits, (8 // v_bits, gp, pv))
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
