@@ -18,10 +18,11 @@ def _f64(x):
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
-@pytest.mark.parametrize("bits,v_bits,g,d,gps,splits,fuse", [
-    (4, 4, 3, 64, None, 1, False), (2, 2, 4, 64, 8, 2, False), (4, 2, 8, 64, None, None, False),
-    (4, 4, 1, 64, None, 3, False), (4, 4, 3, 64, None, 1, True), (2, 4, 4, 64, None, 2, True)])
-def test_kivi_kernel_matches_numpy(bits, v_bits, g, d, gps, splits, fuse):
+@pytest.mark.parametrize("bits,v_bits,g,d,gps,splits,variant", [
+    (4, 4, 3, 64, None, 1, "stacked"), (2, 2, 4, 64, 8, 2, "stacked"),
+    (4, 4, 3, 64, 1, 1, "dequant"), (2, 2, 4, 64, 2, 2, "dequant"),
+    (4, 2, 8, 64, None, 3, "dequant"), (2, 4, 1, 64, 4, None, "dequant")])
+def test_kivi_kernel_matches_numpy(bits, v_bits, g, d, gps, splits, variant):
     rng = np.random.default_rng(bits * 10 + g)
     b, hkv, group, r, capq = 2, 2, 16, 32, 64
     # empty head, 1 token (all fp), odd length with quantised K+V and both fp segments, full
@@ -45,7 +46,7 @@ def test_kivi_kernel_matches_numpy(bits, v_bits, g, d, gps, splits, fuse):
                      for i in range(b)])
     got = _f64(gpu_kivi(*args, jnp.asarray(starts), bits=bits, v_bits=v_bits, group_size=group,
                         num_splits=splits,
-                        tile_groups=gps, fuse_fields=fuse, interpret=True))
+                        tile_groups=gps, variant=variant, interpret=True))
     assert np.isfinite(got).all() and np.all(got[0, :g] == 0)
     np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
     ref = _f64(reference.kivi_decode(*args, jnp.asarray(starts), bits=bits, v_bits=v_bits,
@@ -69,3 +70,9 @@ def test_kivi_errors():
         gpu_kivi(*args, bits=2, group_size=24, interpret=True)
     with pytest.raises(ValueError, match="codes"):
         gpu_kivi(*args, bits=4, group_size=16, interpret=True)
+    with pytest.raises(ValueError, match="variant"):
+        gpu_kivi(*args, bits=2, group_size=16, variant="fused", interpret=True)
+    arr, _, _ = make_kivi(rng, 1, 1, 64, 2, 16, 32, 64, np.array([[40]]))
+    args = [q[..., :1].repeat(64, axis=-1)] + [jnp.asarray(arr[n]) for n in ORDER]
+    with pytest.raises(ValueError, match="tile_groups"):
+        gpu_kivi(*args, bits=2, group_size=16, tile_groups=3, interpret=True)

@@ -39,8 +39,8 @@ def test_gpu_kernels_lower_to_triton():
         names = ["k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_resid", "v_resid",
                  "k_len", "v_len", "lengths"]
         args = [q[:1]] + [jnp.asarray(arr[n]) for n in names]
-        for fuse in (False, True):
-            _lower(lambda *a: kivi_decode(*a, bits=kb, v_bits=vb, group_size=32, fuse_fields=fuse), *args)
+        for variant in ("dequant", "stacked"):
+            _lower(lambda *a: kivi_decode(*a, bits=kb, v_bits=vb, group_size=32, variant=variant), *args)
     arr, _, _, _, _ = make_qjl(rng, 1, 2, 64, 128, 256, 256, 32, 8)
     names = ["key_signs", "key_out_signs", "key_norms", "key_out_norms", "outlier_idx", "sketch"]
     _lower(lambda *a: qjl_scores(*a, group_size=32), q[:1], *[jnp.asarray(arr[n]) for n in names],

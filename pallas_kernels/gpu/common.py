@@ -11,6 +11,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
 NEG_INF = -1e30
@@ -36,14 +39,15 @@ def group_queries(q: jax.Array, kv_heads: int, scale: float, dtype, gp: int) -> 
     return qg.astype(dtype)
 
 
-def choose_splits(batch: int, kv_heads: int, n_blocks: int, requested: int | None) -> int:
-    """About two waves of (batch, kv-head, split) programs (splits a power of two), at most one
-    split per block."""
+def choose_splits(batch: int, kv_heads: int, n_blocks: int, requested: int | None,
+                  waves: int = 2) -> int:
+    """About `waves` waves of (batch, kv-head, split) programs on NUM_SMS SMs (splits a power of
+    two), at most one split per block."""
     if requested is not None:
         if requested <= 0:
             raise ValueError(f"num_splits must be positive, got {requested}")
         return max(1, min(requested, n_blocks))
-    want = -(-2 * NUM_SMS // (batch * kv_heads))
+    want = -(-waves * NUM_SMS // (batch * kv_heads))
     # round down to a power of two: on an H200 (2026-12-02, 8x32768 and 8x131072) 4 splits ran
     # 1.35x faster than the 5 that "2 waves" gives for 64 (batch, kv-head) rows (BENCHMARKS.md)
     want = 1 << (max(1, want).bit_length() - 1)
@@ -73,3 +77,15 @@ def online_softmax_step(s, valid, m_prev, l_prev):
     p = jnp.where(valid[None, :], p, 0.0)
     l_new = alpha * l_prev + p.sum(axis=1)
     return p, alpha, m_new, l_new
+
+
+def store_rows(o_ref, o, g: int, lead: int | None = None):
+    """o_ref[...] = o ([gp, d]) (or o_ref[lead] = o) for rows < g only: the GQA padding rows
+    (>= g) of the split-K partials are never read by `combine_splits`, so they are not written
+    either (a [gp, d] f32 partial per split costs gp/g times the traffic otherwise)."""
+    if lead is not None:  # a static leading index, as a length-1 slice (what plgpu.store takes)
+        o_ref, o = o_ref.at[pl.ds(lead, 1)], o[None]
+    if g >= o.shape[-2]:
+        o_ref[...] = o
+    else:
+        plgpu.store(o_ref, o, mask=lax.broadcasted_iota(jnp.int32, o.shape, o.ndim - 2) < g)

@@ -27,7 +27,7 @@ from pallas_kernels.gpu import common
 
 
 def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, num_splits: int,
-            precision=None):
+            g: int, precision=None):
     split = pl.program_id(2)
     length = len_ref[0]
     first = len_ref[1]
@@ -55,7 +55,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, o_ref, m_ref, l_ref, *, block_k: int, 
     init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), common.NEG_INF, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
     o, m, l = lax.fori_loop(lo, hi, body, init)
-    o_ref[...] = o
+    common.store_rows(o_ref, o, g)
     m_ref[...] = m
     l_ref[...] = l
 
@@ -93,7 +93,7 @@ def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     lens = jnp.stack([jnp.minimum(lengths, cap), jnp.maximum(st, 0)], axis=-1).astype(jnp.int32)
     # float32 caches: IEEE fp32 dots (Triton's default for fp32 is TF32, ~1e-3 relative error)
     prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if k.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, block_k=block_k, num_splits=splits, precision=prec)
+    kernel = functools.partial(_kernel, block_k=block_k, num_splits=splits, g=g, precision=prec)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),

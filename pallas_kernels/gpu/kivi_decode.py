@@ -23,9 +23,8 @@ operands) and runs few, large tensor-core dots, like the bf16 kernel:
   the same way (once per tile, shared by the bit fields):  B[(i, r), t] = fp16(p[r, t] * v_scale[t, group i]);
       o[r, c] += (B . (1024 + code))[(group(c), r), c] + sum_t (p[r, t] v_min[t, group(c)] - 1024 B[(group(c), r), t]).
   The accumulators are one [gq, P] tile per bit field (channels fP .. fP+P-1).
-* `fuse_fields=True` (not yet timed on a GPU): the unpacked fields are joined in registers into
-  one [T, d] operand (channels interleaved, `_fused_order`; q and the output are permuted outside),
-  so a tile runs one key dot and one value dot, as the bf16 kernel does.
+(A `fuse_fields=True` variant that joined the unpacked fields into one [T, d] operand ran
+0.56-0.65x of bf16 on the H200 (issue 13), slower than the per-field dots: removed.)
 
 Work split (flash-decoding): grid (batch, kv_heads, splits); the quantised-key groups [0, k_len/G)
 are cut into `splits` ranges walked in tiles of n groups: full tiles whose values are quantised
@@ -39,7 +38,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -56,27 +54,6 @@ def _magic(codes_u8, shift: int, bits: int):
     return lax.bitcast_convert_type(x | MAGIC, jnp.float16)
 
 
-def _join(a, b):
-    """Stack two equal tensors on a new last axis (lowers to Triton's register-level join)."""
-    return jnp.concatenate([a[..., None], b[..., None]], axis=-1)
-
-
-def _interleave(tiles, join=_join):
-    """Fuse 2^k equal tiles [..., P] into one [..., 2^k * P] by pairwise joins on new last axes
-    and one reshape. The column order this gives is `_fused_order` (same recursion in numpy)."""
-    lead, width = tiles[0].shape[:-1], tiles[0].shape[-1] * len(tiles)
-    while len(tiles) > 1:
-        tiles = [join(tiles[i], tiles[i + 1]) for i in range(0, len(tiles), 2)]
-    return tiles[0].reshape(lead + (width,))
-
-
-def _fused_order(d: int, n_fields: int):
-    """Channel of each column of the fused [.., d] tile built from fields [f*P, (f+1)*P)."""
-    p = d // n_fields
-    stack = lambda a, b: np.concatenate([a[..., None], b[..., None]], axis=-1)
-    return _interleave([np.arange(f * p, (f + 1) * p) for f in range(n_fields)], stack)
-
-
 def _select(stacked, slot_of_col):
     """stacked [n, gq, N], slot_of_col [N] int -> [gq, N]: column c taken from slot slot_of_col[c]."""
     n = stacked.shape[0]
@@ -84,15 +61,15 @@ def _select(stacked, slot_of_col):
     return jnp.where(hit, stacked, 0.0).sum(axis=0)
 
 
-def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
+def _stacked_kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
             len_ref, o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int, n_tile: int,
-            v_slots: int, num_splits: int, fuse: bool):
+            v_slots: int, num_splits: int):
     split = pl.program_id(2)
     k_len = len_ref[0]
     v_len = len_ref[1]
     length = len_ref[2]
     first = len_ref[3]
-    n_ku, gq, _ = qf_ref.shape           # key units (bit fields, or 1 fused), padded GQA rows
+    n_ku, gq, _ = qf_ref.shape           # key units (bit fields), padded GQA rows
     n_vu = o_ref.shape[0]                # value units
     pk, pv = kc_ref.shape[1], vc_ref.shape[1]   # bytes per packed row = channels per bit field
     n_kf, n_vf = 8 // k_bits, 8 // v_bits
@@ -113,20 +90,15 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
     qrep = qrep_ref[...]                      # [rep*gq, d] q repeated (fp segments' dots)
     tok_slot = lax.iota(jnp.int32, tile) // group
 
-    def units(field_tiles):
-        """Per-bit-field tiles [..., P] -> the kernel's units: the fields, or one fused tile."""
-        return [_interleave(field_tiles)] if fuse else field_tiles
-
-    # value group of every column of each value unit
-    col_groups = units([(f * pv + lax.iota(jnp.int32, pv)) // group for f in range(n_vf)])
+    col_groups = [(f * pv + lax.iota(jnp.int32, pv)) // group for f in range(n_vf)]
 
     def key_scores_quant(rows, grp):
         """[gq, tile] logits of the tile's tokens against quantised keys; grp: slot groups
         (a pl.ds for a full tile, else an int32 [n_tile] vector of clamped group indices)."""
         codes = kc_ref[rows, :]                                            # [tile, P] u8
-        keys = units([_magic(codes, f * k_bits, k_bits) for f in range(n_kf)])
-        scs = units([ks_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)])  # [n, width]
-        mns = units([km_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)])
+        keys = [_magic(codes, f * k_bits, k_bits) for f in range(n_kf)]
+        scs = [ks_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)]  # [n, width]
+        mns = [km_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)]
         s_stacked = jnp.zeros((n_tile * gq, tile), f32)
         bias = jnp.zeros((n_tile, gq), f32)
         for u in range(n_ku):
@@ -157,7 +129,7 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
         b = (p[None, :, :] * sc[:, None, :]).astype(f16)                  # [slots, gq, tile]
         bias = (p[None, :, :] * mn[:, None, :] - 1024.0 * b.astype(f32)).sum(axis=2)
         b = b.reshape(v_slots * gq, tile)
-        vals = units([_magic(codes, f * v_bits, v_bits) for f in range(n_vf)])
+        vals = [_magic(codes, f * v_bits, v_bits) for f in range(n_vf)]
         out = []
         for u in range(n_vu):
             o = plgpu.dot(b, vals[u])                                       # [slots*gq, width]
@@ -171,7 +143,7 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
         p = jnp.where(mask[None, :], p, 0.0)
         prep = jnp.broadcast_to(p[None], (rep, gq, tile)).reshape(rep * gq, tile)
         out = []
-        for u, vr in enumerate(units([vr_ref[rows, pl.ds(f * pv, pv)] for f in range(n_vf)])):
+        for u, vr in enumerate([vr_ref[rows, pl.ds(f * pv, pv)] for f in range(n_vf)]):
             vr = jnp.where(mask[:, None], vr, jnp.zeros_like(vr))
             o = plgpu.dot(prep.astype(vr.dtype), vr)
             w = o.shape[1]
@@ -225,25 +197,167 @@ def _kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr
     l_ref[...] = l
 
 
+def _unpack16(codes_u8, shift: int, bits: int):
+    """Bit field at `shift` of every byte as its exact fp16 code value (magic-number unpack:
+    bit operations and one exact fp16 subtraction, no int->float conversion)."""
+    return _magic(codes_u8, shift, bits) - jnp.float16(1024.0)
+
+
+def _dequant_kernel(qf_ref, qr_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
+                    len_ref, o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int,
+                    n_sub: int, num_splits: int, g: int):
+    """One program = one (batch, kv-head, split). Loop steps are tiles of T = n_sub * G tokens:
+    every bit field of the tile's codes is dequantised in registers to an fp16 [T, P] operand
+    (scale/min rows of the tile's groups loaded once and broadcast over their tokens) and meets
+    the un-stacked GQA query tile in one dot: n_kf key dots and n_vf value dots per tile (4 per
+    128 tokens at 4 bits, as the stacked variant), no stacked copies and no selects.
+
+    qf_ref [n_kf, gp, P_k] f16 (the query channels of each key bit field); qr_ref [gp, d] (query
+    in the residual dtype); o_ref [n_vf, gp, P_v]: value field f = channels [f*P_v, (f+1)*P_v)."""
+    split = pl.program_id(2)
+    k_len, v_len, length, first = len_ref[0], len_ref[1], len_ref[2], len_ref[3]
+    n_kf, gp, pk = qf_ref.shape
+    n_vf, _, pv = o_ref.shape
+    capq, ng, r = kc_ref.shape[0], ks_ref.shape[0], kr_ref.shape[0]
+    tile = n_sub * group
+    f32, f16 = jnp.float32, jnp.float16
+    qf = [qf_ref[f] for f in range(n_kf)]
+    qr = qr_ref[...]
+    iota = lax.iota(jnp.int32, tile)
+
+    def per_token(x):
+        """[n_sub, P] rows of the tile's key groups -> [T, P] (each row repeated G times)."""
+        return jnp.broadcast_to(x[:, None, :], (n_sub, group, x.shape[1])).reshape(tile, x.shape[1])
+
+    def logits_quant(rows, grps):
+        """[gp, T] logits against the dequantised keys of rows (grps: their n_sub groups)."""
+        codes = kc_ref[rows, :]                                             # [T, P_k] u8
+        s = jnp.zeros((gp, tile), f32)
+        for f in range(n_kf):
+            sc = per_token(ks_ref[grps, pl.ds(f * pk, pk)])                  # [T, P_k] f16
+            mn = per_token(km_ref[grps, pl.ds(f * pk, pk)])
+            k_hat = _unpack16(codes, f * k_bits, k_bits) * sc + mn
+            s += plgpu.dot(qf[f], k_hat, trans_b=True)
+        return s
+
+    def per_channel(ref, rows, f):
+        """The per-token value scales (or mins) of field f's channels: [T, P_v] or [T, 1]."""
+        if group >= pv:  # the whole field lies in one value group
+            return ref[rows, pl.ds(f * pv // group, 1)]
+        k = pv // group
+        x = ref[rows, pl.ds(f * k, k)]                                       # [T, k]
+        return jnp.broadcast_to(x[:, :, None], (tile, k, group)).reshape(tile, pv)
+
+    def values_quant(acc, p, rows):
+        """acc[f] += p . v_hat[:, field f] over the quantised values of rows (p masked)."""
+        codes = vc_ref[rows, :]                                             # [T, P_v] u8
+        p16 = p.astype(f16)
+        out = []
+        for f in range(n_vf):
+            v_hat = (_unpack16(codes, f * v_bits, v_bits) * per_channel(vs_ref, rows, f)
+                     + per_channel(vm_ref, rows, f))
+            out.append(acc[f] + plgpu.dot(p16, v_hat))
+        return tuple(out)
+
+    def values_resid(acc, p, rows):
+        """acc[f] += p . v_resid[rows, field f's channels] (p masked to the fp window)."""
+        out = []
+        for f in range(n_vf):
+            vr = vr_ref[rows, pl.ds(f * pv, pv)]                            # [T, P_v]
+            out.append(acc[f] + plgpu.dot(p.astype(vr.dtype), vr))
+        return tuple(out)
+
+    def update(carry, s, valid):
+        acc, m, l = carry
+        p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
+        return p, (tuple(a * alpha[:, None] for a in acc), m, l)
+
+    def pure_body(i, carry):
+        """A tile whose keys and values are all quantised (only `first` masks)."""
+        j0 = (base + i) * n_sub
+        t0 = pl.multiple_of(j0 * group, tile)
+        rows = pl.ds(t0, tile)
+        p, (acc, m, l) = update(carry, logits_quant(rows, pl.ds(j0, n_sub)), t0 + iota >= first)
+        return values_quant(acc, p, rows), m, l
+
+    def mixed_body(i, carry):
+        """A tile mixing quantised and fp keys/values (clamped row gathers)."""
+        t0 = start_mixed + i * tile
+        t = t0 + iota
+        rows = jnp.clip(t, 0, capq - 1)
+        grps = jnp.clip(t0 // group + lax.iota(jnp.int32, n_sub), 0, ng - 1)
+        s_q = logits_quant(rows, grps)
+        kr = kr_ref[jnp.clip(t - k_len, 0, r - 1), :]
+        s_r = plgpu.dot(qr.astype(kr.dtype), kr, trans_b=True)
+        s = jnp.where((t < k_len)[None, :], s_q, s_r)
+        p, (acc, m, l) = update(carry, s, (t >= first) & (t < length))
+        acc = values_quant(acc, jnp.where((t < v_len)[None, :], p, 0.0), rows)
+        acc = values_resid(acc, jnp.where((t >= v_len)[None, :], p, 0.0),
+                           jnp.clip(t - v_len, 0, r - 1))
+        return acc, m, l
+
+    # tiles lying wholly below k_len, v_len and length are split over the programs (those wholly
+    # before `first` skipped); the rest (< one tile + R tokens) is the last split's mixed loop
+    n_full = jnp.minimum(jnp.minimum(k_len, v_len), length) // tile
+    base0 = jnp.minimum(first // tile, n_full)
+    per = pl.cdiv(n_full - base0, num_splits)
+    base = base0 + split * per
+    n_steps = jnp.clip(n_full - base, 0, per)
+    carry = (tuple(jnp.zeros((gp, pv), f32) for _ in range(n_vf)),
+             jnp.full((gp,), common.NEG_INF, f32), jnp.zeros((gp,), f32))
+    carry = lax.fori_loop(0, n_steps, pure_body, carry)
+    start_mixed = n_full * tile
+    n_mixed = jnp.where(split == num_splits - 1,
+                        pl.cdiv(jnp.maximum(length - start_mixed, 0), tile), 0)
+    acc, m, l = lax.fori_loop(0, n_mixed, mixed_body, carry)
+    for f in range(n_vf):
+        common.store_rows(o_ref, acc[f], g, lead=f)
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _full(*shape):
+    """BlockSpec of a whole [..shape] slab of one (batch, kv-head) on a (b, h, split) grid."""
+    return pl.BlockSpec((None, None) + shape, lambda i, h, s: (i, h) + (0,) * len(shape))
+
+
+def _split_outputs(b, hkv, splits, inner):
+    """out_specs / out_shape of (o [.., *inner], m, l) per (batch, kv-head, split)."""
+    gq = inner[-2]
+    specs = [pl.BlockSpec((None, None, None) + inner, lambda i, h, s: (i, h, s) + (0,) * len(inner)),
+             pl.BlockSpec((None, None, None, gq), lambda i, h, s: (i, h, s, 0)),
+             pl.BlockSpec((None, None, None, gq), lambda i, h, s: (i, h, s, 0))]
+    shapes = [jax.ShapeDtypeStruct((b, hkv, splits) + inner, jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
+              jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32)]
+    return specs, shapes
+
+
+VARIANTS = ("dequant", "stacked")
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "v_bits", "group_size", "scale", "num_splits",
-                                             "tile_groups", "fuse_fields", "num_warps",
+                                             "tile_groups", "variant", "num_warps",
                                              "num_stages", "interpret"))
 def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid,
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
                 v_bits: int | None = None, scale: float | None = None,
                 num_splits: int | None = None, tile_groups: int | None = None,
-                fuse_fields: bool = False, num_warps: int = 4, num_stages: int = 2,
+                variant: str = "dequant", num_warps: int = 4, num_stages: int = 2,
                 interpret: bool = False) -> jax.Array:
     """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
-    tile_groups: key groups per loop step (tile of tile_groups*G tokens); default: enough to
-    stack the GQA heads to 16 dot rows (4 for Llama-3's 4 query heads per kv-head).
-    fuse_fields: join the unpacked bit fields into one [tile, head_dim] operand per tile (one key
-    and one value dot per tile instead of one per field; channels in `_fused_order`, undone
-    outside). Correct (tested); its speed is not measured yet, hence off by default."""
+    variant "dequant" (default): per tile of tile_groups key groups (default 128 tokens), each bit
+    field -> fp16 [tile, P] in registers (magic-number unpack, one fp16 multiply-add with the
+    broadcast scale/min rows), one dot with the un-stacked GQA tile (>= 16 rows) per field.
+    variant "stacked": scales folded into stacked query/probability copies (module docstring);
+    tile_groups = groups stacked per tile (default: enough for 16 dot rows).
+    num_splits: split-K programs per (batch, kv-head) (default ~4 waves on 132 SMs)."""
     g = reference.check_kivi(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid,
                              v_resid, k_len, v_len, lengths, bits, group_size, v_bits)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     v_bits = bits if v_bits is None else v_bits
     b, hkv, capq, _ = k_codes.shape
     r, d = k_resid.shape[2], k_resid.shape[3]
@@ -256,11 +370,52 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     if min(pk, pv) < 16:
         raise ValueError(f"packed row of {min(pk, pv)} bytes < 16 (head_dim*bits/8 too small for "
                          "a tensor-core dot)")
+    if tile_groups is not None and (tile_groups < 1 or tile_groups & (tile_groups - 1)):
+        raise ValueError(f"tile_groups must be a positive power of two, got {tile_groups}")
+    scale = d ** -0.5 if scale is None else scale
+    st = jnp.maximum(reference._starts(starts, lengths), 0)
+    lens = jnp.stack([k_len, v_len, lengths, st], axis=-1).astype(jnp.int32)
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    arrays = (k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid)
+    if variant == "stacked":
+        return _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_splits,
+                             tile_groups, params, interpret)
+    gp = common.padded_heads(g)
+    n_sub = tile_groups or max(1, 128 // group_size)
+    n_sub = min(n_sub, 1 << (max(capq // group_size, 1).bit_length() - 1))  # a tile fits the cache
+    splits = common.choose_splits(b, hkv, max(capq // group_size // n_sub, 1), num_splits,
+                                  waves=4)
+    qg = common.group_queries(q, hkv, scale, jnp.float32, gp)                 # [b, h, gp, d]
+    qf = qg.reshape(b, hkv, gp, 8 // bits, pk).transpose(0, 1, 3, 2, 4).astype(jnp.float16)
+    kernel = functools.partial(_dequant_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
+                               n_sub=n_sub, num_splits=splits, g=g)
+    ng, nvg = capq // group_size, d // group_size
+    out_specs, out_shape = _split_outputs(b, hkv, splits, (8 // v_bits, gp, pv))
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(b, hkv, splits),
+        in_specs=[_full(8 // bits, gp, pk), _full(gp, d), _full(capq, pk), _full(ng, d),
+                  _full(ng, d), _full(capq, pv), _full(capq, nvg), _full(capq, nvg), _full(r, d),
+                  _full(r, d), _full(4)],
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=params, interpret=interpret,
+        name=f"kvjax_kivi_k{bits}v{v_bits}_dequant_decode",
+    )(qf, qg.astype(k_resid.dtype), *arrays, lens)
+    o = o.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, splits, gp, d)
+    return common.combine_splits(o, m, l, g).astype(q.dtype)
+
+
+def _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_splits, tile_groups,
+                  params, interpret):
+    """The "stacked" variant (module docstring): scales folded into stacked operand copies."""
+    k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid = arrays
+    b, hkv, capq, pk = k_codes.shape
+    r, d = k_resid.shape[2], k_resid.shape[3]
+    pv = v_codes.shape[3]
     gq = common.next_pow2(g)
     n_tile = tile_groups or max(1, 16 // gq)
-    if n_tile & (n_tile - 1) or n_tile * gq < 16:
-        raise ValueError(f"tile_groups must be a power of two with tile_groups * {gq} >= 16, "
-                         f"got {n_tile}")
+    if n_tile * gq < 16:
+        raise ValueError(f"stacked variant: tile_groups * {gq} must be >= 16, got {n_tile}")
     if capq < n_tile * group_size:  # tiny cache: pad to one tile (a copy of < one tile's bytes)
         pad = n_tile * group_size - capq
         padt = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n), (0, 0)))
@@ -270,46 +425,28 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
         capq = n_tile * group_size
     v_slots = max(d // group_size, 16 // gq)
     rep = max(1, 16 // gq)
-    scale = d ** -0.5 if scale is None else scale
     qg = common.group_queries(q, hkv, scale, jnp.float32, gq)                # [b, h, gq, d]
-    # key units: the bit fields [f*P, (f+1)*P) in channel order, or one fused unit in _fused_order
-    n_ku, n_vu = (1, 1) if fuse_fields else (8 // bits, 8 // v_bits)
-    q_perm = qg[..., _fused_order(d, 8 // bits)] if fuse_fields else qg
-    q_units = q_perm.reshape(b, hkv, gq, n_ku, d // n_ku).transpose(0, 1, 3, 2, 4)
+    n_ku, n_vu = 8 // bits, 8 // v_bits
+    q_units = qg.reshape(b, hkv, gq, n_ku, d // n_ku).transpose(0, 1, 3, 2, 4)
     q_rep = jnp.tile(qg, (1, 1, rep, 1)).astype(k_resid.dtype)               # [b, h, rep*gq, d]
     splits = common.choose_splits(b, hkv, max(capq // group_size, 1), num_splits)
-    st = jnp.maximum(reference._starts(starts, lengths), 0)
-    lens = jnp.stack([k_len, v_len, lengths, st], axis=-1).astype(jnp.int32)
-    kernel = functools.partial(_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
-                               n_tile=n_tile, v_slots=v_slots, num_splits=splits, fuse=fuse_fields)
+    kernel = functools.partial(_stacked_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
+                               n_tile=n_tile, v_slots=v_slots, num_splits=splits)
     ng = capq // group_size
-    full = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, h, s: (i, h) + (0,) * len(shape))
+    out_specs, out_shape = _split_outputs(b, hkv, splits, (n_vu, gq, d // n_vu))
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
         in_specs=[
-            full(n_ku, gq, d // n_ku), full(rep * gq, d),
-            full(capq, pk), full(ng, d), full(ng, d),
-            full(capq, pv), full(capq, d // group_size), full(capq, d // group_size),
-            full(r, d), full(r, d),
-            full(4),
+            _full(n_ku, gq, d // n_ku), _full(rep * gq, d),
+            _full(capq, pk), _full(ng, d), _full(ng, d),
+            _full(capq, pv), _full(capq, d // group_size), _full(capq, d // group_size),
+            _full(r, d), _full(r, d),
+            _full(4),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, n_vu, gq, d // n_vu), lambda i, h, s: (i, h, s, 0, 0, 0)),
-            pl.BlockSpec((None, None, None, gq), lambda i, h, s: (i, h, s, 0)),
-            pl.BlockSpec((None, None, None, gq), lambda i, h, s: (i, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, splits, n_vu, gq, d // n_vu), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, gq), jnp.float32),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=params, interpret=interpret,
         name=f"kvjax_kivi_k{bits}v{v_bits}_decode",
     )(q_units, q_rep, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid, lens)
-    # units side by side are the channels in vperm order (fields: plain channel order)
     o = o.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, splits, gq, d)
-    if fuse_fields:
-        o = o[..., np.argsort(_fused_order(d, 8 // v_bits))]
     return common.combine_splits(o, m, l, g).astype(q.dtype)

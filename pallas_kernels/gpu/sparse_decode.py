@@ -48,7 +48,7 @@ def _init(gp, d):
 
 
 def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *, block_k: int,
-                 num_splits: int, page_size: int):
+                 num_splits: int, page_size: int, g: int):
     """Row gather: step j covers selected slots [j*block_k, (j+1)*block_k) of the row."""
     count, limit = meta_ref[0], meta_ref[1]  # selected indices; min(capacity, lengths)
     cap = k_ref.shape[0]
@@ -78,13 +78,13 @@ def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *,
         return o, m, l
 
     o, m, l = lax.fori_loop(lo, hi, body, _init(*q.shape))
-    o_ref[...] = o
+    common.store_rows(o_ref, o, g)
     m_ref[...] = m
     l_ref[...] = l
 
 
 def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *, block_k: int,
-                  num_splits: int, page_size: int, chunk: int):
+                  num_splits: int, page_size: int, chunk: int, g: int):
     """Contiguous slices: a unit is `chunk` rows of one page (cpp units per page); a step is
     block_k // chunk units, each one pl.ds load of K and V and one dot."""
     count, limit = meta_ref[0], meta_ref[1]
@@ -129,7 +129,7 @@ def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *
         return o, m_new, l
 
     o, m, l = lax.fori_loop(lo, hi, body, _init(*q.shape))
-    o_ref[...] = o
+    common.store_rows(o_ref, o, g)
     m_ref[...] = m
     l_ref[...] = l
 
@@ -178,7 +178,7 @@ def sparse_decode(q, k, v, indices, counts, lengths=None, *, scale: float | None
     qg = common.group_queries(q, hkv, scale, k.dtype, gp)
     splits = common.choose_splits(b, hkv, max(1, n_steps), num_splits)
     o, m, l = pl.pallas_call(
-        functools.partial(kernel, block_k=block_k, num_splits=splits),
+        functools.partial(kernel, block_k=block_k, num_splits=splits, g=g),
         grid=(b, hkv, splits),
         in_specs=[
             pl.BlockSpec((None, None, gp, d), lambda i, h, s: (i, h, 0, 0)),
