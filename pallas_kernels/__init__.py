@@ -14,7 +14,8 @@ kernel in interpret mode (with impl=None it picks the GPU kernel). Tuning keywor
 num_splits, num_warps, ...) are forwarded to the kernel and ignored by the reference.
 
 Kernels: dense_decode, kivi_decode, sparse_decode, qjl_scores (decode) and flash_prefill
-(causal chunked prefill over the cache); see `reference` for the contracts.
+(causal chunked prefill over the cache), block_sparse_prefill (the same over listed key
+blocks: the sparse-prefill methods of `kvjax.sparse_prefill`); see `reference` for the contracts.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import jax
 
 from pallas_kernels import reference
 
-KERNELS = ("dense_decode", "kivi_decode", "sparse_decode", "qjl_scores", "flash_prefill")
+KERNELS = ("dense_decode", "kivi_decode", "sparse_decode", "qjl_scores", "flash_prefill",
+           "block_sparse_prefill")
 IMPLS = ("gpu", "tpu", "reference")
 
 
@@ -82,3 +84,4 @@ kivi_decode = _dispatch("kivi_decode")
 sparse_decode = _dispatch("sparse_decode")
 qjl_scores = _dispatch("qjl_scores")
 flash_prefill = _dispatch("flash_prefill")
+block_sparse_prefill = _dispatch("block_sparse_prefill")

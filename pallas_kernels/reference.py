@@ -25,6 +25,9 @@ Prefill (a chunk of T new queries per sequence over the cache that already holds
                       ranges (FlashAttention-2 tiling in the kernels: Dao, "FlashAttention-2:
                       Faster Attention with Better Parallelism and Work Partitioning",
                       arXiv 2307.08691).
+* `block_sparse_prefill` -- the same attention restricted to listed key blocks per (batch,
+                      kv-head, query block): the kernel behind the sparse-prefill methods
+                      (FlexPrefill, MInference, streaming heads; `kvjax.sparse_prefill`).
 """
 from __future__ import annotations
 
@@ -377,6 +380,11 @@ def flash_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.
 
     This reference materialises the [batch, q_heads, T, S] logits (tests and small shapes)."""
     g = check_prefill(q, keys, values, starts, lengths)
+    return _prefill(q, keys, values, starts, lengths, g, scale, None)
+
+
+def _prefill(q, keys, values, starts, lengths, g, scale, allowed):
+    """flash_prefill's math; allowed: None or a [batch, kv_heads, T, S] bool mask ANDed in."""
     b, hkv, cap, d = keys.shape
     t_len = q.shape[2]
     scale = d ** -0.5 if scale is None else scale
@@ -386,6 +394,8 @@ def flash_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.
     slot = jnp.arange(cap)[None, None, None, :]                          # [1, 1, 1, S]
     last = (lengths[:, :, None, None] - t_len + jnp.arange(t_len)[None, None, :, None])  # [b, h, T, 1]
     valid = (slot >= starts[:, :, None, None]) & (slot <= last) & (slot < lengths[:, :, None, None])
+    if allowed is not None:
+        valid = valid & allowed
     valid = valid[:, :, None]                                            # [b, h, 1, T, S]
     logits = jnp.where(valid, logits, NEG_INF)
     m = logits.max(-1, keepdims=True)
@@ -396,3 +406,61 @@ def flash_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.
     o = jnp.einsum("bhgts,bhsd->bhgtd", p, vals, precision=hi)
     o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
     return o.reshape(b, hkv * g, t_len, d).astype(q.dtype)
+
+
+def check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts, block_size):
+    """Shape checks of `block_sparse_prefill`; returns the group size g."""
+    g = check_prefill(q, keys, values, starts, lengths)
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    b, hkv = keys.shape[:2]
+    n_qb = -(-q.shape[2] // block_size)
+    if block_indices.ndim != 4 or block_indices.shape[:3] != (b, hkv, n_qb):
+        raise ValueError(f"block_indices must be [batch, kv_heads, n_query_blocks, max_blocks]="
+                         f"{(b, hkv, n_qb, '*')} (n_query_blocks = ceil(T / block_size)), got "
+                         f"{block_indices.shape}")
+    if block_counts.shape != (b, hkv, n_qb):
+        raise ValueError(f"block_counts must be [batch, kv_heads, n_query_blocks]={(b, hkv, n_qb)}, "
+                         f"got {block_counts.shape}")
+    for name, x in (("block_indices", block_indices), ("block_counts", block_counts)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer, got {x.dtype}")
+    return g
+
+
+def block_list_mask(block_indices, block_counts, n_key_blocks: int) -> jax.Array:
+    """[batch, kv_heads, n_qb, max_blocks] lists + counts -> [batch, kv_heads, n_qb, n_key_blocks]
+    bool: key block j is listed among the first `counts` entries (entries outside [0,
+    n_key_blocks) are ignored; duplicates are harmless)."""
+    pos = jnp.arange(block_indices.shape[-1])
+    valid = (pos < block_counts[..., None]) & (block_indices >= 0) & (block_indices < n_key_blocks)
+    hit = (block_indices[..., None] == jnp.arange(n_key_blocks)) & valid[..., None]
+    return hit.any(axis=-2)
+
+
+def block_sparse_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.Array,
+                         lengths: jax.Array, block_indices: jax.Array, block_counts: jax.Array, *,
+                         block_size: int, scale: float | None = None) -> jax.Array:
+    """`flash_prefill` restricted to listed key blocks (block-sparse causal chunked prefill).
+
+    q, keys, values, starts, lengths: as `flash_prefill` (the chunk's T queries sit at slots
+    lengths - T .. lengths - 1 of the cache: a query offset for chunked prefill over a cache).
+    block_indices: [batch, kv_heads, ceil(T / block_size), max_blocks] int32; entry p of row
+             (b, h, i) names key block j = cache slots [j*block_size, (j+1)*block_size) seen by
+             the queries i*block_size .. (i+1)*block_size - 1 of the chunk (all query heads of
+             kv head h: GQA shares one list).
+    block_counts: [batch, kv_heads, ceil(T / block_size)] int32: the first counts entries of a
+             row are used; entries past it, negative or >= ceil(S / block_size) are ignored, and
+             a repeated block counts once (a set).
+    Query i of a head sees slot s iff block s // block_size is listed for query block
+    i // block_size AND the dense rule holds (starts <= s <= lengths - T + i): the causal mask
+    on the diagonal block is applied element-wise. A query that sees nothing yields zeros.
+    returns [batch, q_heads, T, head_dim] in q.dtype. Materialises [batch, q_heads, T, S]."""
+    g = check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts, block_size)
+    t_len, cap = q.shape[2], keys.shape[2]
+    nkb = -(-cap // block_size)
+    bm = block_list_mask(block_indices, block_counts, nkb)               # [b, h, nqb, nkb]
+    qb = jnp.arange(t_len) // block_size
+    kb = jnp.arange(cap) // block_size
+    allowed = bm[:, :, qb][:, :, :, kb]                                   # [b, h, T, S]
+    return _prefill(q, keys, values, starts, lengths, g, scale, allowed)

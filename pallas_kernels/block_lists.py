@@ -1,0 +1,60 @@
+"""Block lists of `block_sparse_prefill`, prepared for the kernels (shared by GPU and TPU).
+
+The kernels walk a row's listed key blocks in ascending order in three loops, exactly as the
+dense flash prefill walks its live range: the blocks cut by `starts` (masked), the blocks that
+every row of the query tile sees whole (no mask arithmetic) and the diagonal blocks (masked).
+For that the wrapper (i) turns every row into a sorted, duplicate-free list padded with the
+sentinel `n_key_blocks` (`normalize`), and (ii) computes, per query tile, the positions where
+the three loops start and stop (`loop_bounds`): four int32 per (batch, kv-head, tile). Blocks
+entirely before `starts` or after the tile's last query are dropped there, so a listed dead
+block costs nothing.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def normalize(block_indices: jax.Array, block_counts: jax.Array, n_key_blocks: int,
+              width: int) -> jax.Array:
+    """[b, h, n_qb, m] lists + [b, h, n_qb] counts -> [b, h, n_qb, width] int32 sorted ascending,
+    each valid block once, padded with `n_key_blocks` (width >= m; entries past the count or
+    outside [0, n_key_blocks) are dropped: `reference.block_list_mask`'s set semantics)."""
+    m = block_indices.shape[-1]
+    pos = jnp.arange(m)
+    idx = block_indices.astype(jnp.int32)
+    valid = (pos < block_counts[..., None]) & (idx >= 0) & (idx < n_key_blocks)
+    idx = jnp.sort(jnp.where(valid, idx, n_key_blocks), axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(idx[..., :1], bool), idx[..., 1:] == idx[..., :-1]], -1)
+    idx = jnp.sort(jnp.where(dup, n_key_blocks, idx), axis=-1)
+    if width > m:
+        idx = jnp.pad(idx, ((0, 0),) * 3 + ((0, width - m),), constant_values=n_key_blocks)
+    return idx
+
+
+def loop_bounds(idx: jax.Array, starts: jax.Array, lengths: jax.Array, t_len: int,
+                block_size: int, tile_q: int) -> jax.Array:
+    """Loop positions per query tile of `tile_q` tokens (a divisor of block_size).
+
+    idx: `normalize`'s [b, h, n_qb, width]; starts, lengths [b, h] (clamped to the capacity).
+    returns [b, h, n_tiles, 4] int32 (p0, p1, p2, p3), n_tiles = n_qb * block_size / tile_q:
+    the tile's row walks positions [p0, p1) masked (cut by starts), [p1, p2) unmasked (seen whole
+    by every row), [p2, p3) masked (the diagonal); positions < p0 (before starts) and >= p3 (after
+    the tile's last query, or the padding) are skipped."""
+    b, h, n_qb, _ = idx.shape
+    per = block_size // tile_q
+    n_tiles = n_qb * per
+    i0 = jnp.arange(n_tiles, dtype=jnp.int32) * tile_q                    # first query of a tile
+    first = starts.astype(jnp.int32)[..., None]                          # [b, h, 1]
+    length = lengths.astype(jnp.int32)[..., None]
+    end = length - t_len + jnp.minimum(i0 + tile_q, t_len)               # one past the last slot
+    bs = block_size
+    lo = first // bs
+    hi = jnp.where(end > first, -(-jnp.maximum(end, 0) // bs), lo)
+    full_lo = -(-first // bs)                                            # first block all >= starts
+    full_hi = jnp.maximum(length - t_len + i0 + 1, 0) // bs              # blocks row i0 sees whole
+    a = jnp.clip(full_lo, lo, hi)
+    bb = jnp.clip(full_hi, a, hi)
+    rows = jnp.repeat(idx, per, axis=2)                                  # [b, h, n_tiles, width]
+    count = lambda x: (rows < x[..., None]).sum(-1).astype(jnp.int32)
+    return jnp.stack([count(lo), count(a), count(bb), count(hi)], axis=-1)
