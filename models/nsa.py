@@ -403,3 +403,7 @@ class NSALlama(nnx.Module):
         if self.base.dtype is not None:
             params = cast(params, self.base.dtype)
         return nsa_forward(params, self.nsa_params(), tokens, self.base.config, self.cfg, select_fn)
+
+
+nsa_forward_jit = jax.jit(nsa_forward, static_argnames=("config", "cfg", "select_fn", "remat", "return_kv"))
+nsa_forward_jit.__doc__ = """`nsa_forward` compiled once per (shapes, config, cfg, select_fn, remat, return_kv)."""
