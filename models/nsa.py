@@ -351,14 +351,24 @@ def nsa_forward(params: Params, nsa: dict, tokens: jax.Array, config: ModelConfi
     check_model(config, cfg)
     check_nsa_params(nsa, config, cfg)
     x = params["embed"][tokens]
-    kvs = []
-    for i, lp in enumerate(layer_params(params)):
-        nlp = nsa.get(i, nsa.get(str(i)))
-        fn = lambda lp, nlp, x: nsa_layer(lp, nlp, x, config, cfg, select_fn)
-        if remat:
-            fn = jax.checkpoint(fn)
-        x, kv = fn(lp, nlp, x)
-        kvs.append(kv)
+    fn = lambda lp, nlp, x: nsa_layer(lp, nlp, x, config, cfg, select_fn)
+    if remat:
+        fn = jax.checkpoint(fn)
+    layers = layer_params(params)
+    nsa_layers = [nsa.get(i, nsa.get(str(i))) for i in range(len(layers))]
+    if all(n is not None for n in nsa_layers):     # every layer NSA: one scanned layer (compile time flat)
+        stack = lambda *xs: jnp.stack(xs)
+
+        def body(x, lps):
+            return fn(*lps, x)
+        x, kv = jax.lax.scan(body, x, (jax.tree_util.tree_map(stack, *layers),
+                                       jax.tree_util.tree_map(stack, *nsa_layers)))
+        kvs = [jax.tree_util.tree_map(lambda a: a[i], kv) for i in range(len(layers))]
+    else:
+        kvs = []
+        for lp, nlp in zip(layers, nsa_layers):
+            x, kv = fn(lp, nlp, x)
+            kvs.append(kv)
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     logits = (x @ head).astype(jnp.float32)
