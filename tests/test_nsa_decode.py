@@ -3,6 +3,8 @@ forward (`models.nsa.nsa_forward`, checked against float64 numpy in test_nsa.py)
 position; the Pallas decode kernels (interpret mode) agree with the reference path; errors."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,3 +70,20 @@ def test_generate_and_errors(model):
         nsa_prefill(params, nsa, jnp.zeros((1, 9), jnp.int32), CFG, NSA, 4)
     with pytest.raises(ValueError, match="cover layers"):
         nsa_generate(params, {0: nsa[1]}, [[1, 2]], CFG, NSA)
+
+
+@pytest.mark.skipif(not os.environ.get("KVJAX_NSA_REAL"), reason="86 s on the shared 2-core CPU (30 unrolled "
+                    "NSA decode layers to compile): opt in with KVJAX_NSA_REAL=1")
+def test_smollm2_nsa_generate_gated_to_window_equals_dense(smollm2, smollm2_tokenizer):
+    """The real model converted to NSA (every layer; gates forced to the window branch, window
+    512 >= context) generates the dense engine's greedy tokens through prefill + NSA decode."""
+    import dataclasses
+    from kvjax.generate import generate
+    config, params = smollm2
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    ids = smollm2_tokenizer.encode("In the beginning God created the heaven and the earth. And the earth was")
+    cfg = dataclasses.replace(NSAConfig(), gate_override=(0.0, 0.0, 1.0))
+    nsa = init_nsa_params(config, cfg)
+    got = nsa_generate(params, nsa, [ids], config, cfg, max_new_tokens=4, backend="xla")
+    want = generate(params, config, [ids], 4, eos_ids=(), attention="xla").tokens
+    assert got == want
