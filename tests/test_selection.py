@@ -230,3 +230,12 @@ def test_generate_tiny_budget_covering_capacity_is_exact_and_sparse_runs():
     want = (176 + 2 * (32 + 176 / 16 * (2 * 16 * 4 + 4) / 128)) / (3 * 176)
     assert abs(rb["ratio"] - want) < 1e-3 and small.stats["cache_bytes"] > full.stats["cache_bytes"]
     assert all(len(t) == 6 for t in small.tokens)
+
+
+def test_cli_selection_option():
+    from kvjax.cli import build_parser, selection_from_args
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--selection", "quest", "--token-budget", "256"])
+    assert selection_from_args(args) == Quest(budget=256)
+    bad = build_parser().parse_args(["generate", "--prompt", "x", "--selection", "bogus"])
+    with pytest.raises(ValueError, match="unknown selection method"):
+        selection_from_args(bad)
