@@ -129,9 +129,18 @@ def run_locret(config, params, tokenizer, args):
             f"{policy.n_stabilizers} stabilizers | {len(out)} tok in {secs:.2f} s (compilation included)")
 
 
+def selection_from_args(args):
+    """`--selection quest|tokenselect --token-budget N` -> a kvjax.selection selector or None."""
+    if not getattr(args, "selection", None):
+        return None
+    from kvjax.selection import make_selection
+    return make_selection(args.selection, budget=args.token_budget)
+
+
 def cmd_generate(args) -> int:
     from kvjax.sampling import Sampling
     check_generate_args(args)
+    selection = selection_from_args(args)   # errors before loading the model
     config, params, tokenizer, load_s = _load(args.model, args.dtype)
     from kvjax.eval.harness import is_locret, quant_cache_init
     if args.policy and is_locret(args.policy):
@@ -145,10 +154,15 @@ def cmd_generate(args) -> int:
                                seed=args.seed, progress=True,
                                compression=compression_from_args(args, params, config), attention=args.attention,
                                cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None,
-                               **mesh_kwargs(args))
+                               **mesh_kwargs(args),
+                               **({"selection": selection} if selection is not None else {}))
     print(answer)
     quant = f" | kv-quant {args.kv_quant}" if args.kv_quant else ""
     print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}{quant}", file=sys.stderr)
+    if "read_bytes_per_step" in stats:
+        rb = stats["read_bytes_per_step"]
+        print(f"selection {stats['selection']}: a decode step reads {rb['selected'] / 2**20:.2f} MiB of K/V + "
+              f"metadata vs {rb['dense'] / 2**20:.2f} MiB dense ({rb['ratio']:.3f})", file=sys.stderr)
     for note in tuple(stats["notes"]) + tuple(stats.get("sharding_notes", ())):
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -315,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
+    gen.add_argument("--selection", default=None, help="query-aware sparse decode: quest | tokenselect "
+                     "(kvjax.selection; the full cache is kept, each step attends to the selected tokens)")
+    gen.add_argument("--token-budget", type=int, default=1024, help="--selection: attended tokens per kv head")
     gen.add_argument("--heads", default=None, help="--policy locret: directory of trained retaining heads")
     gen.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=3 (kvjax.sharding): "
                      "batch over data, heads over model")

@@ -130,11 +130,11 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "eos_ids", "compression",
-                                             "attention"),
+                                             "attention", "selection"),
                    donate_argnames=("cache", "state"))
 def decode_loop(params, cache, first_token, start_positions, key, state=None, n_keep=None, forced=None, *,
                 config: ModelConfig, sampling: Sampling, max_new_tokens: int, eos_ids: tuple[int, ...],
-                compression: Optional[Compression] = None, attention: str = "auto"):
+                compression: Optional[Compression] = None, attention: str = "auto", selection=None):
     """Autoregressive decode after prefill, updating the (donated) per-layer cache in place.
 
     first_token: [batch] int32, the token sampled from the prefill logits (output slot 0).
@@ -144,8 +144,17 @@ def decode_loop(params, cache, first_token, start_positions, key, state=None, n_
     compression (when == "decode"): whenever a head's slots are full, compress back to
     `n_keep` [batch] tokens per head inside the loop (same capacity, so shapes stay static);
     window / query-statistics scorers observe the last decode queries (kvjax.compression.QueryBuffer).
+    selection: optional query-aware selector (`kvjax.selection`, e.g. Quest): the cache's layers are
+    wrapped with its metadata (built from the prefilled cache, kept up to date on append) and every
+    decode step attends only to the tokens / pages it selects (the returned cache is the wrapped one).
     returns (tokens [batch, max_new_tokens] with eos_ids[0] (or 0) after a row stopped,
              n_steps: number of tokens written, cache, state, log-probs [batch, max_new_tokens - 1, vocab] or None)."""
+    if selection is not None:
+        from kvjax.selection import wrap
+        if compression is not None and compression.when == "decode":
+            raise ValueError("selection with decode-time compression is not supported (the selector's metadata "
+                             "is built once after prefill)")
+        cache = wrap(selection, cache, config)
     batch = first_token.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     filler = eos_ids[0] if eos_ids else 0
@@ -284,7 +293,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
              compression: Optional[Compression] = None, progress: bool = False,
              tokenizer=None, cache_init: Optional[Callable] = None, attention: str = "auto",
-             mesh=None) -> GenerateResult:
+             mesh=None, selection=None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
     tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
@@ -297,6 +306,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     mesh: a `jax.sharding.Mesh` with axes ("data", "model") (`kvjax.sharding.make_mesh("data=2,model=4")`):
     parameters tensor-parallel over `model`, the batch and cache over `data` x kv heads (see
     kvjax.sharding); None runs on one device.
+    selection: optional query-aware sparse decode (`kvjax.selection.make_selection("quest", budget=...)`):
+    the full cache is kept and every decode step attends to the selected tokens / pages only; the
+    decode capacity is rounded up to a multiple of its page size; stats gain "selection" and
+    "read_bytes_per_step" (K/V + metadata a step reads, vs the dense read).
 
     capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
@@ -328,6 +341,15 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
             raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
                              f"{plan.prefill_capacity} cache slots, but capacity is {capacity}")
         plan = dataclasses.replace(plan, prefill_capacity=capacity)
+    if selection is not None:
+        from kvjax.selection.base import check_selection
+        check_selection(selection, config)
+    if selection is not None and selection.page_size > 1:
+        plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // selection.page_size)
+                                   * selection.page_size)
+    if selection is not None and plan.compression is not None and plan.compression.when == "decode":
+        raise ValueError("selection with decode-time compression is not supported (the selector's metadata "
+                         "is built once after prefill)")
     if jax.default_backend() != "cpu":
         # decode kernels tile the slots in blocks of 64: a capacity they divide is never padded (copied)
         plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // 64) * 64)
@@ -362,7 +384,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     with _mesh_context(mesh):
         out, steps, cache, _, _ = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
                                               sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                              compression=plan.compression, attention=attention)
+                                              compression=plan.compression, attention=attention,
+                                              **({"selection": selection} if selection is not None else {}))
     out = np.asarray(out)
     steps = int(steps)
     t2 = time.perf_counter()
@@ -391,6 +414,13 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         stats.update(mesh=dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
                      cache_bytes_per_device=max(per_device.values()) if per_device else 0,
                      sharding_notes=sharding.plan(config, mesh).notes)
+    if selection is not None:
+        from kvjax.selection import read_bytes_per_step
+        stats["selection"] = str(selection)
+        stats["read_bytes_per_step"] = read_bytes_per_step(cache)
+        if selection.covers(cache.capacity):
+            stats["notes"] = tuple(stats["notes"]) + (
+                f"selection budget {selection.budget} >= cache capacity {cache.capacity}: dense decode",)
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
     return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)
 

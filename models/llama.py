@@ -77,8 +77,12 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     q_rot, k_rot = apply_rope(q, positions, config), apply_rope(k, positions, config)
     layer_cache = layer_cache.append(k_rot, v, positions, keys_pre_rope=k)
     wants = observer.observe.attention if observer is not None else Observe()
-    out, attn_obs = layer_cache.attend(q_rot, positions, observe=wants, backend=backend,
-                                       rope=lambda x, pos: apply_rope(x, pos, config))
+    rope = lambda x, pos: apply_rope(x, pos, config)
+    stateful = getattr(layer_cache, "attend_and_update", None)  # caches that carry decode state (kvjax.selection)
+    if stateful is not None:
+        out, attn_obs, layer_cache = stateful(q_rot, positions, observe=wants, backend=backend, rope=rope)
+    else:
+        out, attn_obs = layer_cache.attend(q_rot, positions, observe=wants, backend=backend, rope=rope)
     if observer is not None:
         red = reduce_layer(observer, layer_cache, config, layer, config.n_layers, attn_obs, q_rot, q, k, v,
                            hidden, accumulated)
