@@ -15,6 +15,9 @@ import json
 import pathlib
 
 from kvjax.policies.adakv import AdaKV
+from kvjax.policies.cam import CAM
+from kvjax.policies.d2o import D2O
+from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.base import Budget, Observation, ScoringPolicy
 from kvjax.policies.duo_attention import DuoAttention
 from kvjax.policies.expected_attention import ExpectedAttention
@@ -41,6 +44,10 @@ POLICIES: dict[str, type] = {
     "keyformer": Keyformer,
     "razor": RazorAttention,
     "duo_attention": DuoAttention,
+    # merging (issue 18): evict, then fold evicted tokens into the kept ones (ScoringPolicy.merge)
+    "cam": CAM,
+    "d2o": D2O,
+    "kvmerger": KVMerger,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head

@@ -71,6 +71,19 @@ class ScoringPolicy:
         """Scores after the budget `n_keep [B]` is known (e.g. Keyformer's recent share of it)."""
         return scores
 
+    # --- Additive hook (helper, issue 18: merging methods CAM/D2O/KVMerger/...): a policy with
+    # `merges = True` folds evicted tokens into the kept ones.
+    merges = False
+
+    def merge(self, old: kvcache.KVCache, idx: jax.Array, scores: jax.Array, layer: int):
+        """Merged keys and values of the kept slots of ONE layer.
+
+        old: the layer's cache before compression (keys [B, Hkv, S, d]); idx: its kept slots
+        [B, Hkv, K] (sorted, -1 = none); scores: its selection scores [B, Hkv, S] (+inf = protected).
+        returns (keys [B, Hkv, K, d], values [B, Hkv, K, dv]) written into the kept slots (rows of
+        idx = -1 are ignored). Only called when `merges` is True."""
+        raise NotImplementedError
+
     def finalize(self, new: kvcache.KVCache, obs: "Observation", idx: jax.Array):
         """Turn the gathered cache into the policy's own cache layout (ThinK, RazorAttention).
         idx: the kept slots of `obs.cache` per head [L, B, Hkv, max_keep] (-1 = none)."""
@@ -200,6 +213,19 @@ class PositionsView:
         return jnp.sum(self.valid, axis=-1).astype(jnp.int32)
 
 
+def merge_layer(policy: ScoringPolicy, old: kvcache.KVCache, new: kvcache.KVCache, idx: jax.Array,
+                scores: jax.Array, layer: int) -> kvcache.KVCache:
+    """Write the policy's merged keys/values (`policy.merge`) into the kept slots of one gathered
+    layer `new` (its first K slots hold idx's tokens in idx's order: `select` sorts them, -1 last)."""
+    k, v = policy.merge(old, idx, scores, layer)
+    kept = idx.shape[-1]
+    present = (idx >= 0)[..., None]
+    keys = new.keys.at[..., :kept, :].set(jnp.where(present, k.astype(new.keys.dtype), new.keys[..., :kept, :]))
+    values = new.values.at[..., :kept, :].set(
+        jnp.where(present, v.astype(new.values.dtype), new.values[..., :kept, :]))
+    return dataclasses.replace(new, keys=keys, values=values)
+
+
 def _custom_finalize(policy) -> bool:
     return type(policy).finalize is not ScoringPolicy.finalize
 
@@ -228,11 +254,19 @@ def compress(policy: ScoringPolicy, config: ModelConfig, cache, scores: jax.Arra
     idx = select(scores, positions >= 0, counts, max_keep)
     if per_layer:
         new_layers = [kvcache.gather(lc, idx[i], capacity) for i, lc in enumerate(layers)]
+        if policy.merges:
+            new_layers = [merge_layer(policy, lc, nl, idx[i], scores[i], i)
+                          for i, (lc, nl) in enumerate(zip(layers, new_layers))]
         if policy.rerotate:
             new_layers = [rerotate_keys(lc, config) for lc in new_layers]
         new = dataclasses.replace(cache, layers=tuple(new_layers), capacity=capacity)
     else:
         new = kvcache.gather(cache, idx, capacity)
+        if policy.merges:
+            one = lambda c, i: jax.tree_util.tree_map(lambda x: x[i], c)
+            merged = [merge_layer(policy, one(cache, i), one(new, i), idx[i], scores[i], i)
+                      for i in range(idx.shape[0])]
+            new = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *merged)
         if policy.rerotate:
             new = rerotate_keys(new, config)
     if _custom_finalize(policy):

@@ -1,0 +1,216 @@
+"""Merging policies (CAM, D2O, KVMerger) against float64 numpy loops written from the spec's
+formulas, on small random GQA caches; the merge hook inside `compress` (cache at the budget, merged
+values in the kept slots, nothing merged at the threshold limit = plain eviction); bad input; one
+short generate on SmolLM2."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import cache as kvcache
+from kvjax.compression import Compression
+from kvjax.policies import make_policy
+from kvjax.policies.base import Budget, compress, select
+from kvjax.policies.cam import CAM, merge_draws
+from kvjax.policies.d2o import D2O
+from kvjax.policies.kvmerger import KVMerger
+from kvjax.policies.h2o import H2O
+from models.config import ModelConfig
+
+B, HKV, S, D, K = 2, 2, 14, 8, 6
+
+
+def layer_case(seed=0, similar=False):
+    """One layer: cache [B, Hkv, S, d] (row 1 left-padded by 2), scores [B, Hkv, S] with the 3
+    newest slots protected (+inf), kept idx [B, Hkv, K] from `select`."""
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(B, HKV, S, D))
+    if similar:   # runs of near-identical keys so that merging sets form
+        keys = np.repeat(keys[:, :, ::3], 3, axis=2)[:, :, :S] + 0.05 * rng.normal(size=(B, HKV, S, D))
+    values = rng.normal(size=(B, HKV, S, D))
+    pos = np.broadcast_to(np.arange(S), (B, HKV, S)).copy()
+    pos[1, :, :2] = -1
+    scores = rng.random((B, HKV, S))
+    scores[..., -3:] = np.inf
+    cache = kvcache.KVCache(keys=jnp.asarray(keys, jnp.float32), values=jnp.asarray(values, jnp.float32),
+                            positions=jnp.asarray(pos, jnp.int32), lengths=jnp.full((B, HKV), S, jnp.int32))
+    idx = select(jnp.asarray(scores, jnp.float32)[None], cache.valid[None], jnp.full((1, B, HKV), K), K)[0]
+    return cache, np.asarray(idx), scores, keys, values, pos
+
+
+def np_cam(keys, values, pos, idx, scores, m, u):
+    vout = np.zeros(idx.shape + (values.shape[-1],))
+    for b in range(B):
+        for h in range(HKV):
+            kept = [int(i) for i in idx[b, h] if i >= 0]
+            ev = [s for s in range(S) if pos[b, h, s] >= 0 and s not in kept]
+            fin = [scores[b, h, r] for r in kept if np.isfinite(scores[b, h, r])]
+            mean = np.mean(fin)
+            v = {r: values[b, h, r].copy() for r in kept}
+            for e in ev:
+                p = min(max(scores[b, h, e] / mean, 0.0), 1.0)
+                if u is not None:
+                    p = float(u[b, h, e] < p)
+                after = [r for r in kept if r > e][:m]
+                for r in after:
+                    v[r] += p * values[b, h, e] / m
+            for j, r in enumerate(kept):
+                vout[b, h, j] = v[r]
+    return vout
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_cam_merge_matches_numpy(stochastic):
+    cache, idx, scores, keys, values, pos = layer_case(1)
+    pol = CAM(window=3, merge_budget=2, stochastic=stochastic, seed=5)
+    k, v = jax.jit(pol.merge, static_argnums=3)(cache, jnp.asarray(idx), jnp.asarray(scores, jnp.float32), 4)
+    u = np.asarray(merge_draws(5, 4, (B, HKV, S))) if stochastic else None
+    ref = np_cam(keys, values, pos, idx, scores, 2, u)
+    live = idx >= 0
+    np.testing.assert_allclose(np.asarray(v)[live], ref[live], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(k)[live], np.take_along_axis(keys, np.clip(idx, 0, S)[..., None], 2)[live],
+                               rtol=1e-6)   # CaM leaves keys alone
+    assert not np.allclose(np.asarray(v)[live], np.take_along_axis(values, np.clip(idx, 0, S)[..., None], 2)[live])
+
+
+def np_d2o(keys, values, pos, idx, threshold=None):
+    cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    ko = np.zeros(idx.shape + (D,))
+    vo = np.zeros(idx.shape + (D,))
+    for b in range(B):
+        info = []
+        for h in range(HKV):
+            kept = [int(i) for i in idx[b, h] if i >= 0]
+            for e in range(S):
+                if pos[b, h, e] >= 0 and e not in kept:
+                    sims = [cos(keys[b, h, e], keys[b, h, r]) for r in kept]
+                    info.append((h, e, max(sims), kept[int(np.argmax(sims))]))
+        tau = np.mean([c for _, _, c, _ in info]) if threshold is None else threshold
+        for h in range(HKV):
+            kept = [int(i) for i in idx[b, h] if i >= 0]
+            for j, r in enumerate(kept):
+                ks, vs = [keys[b, h, r]], [values[b, h, r]]
+                for hh, e, c, tgt in info:
+                    if hh == h and tgt == r and c >= tau:
+                        ks.append(c * keys[b, h, e])
+                        vs.append(c * values[b, h, e])
+                ko[b, h, j], vo[b, h, j] = np.mean(ks, 0), np.mean(vs, 0)
+    return ko, vo
+
+
+def test_d2o_merge_matches_numpy():
+    cache, idx, scores, keys, values, pos = layer_case(2)
+    k, v = jax.jit(D2O().merge, static_argnums=3)(cache, jnp.asarray(idx), jnp.asarray(scores, jnp.float32), 0)
+    rk, rv = np_d2o(keys, values, pos, idx)
+    live = idx >= 0
+    for got, ref in ((k, rk), (v, rv)):
+        np.testing.assert_allclose(np.asarray(got)[live], ref[live], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def np_kvmerger(keys, values, pos, idx, scores, eps):
+    ko = np.take_along_axis(keys, np.clip(idx, 0, S)[..., None], 2).copy()
+    vo = np.take_along_axis(values, np.clip(idx, 0, S)[..., None], 2).copy()
+    for b in range(B):
+        for h in range(HKV):
+            mer = [pos[b, h, s] >= 0 and np.isfinite(scores[b, h, s]) for s in range(S)]
+            sets, cur = [], []
+            for s in range(S):
+                if not mer[s]:
+                    cur = []
+                    continue
+                k0, k1 = keys[b, h, s - 1], keys[b, h, s]
+                if cur and np.dot(k0, k1) / np.linalg.norm(k0) / np.linalg.norm(k1) >= eps:
+                    cur.append(s)
+                else:
+                    cur = [s]
+                    sets.append(cur)
+            kept = [int(i) for i in idx[b, h] if i >= 0]
+            for st in sets:
+                p = st[int(np.argmax([scores[b, h, s] for s in st]))]
+                ev = [s for s in st if s not in kept]
+                if p not in kept or not ev:
+                    continue
+                d2 = np.array([np.sum((keys[b, h, p] - keys[b, h, s]) ** 2) for s in ev])
+                w = np.concatenate([[1.0], np.exp(-d2 / (2 * d2.mean()))])
+                w /= w.sum()
+                j = kept.index(p)
+                ko[b, h, j] = w @ keys[b, h, [p] + ev]
+                vo[b, h, j] = w @ values[b, h, [p] + ev]
+    return ko, vo
+
+
+def test_kvmerger_merge_matches_numpy():
+    cache, idx, scores, keys, values, pos = layer_case(3, similar=True)
+    k, v = jax.jit(KVMerger(eps=0.9).merge, static_argnums=3)(cache, jnp.asarray(idx),
+                                                              jnp.asarray(scores, jnp.float32), 0)
+    rk, rv = np_kvmerger(keys, values, pos, idx, scores, 0.9)
+    live = idx >= 0
+    gathered = np.take_along_axis(values, np.clip(idx, 0, S)[..., None], 2)
+    assert not np.allclose(rv[live], gathered[live])          # the case really merges something
+    for got, ref in ((k, rk), (v, rv)):
+        np.testing.assert_allclose(np.asarray(got)[live], ref[live], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def tiny_stack(seed=0, n_layers=2):
+    rng = np.random.default_rng(seed)
+    shape = (n_layers, B, HKV, S, D)
+    pos = np.broadcast_to(np.arange(S), shape[:-1]).astype(np.int32)
+    return kvcache.KVCache(keys=jnp.asarray(rng.normal(size=shape), jnp.float32),
+                           values=jnp.asarray(rng.normal(size=shape), jnp.float32),
+                           positions=jnp.asarray(pos), lengths=jnp.full(shape[:3], S, jnp.int32))
+
+
+CFG = ModelConfig(name="tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=4, n_kv_heads=HKV, head_dim=D,
+                  ffn_dim=32, rope_theta=10000.0)
+
+
+@pytest.mark.parametrize("merged,plain", [(D2O(threshold=1.0), H2O(recent=3)), (KVMerger(eps=1.0), H2O(recent=3))])
+def test_compress_no_merge_at_limit_equals_eviction(merged, plain):
+    """Threshold at its limit: nothing merges, the cache equals the eviction-only cache; the merged
+    default differs from it; both are allocated at the budget (memory_bytes = K slots per head)."""
+    cache = tiny_stack(4)
+    rng = np.random.default_rng(0)
+    state = jnp.asarray(rng.random((2, B, HKV, S)), jnp.float32)
+    n_keep = jnp.full((B,), K, jnp.int32)
+    run = jax.jit(lambda p, c, sc: compress(p, CFG, c, sc, n_keep, K, K), static_argnums=0)
+    scores = merged.adjust_scores(state, type("O", (), {"cache": cache})(), n_keep)
+    got, _ = run(merged, cache, scores)
+    ref, _ = run(plain, cache, scores)
+    for a, b in ((got.keys, ref.keys), (got.values, ref.values), (got.positions, ref.positions)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    per_head = K * (2 * D * 4 + 4) + 4                        # K slots of f32 keys+values, int32 positions; lengths
+    assert got.memory_bytes() == ref.memory_bytes() == 2 * B * HKV * per_head
+    default, _ = run(D2O() if isinstance(merged, D2O) else KVMerger(eps=-1.0), cache, scores)
+    assert not np.allclose(np.asarray(default.values), np.asarray(ref.values))
+    np.testing.assert_array_equal(np.asarray(default.positions), np.asarray(ref.positions))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="threshold"):
+        D2O(threshold=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        KVMerger(eps=-2)
+    with pytest.raises(ValueError, match="sigma"):
+        KVMerger(sigma=-1.0)
+    with pytest.raises(ValueError, match="merge_budget"):
+        CAM(merge_budget=-1)
+    with pytest.raises(ValueError, match="recent"):
+        D2O(recent=1.5)
+
+
+def test_generate_merging_on_smollm2(smollm2, smollm2_tokenizer):
+    """A merging policy (KVMerger: the largest merge code path) runs in generate on the real model at
+    25%, the cache at the budget (CAM and D2O run in the eval numbers of the report; one real-model
+    generate per test file keeps the suite's time budget)."""
+    from kvjax.eval.text import kjv_text
+    from kvjax.generate import generate
+    config, params = smollm2
+    prompt = smollm2_tokenizer.encode(kjv_text()[:800])[:120]
+    for name in ("kvmerger",):
+        comp = Compression(policy=make_policy(name, config=config), budget=Budget(ratio=0.25))
+        res = generate(params, config, [prompt], max_new_tokens=4, compression=comp)
+        assert len(res.tokens[0]) == 4
+        layer = res.cache.layers[0]
+        assert layer.capacity == 30 + 4 and int(layer.lengths.max()) <= 34
