@@ -61,8 +61,12 @@ def project_qkv(lp: Params, h: jax.Array, config: ModelConfig) -> tuple[jax.Arra
 
 
 def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, config: ModelConfig,
-                  observe: Observe, observer: Optional[Observer], backend: str, layer, accumulated):
+                  observe: Observe, observer: Optional[Observer], backend: str, layer, accumulated,
+                  attn_mod=None):
     """One pre-norm block. x [batch, seq, d_model] -> (x, layer_cache, outputs).
+
+    attn_mod: this layer's slice of `forward`'s `attn_mod` (or None): its `attention(h, q,
+    positions, cache, out)` replaces the attention output `out` [batch, q_heads, seq, head_dim].
 
     outputs: the per-token observations `observe` asks for (q_pre, k_pre, v, hidden) and what
     the observer reduced this layer's observation to (scores, accumulated, queries, queries_pre)."""
@@ -83,6 +87,8 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
         out, attn_obs, layer_cache = stateful(q_rot, positions, observe=wants, backend=backend, rope=rope)
     else:
         out, attn_obs = layer_cache.attend(q_rot, positions, observe=wants, backend=backend, rope=rope)
+    if attn_mod is not None:
+        out = attn_mod.attention(h, q_rot, positions, layer_cache, out)
     if observer is not None:
         red = reduce_layer(observer, layer_cache, config, layer, config.n_layers, attn_obs, q_rot, q, k, v,
                            hidden, accumulated)
@@ -150,7 +156,8 @@ def check_inputs(params: Params, tokens: jax.Array, positions: jax.Array, cache,
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, config: ModelConfig,
             observe: Observe = Observe(), all_logits: bool = True, *, observer: Optional[Observer] = None,
-            attention: str = "auto", accumulated: Optional[jax.Array] = None):
+            attention: str = "auto", accumulated: Optional[jax.Array] = None, attn_mod=None,
+            return_hidden: bool = False):
     """Run new tokens through the model, appending their K/V to the cache.
 
     tokens:    [batch, new] int; positions: [batch, new] int (-1 marks left padding).
@@ -166,6 +173,13 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
                `accumulated` [L, B, Hkv, S]) / last "queries" [L, B, Hq, w, d].
     attention: "auto" | "xla" | "pallas" | "interpret" (static): which attention implementation
                the caches use (see kvjax.attention).
+    attn_mod:  optional attention modification (training of learned pieces, e.g. DuoAttention's
+               gates `train.duo.DuoMix`): a pytree whose array leaves carry a leading layers axis
+               [L, ...]; each layer calls its slice's `attention(h [B, new, d_model] (normed layer
+               input), q [B, Hq, new, d] (post-RoPE), positions, layer_cache, out [B, Hq, new, d])`
+               and uses the result as its attention output.
+    return_hidden: return the final (normed) hidden states [batch, new or 1, d_model] in place
+               of the logits.
     returns (logits [batch, new or 1, vocab] float32, cache, outputs dict stacked over layers).
     `all_logits=False` returns only the last position's logits (prefill of long prompts).
     """
@@ -178,13 +192,14 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
     if observer is not None and observer.policy.accumulates and accumulated is None:
         raise ValueError(f"{type(observer.policy).__name__} accumulates a running score: pass accumulated=")
 
-    def layer_fn(lp, x, lc, layer, acc):
-        return decoder_layer(lp, x, positions, lc, config, observe, observer, attention, layer, acc)
+    def layer_fn(lp, x, lc, layer, acc, mod=None):
+        return decoder_layer(lp, x, positions, lc, config, observe, observer, attention, layer, acc, mod)
 
     if isinstance(cache, LayerwiseCache):
         layers, outs = [], []
         for i, (lp, lc) in enumerate(zip(layer_params(params), cache.layers)):
-            x, lc, out = layer_fn(lp, x, lc, i, None if accumulated is None else accumulated[i])
+            mod = None if attn_mod is None else jax.tree_util.tree_map(lambda a: a[i], attn_mod)
+            x, lc, out = layer_fn(lp, x, lc, i, None if accumulated is None else accumulated[i], mod)
             layers.append(lc)
             outs.append(out)
         cache = dataclasses.replace(cache, layers=tuple(layers))
@@ -194,15 +209,17 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
         outs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs) if outs else {}
     else:
         def body(x, xs):
-            lp, lc, layer, acc = xs
-            x, lc, out = layer_fn(lp, x, lc, layer, acc)
+            lp, lc, layer, acc, mod = xs
+            x, lc, out = layer_fn(lp, x, lc, layer, acc, mod)
             return x, (lc, out)
 
-        xs = (stacked_layer_params(params), cache, jnp.arange(config.n_layers), accumulated)
+        xs = (stacked_layer_params(params), cache, jnp.arange(config.n_layers), accumulated, attn_mod)
         x, (cache, outs) = jax.lax.scan(body, x, xs)
     if not all_logits:
         x = x[:, -1:]
     x = rms_norm(x, params["final_norm"], config.norm_eps)
+    if return_hidden:
+        return x, cache, outs
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     logits = (x @ head).astype(jnp.float32)
     return logits, cache, outs

@@ -21,17 +21,23 @@ def _rope_complex(x, pos, theta):
     return np.concatenate([z.real, z.imag], axis=-1)
 
 
-def reference_logits(params, config, tokens, at=None) -> np.ndarray:
+def reference_logits(params, config, tokens, at=None, duo=None, hidden=False) -> np.ndarray:
     """Logits [seq, vocab] float64 for one unpadded sequence `tokens [seq]`.
 
     at: optional positions to return logits for (`[n]` -> `[n, vocab]`), to save memory on long inputs.
-    Handles qkv biases (Qwen2) and per-head q/k RMS norms before RoPE (Qwen3) when present."""
+    Handles qkv biases (Qwen2) and per-head q/k RMS norms before RoPE (Qwen3) when present.
+    duo: optional (alpha [L, Hkv], sink, recent): every head's output is alpha * full attention +
+    (1 - alpha) * attention restricted to positions < sink or > query - recent (DuoAttention).
+    hidden: return the final normed hidden states [seq, d_model] instead of logits."""
     p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else v) for k, v in params.items()}
     lay = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
     t = len(tokens)
     hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
     pos = np.arange(t, dtype=np.float64)
     causal = np.tril(np.ones((t, t), bool))
+    if duo is not None:
+        rows, cols = np.arange(t)[:, None], np.arange(t)[None, :]
+        streaming = causal & ((cols < duo[1]) | (rows - cols < duo[2]))
     x = p["embed"][np.asarray(tokens)]
     for l in range(config.n_layers):
         h = _rms(x, lay["attn_norm"][l], config.norm_eps)
@@ -43,12 +49,19 @@ def reference_logits(params, config, tokens, at=None) -> np.ndarray:
             q, k = _rms(q, lay["q_norm"][l], config.norm_eps), _rms(k, lay["k_norm"][l], config.norm_eps)
         q, k = _rope_complex(q, pos, config.rope_theta), _rope_complex(k, pos, config.rope_theta)
         out = np.empty((t, hq, d))
+
+        def attend(head, kv, mask):
+            s = q[:, head] @ k[:, kv].T / np.sqrt(d)
+            s = np.where(mask, s, -np.inf)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            return (s / s.sum(-1, keepdims=True)) @ v[:, kv]
+
         for head in range(hq):
             kv = head // (hq // hkv)
-            s = q[:, head] @ k[:, kv].T / np.sqrt(d)
-            s = np.where(causal, s, -np.inf)
-            s = np.exp(s - s.max(-1, keepdims=True))
-            out[:, head] = (s / s.sum(-1, keepdims=True)) @ v[:, kv]
+            out[:, head] = attend(head, kv, causal)
+            if duo is not None:
+                a = float(duo[0][l][kv])
+                out[:, head] = a * out[:, head] + (1 - a) * attend(head, kv, streaming)
         x = x + out.reshape(t, hq * d) @ lay["wo"][l]
         h = _rms(x, lay["mlp_norm"][l], config.norm_eps)
         g = h @ lay["w_gate"][l]
@@ -56,5 +69,7 @@ def reference_logits(params, config, tokens, at=None) -> np.ndarray:
     if at is not None:
         x = x[np.asarray(at)]
     x = _rms(x, p["final_norm"], config.norm_eps)
+    if hidden:
+        return x
     head = p["embed"].T if config.tie_embeddings else p["lm_head"]
     return x @ head

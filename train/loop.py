@@ -8,8 +8,10 @@ only the trainable one is differentiated, updated, checkpointed and exported.
 - `loss_fn(trainable, frozen, batch) -> (loss, metrics)` (pure; `metrics` a dict of scalars).
 - `batch_fn(step) -> batch` must be a pure function of the step, so a resumed run sees the
   same data as an uninterrupted one.
-- Optimizer: clip by value (per gradient element), then AdamW with linear warmup and linear decay
-  to 0 at `steps` (HF `get_linear_schedule_with_warmup`, which Locret uses).
+- Optimizer: clip by value (per gradient element; `clip_value=0` turns it off), then AdamW with
+  linear warmup and linear decay to 0 at `steps` (HF `get_linear_schedule_with_warmup`, which
+  Locret uses), or `lr_schedule="duo"`: DuoAttention's warmup / flat / decay (see `schedule`).
+- `project(trainable) -> trainable`, optional: applied after every update (e.g. a clamp).
 - Checkpoints: `orbax.checkpoint.CheckpointManager` saves {trainable, opt_state, step} every
   `ckpt_every` steps (and at the end), keeps the last `keep`, and `train` restores the latest one.
 - Metrics go to a tqdm bar and, one JSON line per logged step, to `<ckpt_dir>/../metrics.jsonl`.
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("linear", "duo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     keep: int = 3
+    lr_schedule: str = "linear"
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0:
@@ -60,6 +64,10 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.ckpt_every <= 0 or self.keep <= 0 or self.log_every <= 0:
             raise ValueError("ckpt_every, keep and log_every must be positive")
+        if self.clip_value < 0:
+            raise ValueError(f"clip_value must be >= 0 (0: no clipping), got {self.clip_value}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
 
     @property
     def compute_dtype(self):
@@ -67,7 +75,18 @@ class TrainConfig:
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup 0 -> lr over `warmup_steps` (capped at steps), then linear decay to 0 at `steps`."""
+    """"linear": warmup 0 -> lr over `warmup_steps` (capped at steps), then linear decay to 0 at
+    `steps`. "duo" (DuoAttention `train.py`, N = steps, s = step, `warmup_steps` unused):
+    lr * min(1, max((s + 1) / (N / 5), 0.1), max((N - s) / (N / 5), 0.1))."""
+    if cfg.lr_schedule == "duo":
+        fifth = cfg.steps / 5
+
+        def duo(count):
+            c = jnp.asarray(count, jnp.float32)
+            up = jnp.maximum((c + 1) / fifth, 0.1)
+            down = jnp.maximum((cfg.steps - c) / fifth, 0.1)
+            return cfg.lr * jnp.minimum(jnp.minimum(1.0, up), down)
+        return duo
     warm = min(cfg.warmup_steps, cfg.steps)
 
     def fn(count):
@@ -79,17 +98,19 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip(cfg.clip_value),
-                       optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip(cfg.clip_value), adamw) if cfg.clip_value > 0 else adamw
 
 
-def make_step(loss_fn: Callable, opt: optax.GradientTransformation):
-    """Jitted `(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, metrics)`."""
+def make_step(loss_fn: Callable, opt: optax.GradientTransformation, project: Optional[Callable] = None):
+    """Jitted `(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, metrics)`;
+    `project` (if given) maps the updated trainable pytree (e.g. a clamp to its domain)."""
     @jax.jit
     def step(trainable, opt_state, frozen, batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
         updates, opt_state = opt.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss, metrics
+        trainable = optax.apply_updates(trainable, updates)
+        return (trainable if project is None else project(trainable)), opt_state, loss, metrics
     return step
 
 
@@ -101,7 +122,7 @@ def _manager(ckpt_dir, cfg: TrainConfig):
 
 def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[int], Any], cfg: TrainConfig,
           ckpt_dir=None, progress: bool = True, die_after: Optional[int] = None, mesh=None,
-          frozen_specs=None) -> tuple[Any, list[dict]]:
+          frozen_specs=None, project: Optional[Callable] = None) -> tuple[Any, list[dict]]:
     """Train `trainable` for `cfg.steps` steps (resuming from the latest checkpoint in `ckpt_dir`).
 
     mesh: a ("data", "model") `jax.sharding.Mesh` (kvjax.sharding.make_mesh): data-parallel over
@@ -111,7 +132,7 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[in
     `model`; None: replicated). Checkpoints restore onto the current mesh, whatever mesh wrote them.
 
     die_after: testing aid; after the checkpoint of that step is written the process kills itself
-    with SIGKILL (what a preempted job looks like). Returns (trainable, history of logged dicts)."""
+    with SIGKILL (what a preempted job looks like). project: see `make_step`. Returns (trainable, history of logged dicts)."""
     import orbax.checkpoint as ocp
     opt = make_optimizer(cfg)
     if mesh is not None:
@@ -138,7 +159,7 @@ def train(loss_fn: Callable, trainable: Any, frozen: Any, batch_fn: Callable[[in
             log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     elif log_path is not None and log_path.exists():
         log_path.unlink()
-    step_fn = make_step(loss_fn, opt)
+    step_fn = make_step(loss_fn, opt, project)
     bar = range(start, cfg.steps)
     if progress:
         from tqdm.auto import tqdm

@@ -56,16 +56,24 @@ NEEDS_PATTERN = ("duo_attention",)
 NEEDS_MODEL = ("razor",)
 
 
-def load_pattern(path) -> tuple[tuple[int, ...], ...]:
-    """A per-(layer, kv-head) 0/1 pattern from a JSON file ([[0, 1, ...], ...] or {"pattern": ...})."""
+def load_pattern(path, config=None) -> tuple[tuple[int, ...], ...]:
+    """A per-(layer, kv-head) 0/1 pattern from a JSON file ([[0, 1, ...], ...] or {"pattern": ...}).
+
+    With `config` (a ModelConfig), a file that names its model (`train.duo` writes "model",
+    "n_layers", "kv_heads") must name this one, and any pattern must be [n_layers][n_kv_heads]."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"head pattern file {p} not found")
     data = json.loads(p.read_text())
     if isinstance(data, dict):
+        if config is not None and data.get("model", config.name) != config.name:
+            raise ValueError(f"{p} was trained for model {data['model']!r}, not {config.name!r}")
         data = data.get("pattern")
     if not isinstance(data, list) or not data or not all(isinstance(r, list) for r in data):
         raise ValueError(f"{p}: expected a JSON list of per-layer lists of 0/1 (or {{'pattern': ...}})")
+    if config is not None and (len(data) != config.n_layers or any(len(r) != config.n_kv_heads for r in data)):
+        raise ValueError(f"{p}: pattern is [{len(data)}][{len(data[0])}], model {config.name} has "
+                         f"{config.n_layers} layers x {config.n_kv_heads} kv heads")
     return tuple(tuple(int(v) for v in row) for row in data)
 
 
@@ -79,7 +87,7 @@ def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPoli
         raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
     cls = POLICIES[key]
     if "pattern_file" in kwargs:
-        kwargs["pattern"] = load_pattern(kwargs.pop("pattern_file"))
+        kwargs["pattern"] = load_pattern(kwargs.pop("pattern_file"), config)
     elif isinstance(kwargs.get("pattern"), list):
         kwargs["pattern"] = tuple(tuple(int(v) for v in row) for row in kwargs["pattern"])
     if config is not None:
