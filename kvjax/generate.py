@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
+import types
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -477,3 +479,16 @@ def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chu
         prefill_cap = padded_len
         decode_cap = max_keep + max_new_tokens
     return CachePlan(prefill_cap, decode_cap, max_keep, n_keep, compression, tuple(notes))
+
+
+class _CallableModule(types.ModuleType):
+    """`kvjax.generate` names both this module and its `generate` function; once the module is
+    imported, the package attribute is the module (Python's import system sets it), so calling the
+    module calls the function: `kvjax.generate(params, ...)` works however often and in whichever
+    order it is reached, and `kvjax.generate.plan_cache` still reads the module."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
