@@ -222,8 +222,10 @@ def eval_config_from_args(args, notes: Optional[list] = None):
         if spec:
             regime_policies.append((regime, expand_policies(spec, args.heads)))
     return EvalConfig(policies=policies, budgets=parse_budgets(args.budget), regimes=_names(args.regime),
-                      chunk_size=args.chunk_size, interval=args.interval, context_tokens=args.context_tokens,
-                      continuation_tokens=args.continuation_tokens, needle_tasks=_names(args.needle),
+                      chunk_size=args.chunk_size, interval=args.interval,
+                      context_tokens=args.context_tokens or DEFAULT_CONTEXT,
+                      continuation_tokens=args.continuation_tokens or DEFAULT_CONTINUATION,
+                      needle_tasks=_names(args.needle),
                       needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens,
                       needle_query_aware=args.needle_query_aware, seed=args.seed,
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
@@ -246,29 +248,91 @@ def _git_commit() -> str:
     return (sha + (" (uncommitted changes present)" if dirty else "")) if sha else "unknown"
 
 
-def cmd_eval(args) -> int:
-    from kvjax.eval.harness import run_grid
+DEFAULT_CONTEXT, DEFAULT_CONTINUATION = 1600, 128
+
+
+def fresh_run_dir(root: str = "runs/eval") -> str:
+    """`runs/eval/YYYYmmdd-HHMMSS[-n]`, a folder that does not exist yet (eval's default --out:
+    the committed results under docs/ are only written when asked for)."""
+    import datetime
+    import pathlib
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = pathlib.Path(root) / stamp, 1
+    while path.exists():
+        n += 1
+        path = pathlib.Path(root) / f"{stamp}-{n}"
+    return str(path)
+
+
+def eval_tokens(args, tokenizer, notes: list) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) for `eval`, before the model loads:
+    --context-file/--continuation-file: each file whole (or cut to the given counts);
+    --text-file: the file's first --context-tokens and next --continuation-tokens tokens, derived
+    from its length when not given (continuation min(128, 1/8 of the file), context the rest up to
+    1600, with a note); default: the King James Bible at 1600 + 128 tokens."""
+    from kvjax.eval.fidelity import split_text
     from kvjax.eval.text import kjv_text, read_text_file
+    if args.context_file or args.continuation_file:
+        if not (args.context_file and args.continuation_file) or args.text_file:
+            raise ValueError("give --context-file and --continuation-file together (and no --text-file)")
+        ctx = tokenizer.encode(read_text_file(args.context_file))
+        cont = tokenizer.encode(read_text_file(args.continuation_file))
+        for flag, ids, want in (("--context-tokens", ctx, args.context_tokens),
+                                ("--continuation-tokens", cont, args.continuation_tokens)):
+            if want and want > len(ids):
+                raise ValueError(f"{flag} {want}: the file has only {len(ids)} tokens")
+        return ctx[:args.context_tokens or len(ctx)], cont[:args.continuation_tokens or len(cont)]
+    if not args.text_file:
+        c, n = args.context_tokens or DEFAULT_CONTEXT, args.continuation_tokens or DEFAULT_CONTINUATION
+        return split_text(tokenizer, kjv_text(n_chars=(c + n) * 8), c, n)
+    ids = tokenizer.encode(read_text_file(args.text_file))
+    cont = args.continuation_tokens or min(DEFAULT_CONTINUATION, len(ids) // 8)
+    ctx = args.context_tokens or min(DEFAULT_CONTEXT, len(ids) - cont)
+    if not args.context_tokens or not args.continuation_tokens:
+        notes.append(f"{args.text_file}: {len(ids)} tokens -> context {ctx} + continuation {cont} tokens "
+                     f"(--context-tokens / --continuation-tokens to choose)")
+    if min(ctx, cont) <= 0:
+        raise ValueError(f"text file {args.text_file} has only {len(ids)} tokens: too short to evaluate")
+    if ctx + cont > len(ids):
+        raise ValueError(f"text file {args.text_file} has {len(ids)} tokens, need {ctx + cont} (context {ctx} + "
+                         f"continuation {cont}): lower --context-tokens / --continuation-tokens or leave them out")
+    return ids[:ctx], ids[ctx:ctx + cont]
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+    from kvjax.eval.harness import run_grid
+    from kvjax.eval.needle import text_filler
+    from kvjax.eval.text import read_text_file
+    from models.tokenizer import load_tokenizer
     notes: list[str] = []
     ecfg = eval_config_from_args(args, notes)  # validate before loading anything
     resolve_dtype(args.dtype)
+    tokenizer = load_tokenizer(args.model)    # cheap: sizes are checked before the model loads
+    ctx, cont = eval_tokens(args, tokenizer, notes)
+    ecfg = dataclasses.replace(ecfg, context_tokens=len(ctx), continuation_tokens=len(cont))
+    user_text = args.text_file or args.context_file
+    if user_text and ecfg.needle_tasks:
+        ecfg = dataclasses.replace(ecfg, needle_filler=text_filler(read_text_file(user_text)))
+        notes.append(f"needle tasks hide their needles in sentences of {user_text}")
+    out = fresh_run_dir() if args.out is None else args.out
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
-    config, params, tokenizer, load_s = _load(args.model, args.dtype)
+    config, params, _, load_s = _load(args.model, args.dtype)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
     command = "python -m kvjax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "python -m kvjax eval"
-    rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out or None, progress=True,
-                    model_name=args.model, extra_meta={"command": f"`{command}`",
-                                                       "text": args.text_file or "King James Bible (Genesis on)",
-                                                       "commit": _git_commit()})
+    source = (f"{args.context_file} + {args.continuation_file}" if args.context_file else
+              args.text_file or "King James Bible (Genesis on)")
+    rows = run_grid(params, config, tokenizer, "", ecfg, out_dir=out or None, progress=True,
+                    model_name=args.model, tokens=(ctx, cont),
+                    extra_meta={"command": f"`{command}`", "text": source, "commit": _git_commit()})
     from kvjax.eval.harness import markdown_table
     print(markdown_table(rows))
     for r in rows:
         if r["notes"]:
             print(f"note: {r['policy']} {r['budget']} {r['regime']}: {r['notes']}", file=sys.stderr)
-    if args.out:
-        print(f"wrote {args.out}/results.csv, results.md, results.png", file=sys.stderr)
+    if out:
+        print(f"wrote {out}/results.csv, results.md, results.png", file=sys.stderr)
     return 0
 
 
@@ -322,20 +386,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--decode-policies", default="", help="restrict the decode regime to these policies")
     ev.add_argument("--chunk-size", type=int, default=256)
     ev.add_argument("--interval", type=int, default=64, help="decode regime: compress every N new tokens")
-    ev.add_argument("--context-tokens", type=int, default=1600)
-    ev.add_argument("--continuation-tokens", type=int, default=128)
+    ev.add_argument("--context-tokens", type=int, default=None,
+                    help="context length (default: 1600, or derived from --text-file's length)")
+    ev.add_argument("--continuation-tokens", type=int, default=None,
+                    help="continuation length (default: 128, or derived from --text-file's length)")
+    ev.add_argument("--context-file", default=None, help="UTF-8 text used whole as the context")
+    ev.add_argument("--continuation-file", default=None, help="UTF-8 text used whole as the continuation")
     ev.add_argument("--continuation-mode", choices=("step", "forward"), default="forward",
                     help="feed the continuation as decode steps or in one forward (decode regime: always steps)")
     ev.add_argument("--decode-probe", type=int, default=16,
                     help="with --continuation-mode forward: time this many decode steps for decode ms/tok")
-    ev.add_argument("--text-file", default=None, help="UTF-8 text for the fidelity context (default: KJV)")
+    ev.add_argument("--text-file", default=None,
+                    help="UTF-8 text for the fidelity context and continuation and the needle filler (default: KJV)")
     ev.add_argument("--needle", default="passkey,kv", help="needle tasks (comma-separated), '' for none")
     ev.add_argument("--needle-samples", type=int, default=2, help="samples per needle task")
     ev.add_argument("--needle-tokens", type=int, default=1024)
     ev.add_argument("--needle-query-aware", action="store_true",
                     help="compress the prompt with the question in it (default: compress the haystack, then ask)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", default="docs/eval", help="output folder for results.csv/.md/.png ('' for none)")
+    ev.add_argument("--out", default=None, help="output folder for results.csv/.md/.png (default: a new "
+                    "runs/eval/DATE-TIME folder; '' for none; docs/eval holds the committed results)")
     ev.add_argument("--dtype", default="auto",
                     help="parameters and cache: auto (bfloat16 on gpu/tpu, float32 on cpu), bfloat16 or float32")
     ev.set_defaults(func=cmd_eval)
