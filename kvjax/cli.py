@@ -84,6 +84,14 @@ def check_generate_args(args) -> None:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.chunk_size is not None and args.chunk_size <= 0:
         raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
+    if args.interval <= 0:
+        raise ValueError(f"--interval must be positive, got {args.interval}")
+    from kvjax.sampling import Sampling
+    Sampling(args.temperature, args.top_k, args.top_p)        # its range checks, before loading
+    if not args.policy and (args.when != "prefill" or args.budget is not None):
+        raise ValueError("--when and --budget apply to a compression policy: give --policy NAME")
     if args.policy:
         parse_policy(args.policy)
         if args.budget is None:
@@ -343,27 +351,32 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "gpu/tpu, XLA on cpu), xla, pallas, interpret (GPU kernels interpreted, for checks on cpu)")
 
 
+HELP = argparse.ArgumentDefaultsHelpFormatter   # --help shows every default
+BUDGET_HELP = ("0.25 or 25%%: a ratio of the prompt; 512 or 512tok: tokens per head; 1 (or 100%%) keeps the whole "
+               "context; a non-integer above 1 (1.5) is an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="chat and long-context demo on the embedded SmolLM2")
-    demo.add_argument("--model", default="smollm2")
+    demo = sub.add_parser("demo", formatter_class=HELP, help="chat and long-context demo on the embedded SmolLM2")
+    demo.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
     _engine_args(demo)
     demo.set_defaults(func=cmd_demo)
 
-    gen = sub.add_parser("generate", help="generate a continuation or a chat answer")
-    gen.add_argument("--prompt", required=True)
+    gen = sub.add_parser("generate", formatter_class=HELP, help="generate a continuation or a chat answer")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of N tokens")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of N tokens (None: one forward up to 512 tokens on cpu / 4096 on gpu, ~equal chunks above)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--policy", default=None, help="compression policy name (see kvjax.policies.POLICIES)")
-    gen.add_argument("--budget", default=None, help="kept tokens per head: ratio (0.25) or count (512)")
+    gen.add_argument("--budget", default=None, help="kept tokens per head: " + BUDGET_HELP)
     gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
@@ -373,18 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="fidelity (KL, perplexity), needle tasks, memory and time per policy x budget x regime")
+    ev = sub.add_parser("eval", formatter_class=HELP, help="fidelity (KL, perplexity), needle tasks, memory "
+                        "and time per policy x budget x regime")
     ev.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
     ev.add_argument("--policy", default="all",
                     help="comma-separated policy specs (name[:key=value...]), 'all' (every policy buildable from "
                          "the model; duo_attention only as duo_attention:pattern_file=PATH), 'locret' (needs --heads)")
     ev.add_argument("--heads", default=None, help="Locret's trained retaining heads (rows in the chunk regime)")
     ev.add_argument("--kv-quant", default="", help="quantized-cache rows at the full token budget, e.g. kivi2,kivi4")
-    ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated: ratios (<= 1) or token counts (> 1)")
+    ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated budgets, each " + BUDGET_HELP)
     ev.add_argument("--regime", default="prefill", help="comma-separated subset of prefill,chunk,decode")
     ev.add_argument("--chunk-policies", default="", help="restrict the chunk regime to these policies")
     ev.add_argument("--decode-policies", default="", help="restrict the decode regime to these policies")
-    ev.add_argument("--chunk-size", type=int, default=256)
+    ev.add_argument("--chunk-size", type=int, default=256, help="chunk regime: prefill chunk in tokens")
     ev.add_argument("--interval", type=int, default=64, help="decode regime: compress every N new tokens")
     ev.add_argument("--context-tokens", type=int, default=None,
                     help="context length (default: 1600, or derived from --text-file's length)")
@@ -400,10 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="UTF-8 text for the fidelity context and continuation and the needle filler (default: KJV)")
     ev.add_argument("--needle", default="passkey,kv", help="needle tasks (comma-separated), '' for none")
     ev.add_argument("--needle-samples", type=int, default=2, help="samples per needle task")
-    ev.add_argument("--needle-tokens", type=int, default=1024)
+    ev.add_argument("--needle-tokens", type=int, default=1024, help="prompt length of each needle sample")
     ev.add_argument("--needle-query-aware", action="store_true",
                     help="compress the prompt with the question in it (default: compress the haystack, then ask)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="needle sampling seed")
     ev.add_argument("--out", default=None, help="output folder for results.csv/.md/.png (default: a new "
                     "runs/eval/DATE-TIME folder; '' for none; docs/eval holds the committed results)")
     ev.add_argument("--dtype", default="auto",

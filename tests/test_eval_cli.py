@@ -90,3 +90,27 @@ def test_perplexity_printed_to_three_decimals():
     row = {c: float("nan") for c in COLUMNS}
     row.update(policy="full", budget="1", regime="-", kept=10, kl=0.0, ppl=7.85432, notes="")
     assert "7.854" in markdown_table([row])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--chunk-size", "0"], "--chunk-size must be positive"),
+    (["--interval", "0", "--policy", "h2o", "--budget", "0.5"], "--interval must be positive"),
+    (["--top-p", "0"], "top_p must be in"),
+    (["--when", "decode"], "give --policy NAME"),
+    (["--budget", "0.5"], "give --policy NAME"),
+    (["--policy", "snapkv", "--budget", "abc"], "budget 'abc' is not a number: use a ratio like 0.25"),
+    (["--dtype", "int8"], "dtype"),
+])
+def test_generate_checks_cheap_arguments_before_loading(argv, message, capsys, tmp_path):
+    """Each bad argument is reported before the model is read: with a model file that does not
+    exist, the argument's message comes out, not the missing file's."""
+    assert main(["generate", "--prompt", "Hello", "--model", str(tmp_path / "absent.gguf"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absent.gguf" not in err, err
+
+
+def test_valid_arguments_reach_the_model_loader(capsys, tmp_path):
+    """The control case of the test above: good arguments get as far as reading the model file."""
+    assert main(["generate", "--prompt", "Hello", "--model", str(tmp_path / "absent.gguf")]) == 2
+    assert "absent.gguf" in capsys.readouterr().err
