@@ -257,8 +257,10 @@ def bench_row(params, config, counts, ceil, b, t, method, a) -> dict:
     prompts = [r.tolist() for r in rng.integers(0, config.vocab_size, (b, t), dtype=np.int64)]
     peak0 = mem_stats().get("peak_bytes_in_use")
     t0 = time.perf_counter()
-    run_engine(params, config, prompts, method, a.new_tokens, a.chunk)  # warm-up: compiles
+    w = run_engine(params, config, prompts, method, a.new_tokens, a.chunk)  # warm-up: compiles
     t1 = time.perf_counter()
+    print(f"  {b}x{t} {method} warm-up: prefill {w['prefill_s']:.1f} s, decode {w['decode_s']:.1f} s "
+          f"(incl. compilation) ({elapsed():.0f} s)", flush=True)
     gc.collect()
     r = run_engine(params, config, prompts, method, a.new_tokens, a.chunk)
     t2 = time.perf_counter()
@@ -355,7 +357,15 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2 layers, d_model 128")
     ap.add_argument("--seed", type=int, default=0, help="parameter seed (default: %(default)s)")
     ap.add_argument("--traceback", action="store_true", help="print the traceback of a failed row (stderr)")
+    ap.add_argument("--stack-every", type=float, default=0.0,
+                    help="diagnosis: dump every thread's Python stack to stderr every S seconds (default 0: off)")
+    ap.add_argument("--log-compiles", action="store_true", help="diagnosis: log each XLA compilation and its time")
     a = ap.parse_args()
+    if a.stack_every > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(a.stack_every, repeat=True)
+    if a.log_compiles:
+        jax.config.update("jax_log_compiles", True)
     if a.tiny:
         config = tiny_config()
         a.shapes = a.shapes or "2x256"
