@@ -84,6 +84,14 @@ def check_generate_args(args) -> None:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.chunk_size is not None and args.chunk_size <= 0:
         raise ValueError(f"--chunk-size must be positive, got {args.chunk_size}")
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
+    if args.interval <= 0:
+        raise ValueError(f"--interval must be positive, got {args.interval}")
+    from kvjax.sampling import Sampling
+    Sampling(args.temperature, args.top_k, args.top_p)        # its range checks, before loading
+    if not args.policy and (args.when != "prefill" or args.budget is not None):
+        raise ValueError("--when and --budget apply to a compression policy: give --policy NAME")
     if args.policy:
         parse_policy(args.policy)
         if args.budget is None:
@@ -248,8 +256,10 @@ def eval_config_from_args(args, notes: Optional[list] = None):
         if spec:
             regime_policies.append((regime, expand_policies(spec, args.heads)))
     return EvalConfig(policies=policies, budgets=parse_budgets(args.budget), regimes=_names(args.regime),
-                      chunk_size=args.chunk_size, interval=args.interval, context_tokens=args.context_tokens,
-                      continuation_tokens=args.continuation_tokens, needle_tasks=_names(args.needle),
+                      chunk_size=args.chunk_size, interval=args.interval,
+                      context_tokens=args.context_tokens or DEFAULT_CONTEXT,
+                      continuation_tokens=args.continuation_tokens or DEFAULT_CONTINUATION,
+                      needle_tasks=_names(args.needle),
                       needle_per_kind=args.needle_samples, needle_tokens=args.needle_tokens,
                       needle_query_aware=args.needle_query_aware, seed=args.seed,
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
@@ -272,29 +282,91 @@ def _git_commit() -> str:
     return (sha + (" (uncommitted changes present)" if dirty else "")) if sha else "unknown"
 
 
-def cmd_eval(args) -> int:
-    from kvjax.eval.harness import run_grid
+DEFAULT_CONTEXT, DEFAULT_CONTINUATION = 1600, 128
+
+
+def fresh_run_dir(root: str = "runs/eval") -> str:
+    """`runs/eval/YYYYmmdd-HHMMSS[-n]`, a folder that does not exist yet (eval's default --out:
+    the committed results under docs/ are only written when asked for)."""
+    import datetime
+    import pathlib
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = pathlib.Path(root) / stamp, 1
+    while path.exists():
+        n += 1
+        path = pathlib.Path(root) / f"{stamp}-{n}"
+    return str(path)
+
+
+def eval_tokens(args, tokenizer, notes: list) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) for `eval`, before the model loads:
+    --context-file/--continuation-file: each file whole (or cut to the given counts);
+    --text-file: the file's first --context-tokens and next --continuation-tokens tokens, derived
+    from its length when not given (continuation min(128, 1/8 of the file), context the rest up to
+    1600, with a note); default: the King James Bible at 1600 + 128 tokens."""
+    from kvjax.eval.fidelity import split_text
     from kvjax.eval.text import kjv_text, read_text_file
+    if args.context_file or args.continuation_file:
+        if not (args.context_file and args.continuation_file) or args.text_file:
+            raise ValueError("give --context-file and --continuation-file together (and no --text-file)")
+        ctx = tokenizer.encode(read_text_file(args.context_file))
+        cont = tokenizer.encode(read_text_file(args.continuation_file))
+        for flag, ids, want in (("--context-tokens", ctx, args.context_tokens),
+                                ("--continuation-tokens", cont, args.continuation_tokens)):
+            if want and want > len(ids):
+                raise ValueError(f"{flag} {want}: the file has only {len(ids)} tokens")
+        return ctx[:args.context_tokens or len(ctx)], cont[:args.continuation_tokens or len(cont)]
+    if not args.text_file:
+        c, n = args.context_tokens or DEFAULT_CONTEXT, args.continuation_tokens or DEFAULT_CONTINUATION
+        return split_text(tokenizer, kjv_text(n_chars=(c + n) * 8), c, n)
+    ids = tokenizer.encode(read_text_file(args.text_file))
+    cont = args.continuation_tokens or min(DEFAULT_CONTINUATION, len(ids) // 8)
+    ctx = args.context_tokens or min(DEFAULT_CONTEXT, len(ids) - cont)
+    if not args.context_tokens or not args.continuation_tokens:
+        notes.append(f"{args.text_file}: {len(ids)} tokens -> context {ctx} + continuation {cont} tokens "
+                     f"(--context-tokens / --continuation-tokens to choose)")
+    if min(ctx, cont) <= 0:
+        raise ValueError(f"text file {args.text_file} has only {len(ids)} tokens: too short to evaluate")
+    if ctx + cont > len(ids):
+        raise ValueError(f"text file {args.text_file} has {len(ids)} tokens, need {ctx + cont} (context {ctx} + "
+                         f"continuation {cont}): lower --context-tokens / --continuation-tokens or leave them out")
+    return ids[:ctx], ids[ctx:ctx + cont]
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+    from kvjax.eval.harness import run_grid
+    from kvjax.eval.needle import text_filler
+    from kvjax.eval.text import read_text_file
+    from models.tokenizer import load_tokenizer
     notes: list[str] = []
     ecfg = eval_config_from_args(args, notes)  # validate before loading anything
     resolve_dtype(args.dtype)
+    tokenizer = load_tokenizer(args.model)    # cheap: sizes are checked before the model loads
+    ctx, cont = eval_tokens(args, tokenizer, notes)
+    ecfg = dataclasses.replace(ecfg, context_tokens=len(ctx), continuation_tokens=len(cont))
+    user_text = args.text_file or args.context_file
+    if user_text and ecfg.needle_tasks:
+        ecfg = dataclasses.replace(ecfg, needle_filler=text_filler(read_text_file(user_text)))
+        notes.append(f"needle tasks hide their needles in sentences of {user_text}")
+    out = fresh_run_dir() if args.out is None else args.out
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    text = read_text_file(args.text_file) if args.text_file else kjv_text(n_chars=(ecfg.context_tokens + ecfg.continuation_tokens) * 8)
-    config, params, tokenizer, load_s = _load(args.model, args.dtype)
+    config, params, _, load_s = _load(args.model, args.dtype)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
     command = "python -m kvjax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "python -m kvjax eval"
-    rows = run_grid(params, config, tokenizer, text, ecfg, out_dir=args.out or None, progress=True,
-                    model_name=args.model, extra_meta={"command": f"`{command}`",
-                                                       "text": args.text_file or "King James Bible (Genesis on)",
-                                                       "commit": _git_commit()})
+    source = (f"{args.context_file} + {args.continuation_file}" if args.context_file else
+              args.text_file or "King James Bible (Genesis on)")
+    rows = run_grid(params, config, tokenizer, "", ecfg, out_dir=out or None, progress=True,
+                    model_name=args.model, tokens=(ctx, cont),
+                    extra_meta={"command": f"`{command}`", "text": source, "commit": _git_commit()})
     from kvjax.eval.harness import markdown_table
     print(markdown_table(rows))
     for r in rows:
         if r["notes"]:
             print(f"note: {r['policy']} {r['budget']} {r['regime']}: {r['notes']}", file=sys.stderr)
-    if args.out:
-        print(f"wrote {args.out}/results.csv, results.md, results.png", file=sys.stderr)
+    if out:
+        print(f"wrote {out}/results.csv, results.md, results.png", file=sys.stderr)
     return 0
 
 
@@ -305,27 +377,32 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "gpu/tpu, XLA on cpu), xla, pallas, interpret (GPU kernels interpreted, for checks on cpu)")
 
 
+HELP = argparse.ArgumentDefaultsHelpFormatter   # --help shows every default
+BUDGET_HELP = ("0.25 or 25%%: a ratio of the prompt; 512 or 512tok: tokens per head; 1 (or 100%%) keeps the whole "
+               "context; a non-integer above 1 (1.5) is an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="chat and long-context demo on the embedded SmolLM2")
-    demo.add_argument("--model", default="smollm2")
+    demo = sub.add_parser("demo", formatter_class=HELP, help="chat and long-context demo on the embedded SmolLM2")
+    demo.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
     _engine_args(demo)
     demo.set_defaults(func=cmd_demo)
 
-    gen = sub.add_parser("generate", help="generate a continuation or a chat answer")
-    gen.add_argument("--prompt", required=True)
+    gen = sub.add_parser("generate", formatter_class=HELP, help="generate a continuation or a chat answer")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of N tokens")
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of N tokens (None: one forward up to 512 tokens on cpu / 4096 on gpu, ~equal chunks above)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--policy", default=None, help="compression policy name (see kvjax.policies.POLICIES)")
-    gen.add_argument("--budget", default=None, help="kept tokens per head: ratio (0.25) or count (512)")
+    gen.add_argument("--budget", default=None, help="kept tokens per head: " + BUDGET_HELP)
     gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
@@ -340,33 +417,40 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="fidelity (KL, perplexity), needle tasks, memory and time per policy x budget x regime")
+    ev = sub.add_parser("eval", formatter_class=HELP, help="fidelity (KL, perplexity), needle tasks, memory "
+                        "and time per policy x budget x regime")
     ev.add_argument("--model", default="smollm2", help="preset name, .gguf file or safetensors directory")
     ev.add_argument("--policy", default="all",
                     help="comma-separated policy specs (name[:key=value...]), 'all' (every policy buildable from "
                          "the model; duo_attention only as duo_attention:pattern_file=PATH), 'locret' (needs --heads)")
     ev.add_argument("--heads", default=None, help="Locret's trained retaining heads (rows in the chunk regime)")
     ev.add_argument("--kv-quant", default="", help="quantized-cache rows at the full token budget, e.g. kivi2,kivi4")
-    ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated: ratios (<= 1) or token counts (> 1)")
+    ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated budgets, each " + BUDGET_HELP)
     ev.add_argument("--regime", default="prefill", help="comma-separated subset of prefill,chunk,decode")
     ev.add_argument("--chunk-policies", default="", help="restrict the chunk regime to these policies")
     ev.add_argument("--decode-policies", default="", help="restrict the decode regime to these policies")
-    ev.add_argument("--chunk-size", type=int, default=256)
+    ev.add_argument("--chunk-size", type=int, default=256, help="chunk regime: prefill chunk in tokens")
     ev.add_argument("--interval", type=int, default=64, help="decode regime: compress every N new tokens")
-    ev.add_argument("--context-tokens", type=int, default=1600)
-    ev.add_argument("--continuation-tokens", type=int, default=128)
+    ev.add_argument("--context-tokens", type=int, default=None,
+                    help="context length (default: 1600, or derived from --text-file's length)")
+    ev.add_argument("--continuation-tokens", type=int, default=None,
+                    help="continuation length (default: 128, or derived from --text-file's length)")
+    ev.add_argument("--context-file", default=None, help="UTF-8 text used whole as the context")
+    ev.add_argument("--continuation-file", default=None, help="UTF-8 text used whole as the continuation")
     ev.add_argument("--continuation-mode", choices=("step", "forward"), default="forward",
                     help="feed the continuation as decode steps or in one forward (decode regime: always steps)")
     ev.add_argument("--decode-probe", type=int, default=16,
                     help="with --continuation-mode forward: time this many decode steps for decode ms/tok")
-    ev.add_argument("--text-file", default=None, help="UTF-8 text for the fidelity context (default: KJV)")
+    ev.add_argument("--text-file", default=None,
+                    help="UTF-8 text for the fidelity context and continuation and the needle filler (default: KJV)")
     ev.add_argument("--needle", default="passkey,kv", help="needle tasks (comma-separated), '' for none")
     ev.add_argument("--needle-samples", type=int, default=2, help="samples per needle task")
-    ev.add_argument("--needle-tokens", type=int, default=1024)
+    ev.add_argument("--needle-tokens", type=int, default=1024, help="prompt length of each needle sample")
     ev.add_argument("--needle-query-aware", action="store_true",
                     help="compress the prompt with the question in it (default: compress the haystack, then ask)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", default="docs/eval", help="output folder for results.csv/.md/.png ('' for none)")
+    ev.add_argument("--seed", type=int, default=0, help="needle sampling seed")
+    ev.add_argument("--out", default=None, help="output folder for results.csv/.md/.png (default: a new "
+                    "runs/eval/DATE-TIME folder; '' for none; docs/eval holds the committed results)")
     ev.add_argument("--dtype", default="auto",
                     help="parameters and cache: auto (bfloat16 on gpu/tpu, float32 on cpu), bfloat16 or float32")
     ev.set_defaults(func=cmd_eval)

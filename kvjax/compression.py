@@ -84,6 +84,41 @@ class Compression:
         return f"{type(self.policy).__name__}@{self.budget}/{self.when}"
 
 
+WINDOW_FIELDS = ("window", "query_window")   # observation-window hyperparameters (SnapKV, PyramidKV, ThinK)
+
+
+def shrink_window(policy: ScoringPolicy, window: int) -> ScoringPolicy:
+    """`policy` with every observation-window field above `window` set to `window`, also inside
+    wrapped policies (AdaKV's scorer, ThinK's token policy). Unchanged (same object) otherwise."""
+    changes = {}
+    for f in dataclasses.fields(policy):
+        v = getattr(policy, f.name)
+        if f.name in WINDOW_FIELDS and isinstance(v, int) and v > window:
+            changes[f.name] = window
+        elif isinstance(v, ScoringPolicy):
+            inner = shrink_window(v, window)
+            if inner is not v:
+                changes[f.name] = inner
+    return dataclasses.replace(policy, **changes) if changes else policy
+
+
+def fit_window(compression: Compression, n_keep: int) -> tuple[Compression, Optional[str]]:
+    """The observation window must be smaller than the budget: the window's own tokens are always
+    kept, so a window of w >= n_keep tokens would leave no room for scored tokens (and a window as
+    long as the context observes nothing to evict). Then the window shrinks to max(1, n_keep // 2)
+    -- half the budget for the newest tokens, half for the best-scored older ones -- and a note
+    says so. `n_keep`: the smallest kept-token count per head over the batch.
+    returns (compression, note or None)."""
+    window = compression.policy.observe.window
+    if window <= 1 or window < n_keep:
+        return compression, None
+    w = max(1, n_keep // 2)
+    policy = shrink_window(compression.policy, w)
+    note = (f"{type(compression.policy).__name__}'s observation window ({window} queries) is not smaller than "
+            f"the budget ({n_keep} tokens per head): the window shrinks to {w} (half the budget)")
+    return dataclasses.replace(compression, policy=policy), note
+
+
 @functools.partial(jax.jit, static_argnames=("policy", "config", "capacity", "max_keep"))
 def compress_cache(policy: ScoringPolicy, config: ModelConfig, cache, outs: dict, n_keep: jax.Array,
                    capacity: int, max_keep: int, state: Optional[jax.Array] = None):

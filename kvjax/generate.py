@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
+import types
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -20,7 +22,8 @@ import numpy as np
 
 from kvjax import cache as kvcache
 from kvjax.attention import check_backend, decode_impl, dense_kernel_ok, kivi_kernel_ok, qjl_kernel_ok
-from kvjax.compression import (Compression, compress_cache, decode_compress, init_query_buffer, push_query)
+from kvjax.compression import (Compression, compress_cache, decode_compress, fit_window, init_query_buffer,
+                               push_query)
 from kvjax.layerwise import LayerwiseCache, per_layer
 from kvjax.observation import Observe, Observer
 from kvjax.sampling import Sampling, sample
@@ -103,14 +106,17 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
         from tqdm.auto import tqdm
         it = tqdm(starts, desc="prefill", unit="chunk")
     logits, pieces = None, []
+    # "decode" with a budget the prompt fits in: nothing to evict yet (the decode loop compresses)
+    at_end = compression is not None and not (compression.when == "decode" and max_keep >= t)
     for s in it:
         e = min(s + chunk, t)
         pos = positions[:, s:e]
         observer = None
+        compress_now = False
         if compression is not None:
             if compression.policy.rerotate and s > 0:
                 pos = continue_positions(cache, pos)   # in-cache positions: continue after the cache
-            compress_now = compression.when == "chunk" or s == starts[-1]
+            compress_now = compression.when == "chunk" or (s == starts[-1] and at_end)
             if compress_now or compression.policy.accumulates:
                 observer = compression.observer(score=compress_now)
         logits, cache, outs = forward_step(params, tokens[:, s:e], pos, cache, config, all_logits=all_logits,
@@ -121,7 +127,7 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
             pieces.append(logits)
         if observer is not None and compression.policy.accumulates:
             state = outs["accumulated"]
-        if compression is not None and (compression.when == "chunk" or s == starts[-1]):
+        if compress_now:
             capacity = cache.capacity if compression.when == "chunk" else max_keep
             cache, state = compress_cache(compression.policy, config, cache, outs, n_keep, capacity, max_keep, state)
     if all_logits:
@@ -276,6 +282,30 @@ def default_chunk_size() -> Optional[int]:
     return 512 if jax.default_backend() == "cpu" else 4096
 
 
+def prefill_chunk(padded_len: int, chunk_size: Optional[int],
+                  compression: Optional[Compression]) -> tuple[Optional[int], tuple[str, ...]]:
+    """generate's prefill chunk when none is given: prompts longer than `default_chunk_size()` are
+    prefilled in ~equal chunks (multiples of 64) of at most that size: peak attention memory bounded
+    by the chunk, one or two compiled shapes, and a window scorer still sees its whole window in the
+    last chunk (else one forward), except for scorers fitting statistics to all prompt queries (ExpectedAttention,
+    Keyformer: `observe.qkv`). `when="chunk"` without a chunk size uses the default with a note.
+    returns (chunk_size or None for one forward, notes)."""
+    if chunk_size is not None:
+        return chunk_size, ()
+    default = default_chunk_size()
+    if compression is not None and compression.when == "chunk":
+        return default, (f"when='chunk' without a chunk size: chunks of {default} tokens "
+                         f"(kvjax.generate.default_chunk_size; give chunk_size / --chunk-size to choose)",)
+    if padded_len <= default or (compression is not None and compression.policy.observe.qkv):
+        return None, ()
+    n = -(-padded_len // default)
+    chunk = -(-padded_len // (64 * n)) * 64               # ~equal chunks, multiples of 64 (kernel tiles)
+    last = padded_len - (padded_len - 1) // chunk * chunk
+    if compression is not None and last < compression.policy.observe.window:
+        return None, ()
+    return chunk, ()
+
+
 def init_engine_cache(config: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
                       cache_init: Optional[Callable] = None) -> LayerwiseCache:
     """An empty per-layer cache (the engine's layout): dense KVCache layers of `capacity` slots, or
@@ -302,7 +332,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     (e.g. `kvjax.quant.make_cache_init("kivi2")`); default: a dense KVCache per layer.
     cache_dtype: of the dense cache (default: the parameters' dtype).
     attention: "auto" | "xla" | "pallas" | "interpret" (kvjax.attention).
-    chunk_size: prefill chunk (None: one forward over the prompt).
+    chunk_size: prefill chunk (None: `prefill_chunk` decides: one forward up to `default_chunk_size()`
+    tokens, equal chunks of at most that size above).
     mesh: a `jax.sharding.Mesh` with axes ("data", "model") (`kvjax.sharding.make_mesh("data=2,model=4")`):
     parameters tensor-parallel over `model`, the batch and cache over `data` x kv heads (see
     kvjax.sharding); None runs on one device.
@@ -335,7 +366,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if max(lengths) + max_new_tokens > config.max_position:
         raise ValueError(f"prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {config.max_position} positions")
+    chunk_size, chunk_notes = prefill_chunk(tokens.shape[1], chunk_size, compression)
     plan = plan_cache(tokens.shape[1], lengths, max_new_tokens, chunk_size, compression)
+    plan = dataclasses.replace(plan, notes=chunk_notes + plan.notes)
     if capacity is not None:
         if plan.prefill_capacity > capacity:
             raise ValueError(f"prompt of {tokens.shape[1]} padded tokens + {max_new_tokens} new tokens needs "
@@ -390,6 +423,11 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     steps = int(steps)
     t2 = time.perf_counter()
     rows = [_trim(r, steps, eos_ids) for r in out]
+    empty = [i for i, r in enumerate(rows) if not [t for t in r if t not in eos_ids]]
+    if empty:
+        plan = dataclasses.replace(plan, notes=plan.notes + (
+            f"the model ended at once (end-of-sequence first) for prompt(s) {empty}: empty answer; an instruct "
+            f"model may need its chat template (CLI: --chat)",))
     n_prompt = sum(lengths)
     stats = {
         "prompt_tokens": n_prompt,
@@ -403,6 +441,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "peak_cache_bytes": max(peak_bytes, cache.memory_bytes()),  # allocated, not live
         "query_buffer_bytes": _query_buffer_bytes(plan.compression, config, len(prompts), cache),
         "cache_capacity": cache.capacity,
+        "prefill_chunk": chunk_size or tokens.shape[1],
         "compression": str(plan.compression) if plan.compression else "none",
         "notes": plan.notes,
         "backend": jax.default_backend(),
@@ -464,19 +503,30 @@ def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chu
     full = CachePlan(padded_len + max_new_tokens, padded_len + max_new_tokens)
     if compression is None:
         return full
-    n_keep = tuple(compression.budget.kept(n) for n in lengths)
-    if all(k >= n for k, n in zip(n_keep, lengths)):
+    decode_tokens = compression.when == "decode" and compression.budget.tokens is not None
+    if decode_tokens:
+        # a token budget during decode bounds the live cache (prompt + generated tokens), even when
+        # the prompt alone fits in it
+        n_keep = tuple(compression.budget.kept(n + max_new_tokens) for n in lengths)
+        covered = all(k >= n + max_new_tokens for k, n in zip(n_keep, lengths))
+    else:
+        n_keep = tuple(compression.budget.kept(n) for n in lengths)
+        covered = all(k >= n for k, n in zip(n_keep, lengths))
+    if covered:
+        total = "prompt + new tokens" if decode_tokens else "context"
+        longest = max(lengths) + (max_new_tokens if decode_tokens else 0)
         return dataclasses.replace(full, notes=(
-            f"budget {compression.budget} keeps the whole context ({max(lengths)} tokens): no compression",))
+            f"budget {compression.budget} keeps the whole {total} ({longest} tokens): no compression",))
+    notes = []
+    compression, note = fit_window(compression, min(n_keep))
+    if note:
+        notes.append(note)
     window = compression.observe.window
-    if window and min(lengths) <= window:
-        raise ValueError(f"{type(compression.policy).__name__}'s observation window ({window} queries) must be "
-                         f"shorter than the context ({min(lengths)} tokens): lower the window or give more context")
     if window and compression.when == "chunk" and chunk_size is not None and chunk_size < window:
         raise ValueError(f"chunk size {chunk_size} is smaller than {type(compression.policy).__name__}'s "
                          f"observation window ({window} queries)")
     # per-layer/per-head budgets (PyramidKV, AdaKV, head-type methods) may need more slots than n_keep
-    max_keep = max(compression.policy.max_keep(k, n) for k, n in zip(n_keep, lengths))
+    max_keep = max(compression.policy.max_keep(k, max(k, n)) for k, n in zip(n_keep, lengths))
     if compression.when == "chunk":
         chunk = chunk_size or padded_len
         prefill_cap = min(padded_len, max_keep + chunk)
@@ -484,7 +534,23 @@ def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chu
     elif compression.when == "decode":
         prefill_cap = padded_len
         decode_cap = max_keep + compression.interval
+        if max_keep >= max(lengths):
+            notes.append(f"the prompt ({max(lengths)} tokens) fits the budget of {max_keep} tokens: the cache is "
+                         f"compressed during decode, once it holds more")
     else:
         prefill_cap = padded_len
         decode_cap = max_keep + max_new_tokens
-    return CachePlan(prefill_cap, decode_cap, max_keep, n_keep, compression)
+    return CachePlan(prefill_cap, decode_cap, max_keep, n_keep, compression, tuple(notes))
+
+
+class _CallableModule(types.ModuleType):
+    """`kvjax.generate` names both this module and its `generate` function; once the module is
+    imported, the package attribute is the module (Python's import system sets it), so calling the
+    module calls the function: `kvjax.generate(params, ...)` works however often and in whichever
+    order it is reached, and `kvjax.generate.plan_cache` still reads the module."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

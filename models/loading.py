@@ -168,7 +168,13 @@ _MISSING = object()
 @functools.lru_cache(maxsize=4)
 def _cached_reader(path: str, mtime_ns: int, size: int):
     import gguf
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as err:
+        # e.g. "cannot reshape array of size 399424 into shape (576,960)" for a file cut short
+        raise ValueError(f"{pathlib.Path(path).name} ({size:,} bytes) is not a complete GGUF file: its header "
+                         f"could not be read or its tensor data ends early (an incomplete copy or download?): "
+                         f"{err}") from None
     if reader.byte_order != "I":
         raise NotImplementedError(f"{path}: big-endian GGUF files are not supported")
     return reader

@@ -21,12 +21,16 @@ def test_budget_covering_context_is_noop_with_note():
     assert "no compression" in out.stats["notes"][0]
 
 
-def test_window_longer_than_context():
-    with pytest.raises(ValueError, match="observation window .64 queries. must be shorter than the context .40"):
-        generate(PARAMS, CFG, [PROMPT], 3, compression=Compression(make_policy("snapkv"), Budget(ratio=0.5)))
+def test_window_longer_than_context_shrinks_with_note():
+    """SnapKV's 64-query window on a 40-token prompt at 50 % (20 tokens per head): the window
+    shrinks to 10 (half the budget) with a note instead of an error (issue 19, item 4)."""
+    out = generate(PARAMS, CFG, [PROMPT], 3, compression=Compression(make_policy("snapkv"), Budget(ratio=0.5)))
+    assert any("window (64 queries) is not smaller than the budget (20 tokens" in n and "shrinks to 10" in n
+               for n in out.stats["notes"])
+    assert len(out.tokens[0]) == 3
     with pytest.raises(ValueError, match="chunk size 16 is smaller"):
         generate(PARAMS, CFG, [PROMPT], 3, chunk_size=16,
-                 compression=Compression(make_policy("snapkv", window=32), Budget(tokens=20), when="chunk"))
+                 compression=Compression(make_policy("snapkv", window=32), Budget(tokens=36), when="chunk"))
 
 
 @pytest.mark.parametrize("bad", ["0", "-0.5", "-3"])

@@ -74,6 +74,7 @@ class EvalConfig:
     regime_policies: tuple[tuple[str, tuple[str, ...]], ...] = ()
     locret_heads: str = ""
     kv_quant: tuple[str, ...] = ()
+    needle_filler: tuple[str, ...] = ()   # filler sentences (needle.text_filler); () = synthetic filler
 
     def __post_init__(self):
         if not self.policies and not self.kv_quant:
@@ -252,17 +253,23 @@ def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, ru
 
 def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig,
              out_dir: Optional[str | pathlib.Path] = None, progress: bool = True, model_name: str = "",
-             extra_meta: Optional[dict] = None) -> list[dict]:
+             extra_meta: Optional[dict] = None, tokens: Optional[tuple[Sequence[int], Sequence[int]]] = None
+             ) -> list[dict]:
     """Evaluate every (regime, policy, budget) of `ecfg` plus the full cache; returns the rows
-    (full cache first) and, with `out_dir`, writes results.csv, results.md and results.png."""
+    (full cache first) and, with `out_dir`, writes results.csv, results.md and results.png.
+    tokens: (context ids, continuation ids) to use instead of splitting `text`."""
     t_start = time.perf_counter()
     runner = fidelity.Runner()
-    ctx, cont = fidelity.split_text(tokenizer, text, ecfg.context_tokens, ecfg.continuation_tokens)
+    if tokens is not None:
+        ctx, cont = list(tokens[0]), list(tokens[1])
+    else:
+        ctx, cont = fidelity.split_text(tokenizer, text, ecfg.context_tokens, ecfg.continuation_tokens)
     fid = _Task(jnp.asarray([ctx], jnp.int32), jnp.asarray([cont], jnp.int32))
     tasks = {"fidelity": fid}
     if ecfg.needle_tasks:
         samples = needle.make_samples(tokenizer, ecfg.needle_tasks, ecfg.needle_per_kind, ecfg.needle_tokens,
-                                      ecfg.needle_depths, ecfg.seed)
+                                      ecfg.needle_depths, ecfg.seed, **(
+                                          {"filler": ecfg.needle_filler} if ecfg.needle_filler else {}))
         prompts, answers, mask = needle.answer_batch(samples, ecfg.needle_query_aware)
         tasks["needle"] = _Task(jnp.asarray(prompts), jnp.asarray(answers), mask, tuple(s.kind for s in samples))
 
@@ -339,7 +346,9 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
                 "needle": (f"{ecfg.needle_per_kind} x {'+'.join(ecfg.needle_tasks)} at {ecfg.needle_tokens} tokens, "
                            f"depths {ecfg.needle_depths[0]}-{ecfg.needle_depths[1]}, "
                            + ("query-aware (question in the compressed prompt)" if ecfg.needle_query_aware else
-                              "question-agnostic (haystack compressed, then question + answer fed)"))
+                              "question-agnostic (haystack compressed, then question + answer fed)")
+                           + (f", filler: {len(ecfg.needle_filler)} sentences of the evaluated text"
+                              if ecfg.needle_filler else ", filler: synthetic (the passkey paper's sentences)"))
                 if ecfg.needle_tasks else "none",
                 "chunk_size": ecfg.chunk_size, "interval": ecfg.interval, "seed": ecfg.seed,
                 "continuation": ("token by token (decode steps)" if ecfg.stepwise else
@@ -415,7 +424,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mib = lambda b: "-" if isinstance(b, float) and math.isnan(b) else f"{b / 2 ** 20:.2f}"
-        cells = [r["policy"], r["budget"], r["regime"], _fmt(r["kept"]), _fmt(r["kl"], 4), _fmt(r["ppl"], 2),
+        cells = [r["policy"], r["budget"], r["regime"], _fmt(r["kept"]), _fmt(r["kl"], 4), _fmt(r["ppl"], 3),
                  _fmt(r["needle_logprob"], 2), _fmt(r["needle_acc"], 2), _fmt(r["needle_exact"], 2),
                  mib(r["cache_bytes"]), mib(r["peak_cache_bytes"]), _fmt(r["prefill_s"], 2),
                  _fmt(r["decode_ms_per_tok"], 1), str(r["notes"]).replace("|", "/")]

@@ -25,6 +25,7 @@ to ~1.5K tokens with repetitive filler and the needle at depth >= 0.5, so the de
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import jax
@@ -122,14 +123,32 @@ def _assemble(tokenizer, n_tokens: int, intro: list[int], units: list[list[int]]
     return prompt, (start, start + len(needle))
 
 
+def text_filler(text: str, max_sentences: int = 400, max_words: int = 60) -> tuple[str, ...]:
+    """Filler sentences from a user's text (each with a leading space, whitespace collapsed): the
+    first `max_sentences` sentences of at most `max_words` words, split after . ! ? or a line
+    break. ValueError if the text has none."""
+    parts = re.split(r"(?<=[.!?])\s+|\n\s*\n", text)
+    out = []
+    for part in parts:
+        words = part.split()
+        if words and len(words) <= max_words:
+            out.append(" " + " ".join(words))
+        if len(out) == max_sentences:
+            break
+    if not out:
+        raise ValueError(f"no sentences of at most {max_words} words in the text for the needle filler")
+    return tuple(out)
+
+
 def passkey_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: int = 0,
-                   digits: int = 5) -> NeedleSample:
-    """A passkey prompt of exactly `n_tokens` tokens with the needle at ~`depth` (0..1)."""
+                   digits: int = 5, filler: Sequence[str] = PASSKEY_FILLER) -> NeedleSample:
+    """A passkey prompt of exactly `n_tokens` tokens with the needle at ~`depth` (0..1), hidden in
+    `filler` sentences (repeated in order as needed; default: the paper's repetitive filler)."""
     _check(n_tokens, depth)
     rng = np.random.RandomState(seed)
     key = str(rng.randint(10 ** (digits - 1), 10 ** digits))
     intro = tokenizer.encode(PASSKEY_INTRO)
-    units = [tokenizer.encode(s) for s in PASSKEY_FILLER]
+    units = [tokenizer.encode(s) for s in filler]
     needle = tokenizer.encode(PASSKEY_NEEDLE.format(key=key))
     question, answer = _split_answer(tokenizer, PASSKEY_QUESTION.format(key=key), key)
     prompt, span = _assemble(tokenizer, n_tokens, intro, units, needle, question, depth, cycle=True)
@@ -138,7 +157,7 @@ def passkey_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: in
 
 
 def kv_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: int = 0,
-              n_distractors: int = 3) -> NeedleSample:
+              n_distractors: int = 3, filler: Sequence[str] = PASSKEY_FILLER) -> NeedleSample:
     """A key-value retrieval prompt of exactly `n_tokens` tokens: `n_distractors` + 1 pairs
     "The value of key 4821 is apple." in repetitive filler; the asked pair sits at ~`depth`,
     the distractors at random sentence boundaries. Keys: distinct 4-digit numbers; values:
@@ -155,7 +174,7 @@ def kv_sample(tokenizer, n_tokens: int = 1024, depth: float = 0.6, seed: int = 0
     pairs = [tokenizer.encode(KV_PAIR.format(key=str(k), value=WORDS[v])) for k, v in zip(keys[1:], values[1:])]
     question, answer = _split_answer(tokenizer, KV_QUESTION.format(key=key, value=value), value)
     room = n_tokens - len(intro) - len(needle) - len(question) - sum(len(p) for p in pairs)
-    sentences = [tokenizer.encode(s) for s in PASSKEY_FILLER]
+    sentences = [tokenizer.encode(s) for s in filler]
     filler, size = [], 0
     while size < room:
         filler.append(sentences[len(filler) % len(sentences)])
@@ -185,9 +204,11 @@ def _check(n_tokens: int, depth: float) -> None:
 
 
 def make_samples(tokenizer, kinds: Sequence[str] = ("passkey", "kv"), n_per_kind: int = 2,
-                 n_tokens: int = 1024, depths: tuple[float, float] = (0.5, 0.9), seed: int = 0) -> list[NeedleSample]:
+                 n_tokens: int = 1024, depths: tuple[float, float] = (0.5, 0.9), seed: int = 0,
+                 filler: Sequence[str] = PASSKEY_FILLER) -> list[NeedleSample]:
     """`n_per_kind` samples of every task kind, depths spread evenly over `depths`, all of exactly
-    `n_tokens` prompt tokens; deterministic in `seed`."""
+    `n_tokens` prompt tokens, hidden in `filler` sentences (e.g. `text_filler(user_text)`);
+    deterministic in `seed`."""
     if n_per_kind <= 0:
         raise ValueError(f"n_per_kind must be positive, got {n_per_kind}")
     lo, hi = depths
@@ -199,7 +220,8 @@ def make_samples(tokenizer, kinds: Sequence[str] = ("passkey", "kv"), n_per_kind
             raise ValueError(f"unknown needle task {kind!r}; known: {sorted(TASKS)}")
         for i in range(n_per_kind):
             depth = lo if n_per_kind == 1 else lo + (hi - lo) * i / (n_per_kind - 1)
-            out.append(TASKS[kind](tokenizer, n_tokens=n_tokens, depth=depth, seed=seed * 1000 + 100 * k + i))
+            out.append(TASKS[kind](tokenizer, n_tokens=n_tokens, depth=depth, seed=seed * 1000 + 100 * k + i,
+                                   filler=filler))
     return out
 
 

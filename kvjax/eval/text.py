@@ -46,9 +46,15 @@ def kjv_text(book: str | None = None, start_verse: int = 0, n_chars: int | None 
 def read_text_file(path: str | pathlib.Path) -> str:
     """A user's UTF-8 text file, with a clear error if missing or empty."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"text file {path} is a directory: give a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {path} is not UTF-8 text (byte {err.start} cannot be decoded): "
+                         f"give a UTF-8 text file") from None
     if not text.strip():
         raise ValueError(f"text file is empty: {path}")
     return text

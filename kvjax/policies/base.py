@@ -149,11 +149,10 @@ class Budget:
 
     @staticmethod
     def parse(value) -> "Budget":
-        """'0.25' -> ratio, '512' -> tokens."""
-        v = float(value)
-        if v <= 0:
-            raise ValueError(f"budget must be positive, got {value}")
-        return Budget(ratio=v) if v <= 1 else Budget(tokens=int(v))
+        """'0.25' / '25%' -> ratio, '512' / '512tok' -> tokens; '1.5' is an error
+        (`kvjax.budget_parse.parse_budget`, the one budget syntax of every entry point)."""
+        from kvjax.budget_parse import parse_budget
+        return parse_budget(value)
 
     def kept(self, context: int) -> int:
         """Tokens kept out of `context` (never more than the context)."""
