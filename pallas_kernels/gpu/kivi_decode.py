@@ -105,8 +105,9 @@ def unpack_fields(codes_u8, bits: int, unpack: str):
 
 
 def field_scales(bits: int, unpack: str):
-    """Per field, the factor folded into its scale: unpacked field u = 1024 + code * 2**(f*bits)
-    meets (scale * 2**-(f*bits)), so (u - 1024) * that = code * scale."""
+    """Per field f, the exact factor applied to that field's dot output: an unpacked field is
+    1024 + code * 2**(f*bits) ("mask", "asm"), so (dot - 1024 * sum) * 2**-(f*bits) = dot over
+    the codes. Scaling the f32 dot output (not the fp16 operand) keeps small scales normal."""
     return [1.0 if unpack == "shift" else 2.0 ** -(f * bits) for f in range(8 // bits)]
 
 
@@ -160,11 +161,13 @@ def _stacked_kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm
         bias = jnp.zeros((n_tile, gq), f32)
         for u in range(n_ku):
             sc, mn = scs[u].astype(f32), mns[u].astype(f32)
-            if k_fs[u] != 1.0:
-                sc = sc * k_fs[u]
             a = (qf[u][None, :, :] * sc[:, None, :]).astype(f16)          # [n, gq, width]
-            bias += (qf[u][None, :, :] * mn[:, None, :] - 1024.0 * a.astype(f32)).sum(axis=2)
-            s_stacked += plgpu.dot(a.reshape(n_tile * gq, a.shape[2]), keys[u], trans_b=True)
+            # field u unpacks to 1024 + code * 2**(u*bits) ("mask"/"asm"): its dot output is
+            # scaled by k_fs[u] = 2**-(u*bits) (exact), not the fp16 operand (no subnormals)
+            bias += (qf[u][None, :, :] * mn[:, None, :]
+                     - (1024.0 * k_fs[u]) * a.astype(f32)).sum(axis=2)
+            s_u = plgpu.dot(a.reshape(n_tile * gq, a.shape[2]), keys[u], trans_b=True)
+            s_stacked += s_u if k_fs[u] == 1.0 else s_u * k_fs[u]
         s3 = s_stacked.reshape(n_tile, gq, tile) + bias[:, :, None]
         return _select(s3, tok_slot)
 
@@ -418,8 +421,8 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     vs 536 us, equal within 1% at 32x32K -- BENCHMARKS.md): scales folded into stacked query/probability
     copies (module docstring); tile_groups = groups stacked per tile (default: enough for 16 dot rows).
     variant "stacked_mask" / "stacked_asm" (issue 13): the stacked kernel with the shift-free unpack
-    (`UNPACKS`): fields masked in place under the fp16 exponent byte 0x64, 2**-(f*bits) folded into
-    the scales; "stacked_asm" does it in inline PTX (prmt.b32 + and.b32, 2 values per instruction)
+    (`UNPACKS`): fields masked in place under the fp16 exponent byte 0x64, 2**-(f*bits) applied to
+    each field's f32 dot output; "stacked_asm" does it in inline PTX (prmt.b32 + and.b32, 2 values per instruction)
     and runs "stacked_mask"'s plain bit operations in interpret mode (same results bit for bit).
     variant "dequant": per tile of tile_groups key groups (default 128 tokens), each bit
     field -> fp16 [tile, P] in registers (magic-number unpack, one fp16 multiply-add with the
