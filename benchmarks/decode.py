@@ -7,8 +7,11 @@ Llama-3-8B attention (32 q-heads, 8 kv-heads, head_dim 128), one query token, ev
 8x32768 and 32x32768 (--configs). Rows, printed as they finish and rewritten to
 $OUT/decode.json (or benchmarks/results/decode.json) after each: torch `copy_` bandwidth (the
 ceiling; bytes read + written), torch SDPA `enable_gqa` (cuDNN backend), jax.nn.dot_product_attention
-(cudnn, else XLA), our bf16 dense kernel, KIVI-4, KIVI-2 (variants "dequant" and "stacked"), token-
-sparse and page-sparse (pages of 64) with 2K of 32K selected. Per row: us, GB/s of the bytes the
+(cudnn, else XLA), our bf16 dense kernel, KIVI-4, KIVI-2 (variants "stacked", "stacked_mask",
+"stacked_asm", "dequant" side by side: the unpack A/B of issue 13; "stacked_asm"'s inline PTX is
+checked here only, by its error vs the reference), token-sparse and page-sparse (pages of 64) with
+2K of 32K selected: default vs `fused` (in-kernel query prep) vs `fused, num_splits=1` (no combine
+op), and `count0` probes (the same call with every selection empty: the fixed cost per call). Per row: us, GB/s of the bytes the
 kernel actually reads, that rate / copy bandwidth, speed-up vs our best bf16 row of the shape, and
 the fraction of the ideal bytes ratio. Phase 1 times every kernel's default config at every shape;
 phase 2 sweeps a few configs (block sizes, splits, warps/stages, variant) until --budget-s.
@@ -44,20 +47,37 @@ def splits_for(b, waves):
     return common.choose_splits(b, HKV, 1 << 20, None, waves=waves)
 
 
+# the first PHASE1[kind] configs of sweeps(b)[kind] are timed side by side in phase 1 (the A/B
+# of issue 13: KIVI unpack variants; sparse fused variant and the empty-selection probe)
+PHASE1 = {"bf16": 1, "kivi4": 4, "kivi2": 4, "sparse": 5, "page": 4}
+
+
 def sweeps(b):
-    """Phase-2 configs per kind (the first of each list is the phase-1 default)."""
+    """Configs per kind: the first PHASE1[kind] in phase 1, the rest in the phase-2 sweep.
+    KIVI: "stacked" (shift unpack, the default) vs "stacked_mask" (shift-free unpack in plain bit
+    ops) vs "stacked_asm" (the same in inline PTX prmt/and) vs "dequant". Sparse: default vs
+    fused (in-kernel query prep) vs fused with one split (no combine op); `count0` rows run the
+    same call with every selection empty: the fixed cost (launch, XLA ops, partial writes)."""
+    kivi = [{}, dict(variant="stacked_mask"), dict(variant="stacked_asm"), dict(variant="dequant")]
     return {
         "bf16": [{}, dict(block_k=128, num_stages=2), dict(num_splits=splits_for(b, 4)),
                  dict(block_k=32, num_stages=4)],
-        "kivi4": [{}, dict(variant="stacked"), dict(num_splits=splits_for(b, 2)),
-                  dict(num_splits=splits_for(b, 8)), dict(tile_groups=2, num_stages=3),
-                  dict(num_warps=8), dict(variant="stacked", num_splits=splits_for(b, 4))],
-        "kivi2": [{}, dict(variant="stacked"), dict(num_splits=splits_for(b, 8)),
-                  dict(tile_groups=2, num_stages=3)],
-        "sparse": [{}, dict(num_splits=splits_for(b, 4)), dict(num_splits=splits_for(b, 8)),
-                   dict(block_k=64, num_splits=splits_for(b, 4)), dict(num_stages=2)],
-        "page": [dict(block_k=64), dict(block_k=64, num_splits=splits_for(b, 4)),
-                 dict(block_k=64, num_splits=splits_for(b, 8)), dict(block_k=128)],
+        "kivi4": kivi + [dict(variant="stacked_asm", num_splits=splits_for(b, 4)),
+                         dict(variant="stacked_asm", num_warps=8),
+                         dict(variant="stacked_asm", tile_groups=8),
+                         dict(num_splits=splits_for(b, 4))],
+        "kivi2": kivi + [dict(variant="stacked_asm", num_splits=splits_for(b, 4)),
+                         dict(variant="stacked_asm", num_warps=8)],
+        "sparse": [{}, dict(fused=True), dict(fused=True, num_splits=1), dict(count0=True),
+                   dict(count0=True, fused=True, num_splits=1),
+                   dict(num_splits=splits_for(b, 8)), dict(fused=True, num_splits=splits_for(b, 8)),
+                   dict(fused=True, num_splits=1, block_k=64, num_warps=8),
+                   dict(block_k=64, num_splits=splits_for(b, 4))],
+        "page": [dict(block_k=64), dict(block_k=64, fused=True),
+                 dict(block_k=64, fused=True, num_splits=1), dict(block_k=64, count0=True),
+                 dict(block_k=64, num_splits=splits_for(b, 8)),
+                 dict(block_k=64, fused=True, num_splits=splits_for(b, 8)),
+                 dict(block_k=128, fused=True, num_splits=1, num_warps=8)],
     }
 
 
@@ -179,7 +199,8 @@ def make_inputs(b, t, kind, key):
         idx = jnp.sort(jax.random.permutation(jax.random.fold_in(key, 99), t // p)[:n]).astype(jnp.int32)
         idx = jnp.broadcast_to(idx, (b, HKV, n))
         cnt = jnp.full((b, HKV), n, jnp.int32)
-        return (lambda q, k, v, **c: sparse_decode(q, k, v, idx, cnt, page_size=p, **c), caches,
+        return (lambda q, k, v, count0=False, **c: sparse_decode(
+                    q, k, v, idx, cnt * (0 if count0 else 1), page_size=p, **c), caches,
                 sel_bytes + b * HKV * n * 4, dense_bytes / (sel_bytes + b * HKV * n * 4),
                 lambda q, k, v: reference.sparse_decode(q, k, v, idx, cnt, page_size=p))
     bits = 4 if kind == "kivi4" else 2
@@ -263,18 +284,20 @@ def main():
         q = rand(jax.random.PRNGKey(b + t), (b, HQ, D))
         want = jax.jit(ref)(q, *args_list[0])
         for cfg in cfgs:
+            probe = cfg.get("count0", False)  # empty selections: the output must be all zeros
             try:
                 kw = dict(cfg, **({} if kind == "jaxnn" else extra))
                 s, got = timed(lambda q, *x: fn(q, *x, **kw), args_list, q,
                                2 if a.tiny else a.reps, 1 if a.tiny else 3)
-                err = relerr(got.astype(jnp.float32), want.astype(jnp.float32))
+                got = got.astype(jnp.float32)
+                err = float(jnp.abs(got).max()) if probe else relerr(got, want.astype(jnp.float32))
             except Exception as e:
                 print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 s, err = float("nan"), None
-            rep.add(b, t, "ours_" + kind if kind != "jaxnn" else f"jax_nn_dpa_{cfg.get('implementation', 'xla')}",
-                    cfg, s, nbytes, ideal if kind not in ("bf16", "jaxnn") else None, err)
-            if a.tiny:
-                break
+            name = "ours_" + kind if kind != "jaxnn" else f"jax_nn_dpa_{cfg.get('implementation', 'xla')}"
+            name += "_empty_probe" if probe else ""
+            rep.add(b, t, name, cfg, s, nbytes,
+                    ideal if kind not in ("bf16", "jaxnn") and not probe else None, err)
 
     # phase 1: defaults (and jax.nn) at every shape; phase 2: sweeps at every shape, by budget
     for b, t in configs:
@@ -285,14 +308,14 @@ def main():
             measure(b, t, "jaxnn", [{}], inp)
         del inp
         for kind in kinds:
-            measure(b, t, kind, sweeps(b)[kind][:1], make_inputs(b, t, kind, key))
+            measure(b, t, kind, sweeps(b)[kind][:PHASE1[kind]], make_inputs(b, t, kind, key))
     for b, t in configs:
         key = jax.random.PRNGKey(b * 7 + t)
         for kind in kinds:
             if a.tiny or time.time() - start > a.budget_s:
                 continue
             inp = make_inputs(b, t, kind, key)
-            for cfg in sweeps(b)[kind][1:]:
+            for cfg in sweeps(b)[kind][PHASE1[kind]:]:
                 if time.time() - start > a.budget_s:
                     print(f"  budget reached: skipping the rest of the {b}x{t} {kind} sweep", flush=True)
                     break

@@ -8,6 +8,7 @@ import pytest
 
 from kernels_numpy_reference import attention, make_kivi
 from pallas_kernels import reference
+from pallas_kernels.gpu.kivi_decode import _asm_source, unpack_fields
 from pallas_kernels.gpu.kivi_decode import kivi_decode as gpu_kivi
 
 ORDER = ["k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_resid", "v_resid",
@@ -19,6 +20,7 @@ def _f64(x):
 
 
 @pytest.mark.parametrize("bits,v_bits,g,d,gps,splits,variant", [
+    (2, 2, 4, 64, 4, 1, "stacked_asm"),  # interpret: the "stacked_mask" bit ops, fields 0..3
     (4, 4, 3, 64, None, 1, "stacked"), (2, 2, 4, 64, 8, 2, "stacked"),
     (4, 4, 3, 64, 1, 1, "dequant"), (2, 2, 4, 64, 2, 2, "dequant"),
     (4, 2, 8, 64, None, 3, "dequant"), (2, 4, 1, 64, 4, None, "dequant")])
@@ -76,3 +78,49 @@ def test_kivi_errors():
     args = [q[..., :1].repeat(64, axis=-1)] + [jnp.asarray(arr[n]) for n in ORDER]
     with pytest.raises(ValueError, match="tile_groups"):
         gpu_kivi(*args, bits=2, group_size=16, tile_groups=3, interpret=True)
+
+
+def _run_ptx(src: str, word: int, src_reg: str) -> list[int]:
+    """Execute the prmt.b32 / and.b32 lines of `src` (PTX ISA semantics, written from the ISA
+    manual) on the 32-bit input register src_reg = word; returns the output registers $0, $1, ... in order."""
+    regs = {}
+    n_out = 0
+    for line in src.replace("{", "").replace("}", "").split("\n"):
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        ops = [x.strip() for x in rest.split(",")]
+        val = lambda x: int(x, 16) if x.startswith("0x") else (word if x == src_reg else regs[x])
+        if op == "prmt.b32":  # d.byte[i] = byte selector[i] of the 8-byte {b, a}
+            a, b, c = val(ops[1]), val(ops[2]), val(ops[3])
+            pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+            regs[ops[0]] = sum(pool[(c >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        elif op == "and.b32":
+            regs[ops[0]] = val(ops[1]) & val(ops[2])
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        if ops[0].startswith("$"):
+            n_out = max(n_out, int(ops[0][1:]) + 1)
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unpack_fields_exact_and_asm_equivalent(bits):
+    """Every byte value: the shift-free unpack gives 1024 + code * 2**(f*bits) in fp16 (code from
+    numpy shifts), and the inline PTX (interpreted from its text) gives the same fp16 bits for
+    4 bytes per register (Triton's pack=4 register layout: byte k = element k, low half first)."""
+    codes = np.arange(256, dtype=np.uint8)
+    fields = [np.asarray(x) for x in unpack_fields(jnp.asarray(codes), bits, "mask")]
+    shifted = [np.asarray(x, np.float64) for x in unpack_fields(jnp.asarray(codes), bits, "shift")]
+    for f, x in enumerate(fields):
+        code = (codes.astype(np.int64) >> (f * bits)) & ((1 << bits) - 1)
+        np.testing.assert_array_equal(x.astype(np.float64), 1024 + code * 2.0 ** (f * bits))
+        np.testing.assert_array_equal(shifted[f], 1024 + code)
+    for w in codes.reshape(64, 4):
+        for f in range(8 // bits):
+            outs = _run_ptx(_asm_source(bits, f), int.from_bytes(w.tobytes(), "little"), "$2")
+            assert len(outs) == 2
+            halves = np.frombuffer(np.array(outs, np.uint32).tobytes(), np.uint16)
+            want = fields[f][w.astype(np.int64)].view(np.uint16)
+            np.testing.assert_array_equal(halves, want)

@@ -39,7 +39,7 @@ def test_gpu_kernels_lower_to_triton():
         names = ["k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_resid", "v_resid",
                  "k_len", "v_len", "lengths"]
         args = [q[:1]] + [jnp.asarray(arr[n]) for n in names]
-        for variant in ("dequant", "stacked"):
+        for variant in ("dequant", "stacked") + (("stacked_asm",) if (kb, vb) == (4, 2) else ()):
             _lower(lambda *a: kivi_decode(*a, bits=kb, v_bits=vb, group_size=32, variant=variant), *args)
     arr, _, _, _, _ = make_qjl(rng, 1, 2, 64, 128, 256, 256, 32, 8)
     names = ["key_signs", "key_out_signs", "key_norms", "key_out_norms", "outlier_idx", "sketch"]

@@ -72,6 +72,8 @@ def _check(got, want, g):
 @pytest.mark.parametrize("p,g,block_k,kw", [
     (1, 1, 16, {}), (16, 3, 32, {"num_splits": 2}), (32, 4, 16, {"num_splits": 4}),
     (24, 1, 32, {}), (4, 3, 16, {}), (16, 4, 32, {"row_gather": True}),
+    # fused variant: in-kernel query prep; one split -> normalised output, no combine; 3 splits
+    (1, 3, 16, {"fused": True, "num_splits": 1}), (16, 4, 16, {"fused": True, "num_splits": 3}),
 ])
 def test_gpu_sparse_pages_match_numpy(p, g, block_k, kw):
     args, want = _case(g, p)
@@ -121,7 +123,8 @@ def test_page_mode_lowers_to_triton():
     idx = jnp.zeros((2, 2, 24), jnp.int32)
     cnt = jnp.full((2, 2), 20, jnp.int32)
     for kw in ({"page_size": 16, "block_k": 64}, {"page_size": 64, "block_k": 32},
-               {"page_size": 8}, {"page_size": 16, "row_gather": True}):
+               {"page_size": 8}, {"page_size": 16, "row_gather": True},
+               {"page_size": 64, "fused": True, "num_splits": 1}):
         fn = lambda *a, kw=kw: gpu_sparse(*a, **kw)  # noqa: E731
         try:
             text = jax.jit(fn).trace(q, k, k, idx, cnt, cnt * 16).lower(

@@ -54,6 +54,63 @@ def _magic(codes_u8, shift: int, bits: int):
     return lax.bitcast_convert_type(x | MAGIC, jnp.float16)
 
 
+# Unpack modes of the stacked kernel (issue 13). Field f of a byte holds bits [f*bits, (f+1)*bits).
+#   "shift": field -> fp16 1024 + code (shift, and, widen, or per value: `_magic`).
+#   "mask":  field -> fp16 1024 + code * 2**(f*bits): the field is masked in place (no shift) and
+#            the byte put under the exponent byte 0x64; the factor 2**(f*bits) is folded into the
+#            scale (exact: a power of two). Plain bit operations (the interpret-mode path).
+#   "asm":   "mask" computed by inline PTX on 4 codes at a time (FasterTransformer/BitDecoding
+#            style): one prmt.b32 per 2 codes builds two fp16 lanes 0x64XX from two bytes, then
+#            one and.b32 per field keeps that field's bits of both lanes -> 2 fp16 per
+#            instruction (4-bit: 6 instructions per 8 values once ptxas shares the prmt of the
+#            two fields, 8 if not). GPU only (not interpretable).
+UNPACKS = ("shift", "mask", "asm")
+
+
+def field_mask(f: int, bits: int) -> int:
+    """32-bit and-mask of field f on two fp16 lanes 0x64XX: keeps the exponent byte and the field."""
+    lane = 0xFF00 | (((1 << bits) - 1) << (f * bits))
+    return lane | (lane << 16)
+
+
+def _asm_source(bits: int, f: int) -> str:
+    """PTX for Triton's elementwise inline asm with pack=4 and one fp16 output (field f):
+    operand $2 is one b32 holding 4 code bytes e0..e3 (byte k = element k); the output is two b32
+    registers $0, $1 holding the fp16 pairs (e0, e1) and (e2, e3) (low half = lower element).
+    One asm per field (jax's multi-output inline asm lowering differs between versions); the
+    fields repeat the same two prmt.b32, left to ptxas to share."""
+    m = f"0x{field_mask(f, bits):08X}"
+    # bytes {e0, 0x64, e1, 0x64} and {e2, 0x64, e3, 0x64}: selector nibble 5 = byte 1 of the
+    # second operand (0x64), 0..3 = bytes of the codes word
+    return "\n".join(["{", ".reg .b32 kvlo, kvhi;",
+                      "prmt.b32 kvlo, $2, 0x64646464, 0x5150;",
+                      "prmt.b32 kvhi, $2, 0x64646464, 0x5352;",
+                      f"and.b32 $0, kvlo, {m};", f"and.b32 $1, kvhi, {m};", "}"])
+
+
+def unpack_fields(codes_u8, bits: int, unpack: str):
+    """codes [..] uint8 -> 8//bits fp16 arrays, one per bit field f: 1024 + code ("shift") or
+    1024 + code * 2**(f*bits) ("mask", "asm"); all exact in fp16 (integers < 2048)."""
+    n_f = 8 // bits
+    if unpack == "shift":
+        return [_magic(codes_u8, f * bits, bits) for f in range(n_f)]
+    if unpack == "asm":
+        spec = jax.ShapeDtypeStruct(codes_u8.shape, jnp.float16)
+        return [plgpu.elementwise_inline_asm(_asm_source(bits, f), args=[codes_u8],
+                                             constraints="=r,=r,r", pack=4,
+                                             result_shape_dtypes=[spec])[0] for f in range(n_f)]
+    x = codes_u8.astype(jnp.int16)
+    return [lax.bitcast_convert_type((x & (((1 << bits) - 1) << (f * bits))) | MAGIC, jnp.float16)
+            for f in range(n_f)]
+
+
+def field_scales(bits: int, unpack: str):
+    """Per field f, the exact factor applied to that field's dot output: an unpacked field is
+    1024 + code * 2**(f*bits) ("mask", "asm"), so (dot - 1024 * sum) * 2**-(f*bits) = dot over
+    the codes. Scaling the f32 dot output (not the fp16 operand) keeps small scales normal."""
+    return [1.0 if unpack == "shift" else 2.0 ** -(f * bits) for f in range(8 // bits)]
+
+
 def _select(stacked, slot_of_col):
     """stacked [n, gq, N], slot_of_col [N] int -> [gq, N]: column c taken from slot slot_of_col[c]."""
     n = stacked.shape[0]
@@ -63,7 +120,7 @@ def _select(stacked, slot_of_col):
 
 def _stacked_kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, kr_ref, vr_ref,
             len_ref, o_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int, n_tile: int,
-            v_slots: int, num_splits: int):
+            v_slots: int, num_splits: int, unpack: str = "shift"):
     split = pl.program_id(2)
     k_len = len_ref[0]
     v_len = len_ref[1]
@@ -91,12 +148,13 @@ def _stacked_kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm
     tok_slot = lax.iota(jnp.int32, tile) // group
 
     col_groups = [(f * pv + lax.iota(jnp.int32, pv)) // group for f in range(n_vf)]
+    k_fs, v_fs = field_scales(k_bits, unpack), field_scales(v_bits, unpack)
 
     def key_scores_quant(rows, grp):
         """[gq, tile] logits of the tile's tokens against quantised keys; grp: slot groups
         (a pl.ds for a full tile, else an int32 [n_tile] vector of clamped group indices)."""
         codes = kc_ref[rows, :]                                            # [tile, P] u8
-        keys = [_magic(codes, f * k_bits, k_bits) for f in range(n_kf)]
+        keys = unpack_fields(codes, k_bits, unpack)
         scs = [ks_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)]  # [n, width]
         mns = [km_ref[grp, pl.ds(f * pk, pk)] for f in range(n_kf)]
         s_stacked = jnp.zeros((n_tile * gq, tile), f32)
@@ -104,8 +162,12 @@ def _stacked_kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm
         for u in range(n_ku):
             sc, mn = scs[u].astype(f32), mns[u].astype(f32)
             a = (qf[u][None, :, :] * sc[:, None, :]).astype(f16)          # [n, gq, width]
-            bias += (qf[u][None, :, :] * mn[:, None, :] - 1024.0 * a.astype(f32)).sum(axis=2)
-            s_stacked += plgpu.dot(a.reshape(n_tile * gq, a.shape[2]), keys[u], trans_b=True)
+            # field u unpacks to 1024 + code * 2**(u*bits) ("mask"/"asm"): its dot output is
+            # scaled by k_fs[u] = 2**-(u*bits) (exact), not the fp16 operand (no subnormals)
+            bias += (qf[u][None, :, :] * mn[:, None, :]
+                     - (1024.0 * k_fs[u]) * a.astype(f32)).sum(axis=2)
+            s_u = plgpu.dot(a.reshape(n_tile * gq, a.shape[2]), keys[u], trans_b=True)
+            s_stacked += s_u if k_fs[u] == 1.0 else s_u * k_fs[u]
         s3 = s_stacked.reshape(n_tile, gq, tile) + bias[:, :, None]
         return _select(s3, tok_slot)
 
@@ -127,13 +189,19 @@ def _stacked_kernel(qf_ref, qrep_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm
             sc, mn = vs_ref[rv[:, None], gids[None, :]], vm_ref[rv[:, None], gids[None, :]]
         sc, mn = sc.astype(f32).T, mn.astype(f32).T                        # [slots, tile]
         b = (p[None, :, :] * sc[:, None, :]).astype(f16)                  # [slots, gq, tile]
-        bias = (p[None, :, :] * mn[:, None, :] - 1024.0 * b.astype(f32)).sum(axis=2)
+        if unpack == "shift":
+            bias = [(p[None, :, :] * mn[:, None, :] - 1024.0 * b.astype(f32)).sum(axis=2)] * n_vu
+        else:  # field u's dot is scaled by 2**-(u*bits): so is its 1024 offset
+            pm, bsum = (p[None, :, :] * mn[:, None, :]).sum(axis=2), b.astype(f32).sum(axis=2)
+            bias = [pm - (1024.0 * v_fs[u]) * bsum for u in range(n_vu)]
         b = b.reshape(v_slots * gq, tile)
-        vals = [_magic(codes, f * v_bits, v_bits) for f in range(n_vf)]
+        vals = unpack_fields(codes, v_bits, unpack)
         out = []
         for u in range(n_vu):
             o = plgpu.dot(b, vals[u])                                       # [slots*gq, width]
-            o3 = o.reshape(v_slots, gq, o.shape[1]) + bias[:, :, None]
+            if v_fs[u] != 1.0:
+                o = o * v_fs[u]
+            o3 = o.reshape(v_slots, gq, o.shape[1]) + bias[u][:, :, None]
             out.append(acc[u] + _select(o3, col_groups[u]))
         return tuple(out)
 
@@ -333,7 +401,8 @@ def _split_outputs(b, hkv, splits, inner):
     return specs, shapes
 
 
-VARIANTS = ("dequant", "stacked")
+VARIANTS = ("dequant", "stacked", "stacked_mask", "stacked_asm")
+_STACKED_UNPACK = {"stacked": "shift", "stacked_mask": "mask", "stacked_asm": "asm"}
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "v_bits", "group_size", "scale", "num_splits",
@@ -351,6 +420,10 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     variant "stacked" (default; faster on the H200, 2026-12-05: KIVI-4 8x32K 289 vs 315 us, KIVI-2 460
     vs 536 us, equal within 1% at 32x32K -- BENCHMARKS.md): scales folded into stacked query/probability
     copies (module docstring); tile_groups = groups stacked per tile (default: enough for 16 dot rows).
+    variant "stacked_mask" / "stacked_asm" (issue 13): the stacked kernel with the shift-free unpack
+    (`UNPACKS`): fields masked in place under the fp16 exponent byte 0x64, 2**-(f*bits) applied to
+    each field's f32 dot output; "stacked_asm" does it in inline PTX (prmt.b32 + and.b32, 2 values per instruction)
+    and runs "stacked_mask"'s plain bit operations in interpret mode (same results bit for bit).
     variant "dequant": per tile of tile_groups key groups (default 128 tokens), each bit
     field -> fp16 [tile, P] in registers (magic-number unpack, one fp16 multiply-add with the
     broadcast scale/min rows), one dot with the un-stacked GQA tile (>= 16 rows) per field.
@@ -378,9 +451,11 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
     lens = jnp.stack([k_len, v_len, lengths, st], axis=-1).astype(jnp.int32)
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     arrays = (k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid)
-    if variant == "stacked":
+    if variant in _STACKED_UNPACK:
+        unpack = _STACKED_UNPACK[variant]
+        unpack = "mask" if unpack == "asm" and interpret else unpack
         return _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_splits,
-                             tile_groups, params, interpret)
+                             tile_groups, params, interpret, unpack)
     gp = common.padded_heads(g)
     n_sub = tile_groups or max(1, 128 // group_size)
     n_sub = min(n_sub, 1 << (max(capq // group_size, 1).bit_length() - 1))  # a tile fits the cache
@@ -407,7 +482,7 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
 
 
 def _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_splits, tile_groups,
-                  params, interpret):
+                  params, interpret, unpack):
     """The "stacked" variant (module docstring): scales folded into stacked operand copies."""
     k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid = arrays
     b, hkv, capq, pk = k_codes.shape
@@ -432,7 +507,7 @@ def _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_split
     q_rep = jnp.tile(qg, (1, 1, rep, 1)).astype(k_resid.dtype)               # [b, h, rep*gq, d]
     splits = common.choose_splits(b, hkv, max(capq // group_size, 1), num_splits)
     kernel = functools.partial(_stacked_kernel, k_bits=bits, v_bits=v_bits, group=group_size,
-                               n_tile=n_tile, v_slots=v_slots, num_splits=splits)
+                               n_tile=n_tile, v_slots=v_slots, num_splits=splits, unpack=unpack)
     ng = capq // group_size
     out_specs, out_shape = _split_outputs(b, hkv, splits, (n_vu, gq, d // n_vu))
     o, m, l = pl.pallas_call(
@@ -447,7 +522,7 @@ def _stacked_call(q, arrays, lens, g, bits, v_bits, group_size, scale, num_split
         ],
         out_specs=out_specs, out_shape=out_shape,
         compiler_params=params, interpret=interpret,
-        name=f"kvjax_kivi_k{bits}v{v_bits}_decode",
+        name=f"kvjax_kivi_k{bits}v{v_bits}_decode" + ("" if unpack == "shift" else f"_{unpack}"),
     )(q_units, q_rep, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_resid, lens)
     o = o.transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, splits, gq, d)
     return common.combine_splits(o, m, l, g).astype(q.dtype)

@@ -47,8 +47,34 @@ def _init(gp, d):
             jnp.zeros((gp,), jnp.float32))
 
 
-def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *, block_k: int,
-                 num_splits: int, page_size: int, g: int):
+def _query(q_ref, dtype, g: int, gp: int, scale: float | None):
+    """[gp, d] query tile of this program's kv-head. scale None: q_ref is the XLA-prepared
+    [gp, d] tile (`common.group_queries`); else q_ref is the raw [q_heads, d] slab of the batch
+    row, gathered, scaled by scale*log2(e) in f32 and zero-padded here (fused variant: no XLA op
+    before the kernel; the same values as group_queries)."""
+    if scale is None:
+        return q_ref[...]
+    hq = q_ref.shape[0]
+    r = lax.iota(jnp.int32, gp)
+    q = q_ref[jnp.minimum(pl.program_id(1) * g + r, hq - 1), :].astype(jnp.float32)
+    return jnp.where((r < g)[:, None], q * (scale * common.LOG2E), 0.0).astype(dtype)
+
+
+def _finish(outs, o, m, l, g: int):
+    """Write the split's (o, m, l) partial (3 outputs), or with one output (the fused variant with
+    one split) the normalised attention o / l itself, in the output dtype (no combine op)."""
+    if len(outs) == 1:
+        out = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+        common.store_rows(outs[0], out.astype(outs[0].dtype), g)
+        return
+    o_ref, m_ref, l_ref = outs
+    common.store_rows(o_ref, o, g)
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *outs, block_k: int,
+                 num_splits: int, page_size: int, g: int, gp: int, q_scale: float | None):
     """Row gather: step j covers selected slots [j*block_k, (j+1)*block_k) of the row."""
     count, limit = meta_ref[0], meta_ref[1]  # selected indices; min(capacity, lengths)
     cap = k_ref.shape[0]
@@ -56,7 +82,7 @@ def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *,
     p = page_size
     n_pages = pl.cdiv(cap, p)
     lo, hi = _range(pl.cdiv(count * p, block_k), num_splits)
-    q = q_ref[...]
+    q = _query(q_ref, k_ref.dtype, g, gp, q_scale)
 
     def body(j, carry):
         o, m, l = carry
@@ -78,13 +104,12 @@ def _rows_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *,
         return o, m, l
 
     o, m, l = lax.fori_loop(lo, hi, body, _init(*q.shape))
-    common.store_rows(o_ref, o, g)
-    m_ref[...] = m
-    l_ref[...] = l
+    _finish(outs, o, m, l, g)
 
 
-def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *, block_k: int,
-                  num_splits: int, page_size: int, chunk: int, g: int):
+def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *outs, block_k: int,
+                  num_splits: int, page_size: int, chunk: int, g: int, gp: int,
+                  q_scale: float | None):
     """Contiguous slices: a unit is `chunk` rows of one page (cpp units per page); a step is
     block_k // chunk units, each one pl.ds load of K and V and one dot."""
     count, limit = meta_ref[0], meta_ref[1]
@@ -96,7 +121,7 @@ def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *
     pps = block_k // chunk
     units = count * cpp
     lo, hi = _range(pl.cdiv(units, pps), num_splits)
-    q = q_ref[...]
+    q = _query(q_ref, k_ref.dtype, g, gp, q_scale)
     r = lax.iota(jnp.int32, chunk)
 
     def body(j, carry):
@@ -129,23 +154,26 @@ def _pages_kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, m_ref, l_ref, *
         return o, m_new, l
 
     o, m, l = lax.fori_loop(lo, hi, body, _init(*q.shape))
-    common.store_rows(o_ref, o, g)
-    m_ref[...] = m
-    l_ref[...] = l
+    _finish(outs, o, m, l, g)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "page_size", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "row_gather", "interpret"))
+                                             "num_warps", "num_stages", "row_gather", "fused",
+                                             "interpret"))
 def sparse_decode(q, k, v, indices, counts, lengths=None, *, scale: float | None = None,
                   page_size: int = 1, block_k: int = 32, num_splits: int | None = None,
                   num_warps: int = 4, num_stages: int = 3, row_gather: bool = False,
-                  interpret: bool = False) -> jax.Array:
+                  fused: bool = False, interpret: bool = False) -> jax.Array:
     """Gathering split-K decode; same contract as `pallas_kernels.reference.sparse_decode`.
 
     Out-of-range indices are clamped to [0, cdiv(capacity, page_size)) (the reference does the
     same). block_k: selected slots per loop step (power of two >= 16); num_splits: split-K
     programs per (batch, kv-head) (default ~2 waves); row_gather: page mode with per-row
-    gathers (the token-mode load) instead of contiguous page slices (always for page_size < 16)."""
+    gathers (the token-mode load) instead of contiguous page slices (always for page_size < 16).
+    fused (issue 13): no XLA work around the kernel that a small selection cannot amortise: the
+    query is gathered, scaled and padded inside the kernel (no `group_queries` op), and with one
+    split (num_splits=1) the kernel writes the normalised output itself (no split partials, no
+    combine op). The default path launches ~3 XLA ops besides the kernel."""
     g = reference.check_sparse(q, k, v, indices, counts, lengths, page_size)
     if indices.shape[2] == 0:  # nothing can be selected (a zero-width grid would not lower)
         return jnp.zeros(q.shape[:2] + v.shape[-1:], q.dtype)
@@ -175,30 +203,42 @@ def sparse_decode(q, k, v, indices, counts, lengths=None, *, scale: float | None
         kernel = functools.partial(_pages_kernel, page_size=p, chunk=chunk)
     cap_k, n_idx = k.shape[2], indices.shape[2]
     gp = common.padded_heads(g)
-    qg = common.group_queries(q, hkv, scale, k.dtype, gp)
     splits = common.choose_splits(b, hkv, max(1, n_steps), num_splits)
-    o, m, l = pl.pallas_call(
-        functools.partial(kernel, block_k=block_k, num_splits=splits, g=g),
+    if fused:
+        q_in, q_spec = q, pl.BlockSpec((None, q.shape[1], d), lambda i, h, s: (i, 0, 0))
+    else:
+        q_in = common.group_queries(q, hkv, scale, k.dtype, gp)
+        q_spec = pl.BlockSpec((None, None, gp, d), lambda i, h, s: (i, h, 0, 0))
+    if fused and splits == 1:  # the normalised output, written by the kernel
+        out_specs = [pl.BlockSpec((None, None, gp, d), lambda i, h, s: (i, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, gp, d), q.dtype)]
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((b, hkv, splits, gp, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
+        ]
+    outs = pl.pallas_call(
+        functools.partial(kernel, block_k=block_k, num_splits=splits, g=g, gp=gp,
+                          q_scale=scale if fused else None),
         grid=(b, hkv, splits),
         in_specs=[
-            pl.BlockSpec((None, None, gp, d), lambda i, h, s: (i, h, 0, 0)),
+            q_spec,
             pl.BlockSpec((None, None, cap_k, d), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, cap_k, d), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, n_idx), lambda i, h, s: (i, h, 0)),
             pl.BlockSpec((None, None, 2), lambda i, h, s: (i, h, 0)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, splits, gp, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, splits, gp), jnp.float32),
-        ],
+        out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="kvjax_sparse_decode" if p == 1 else "kvjax_page_sparse_decode",
-    )(qg, k, v, indices, meta)
-    return common.combine_splits(o, m, l, g).astype(q.dtype)
+    )(q_in, k, v, indices, meta)
+    if len(outs) == 1:  # [b, hkv, gp, d] -> [b, q_heads, d] (a slice copy only when gp > g)
+        return outs[0][:, :, :g].reshape(b, hkv * g, d)
+    return common.combine_splits(*outs, g).astype(q.dtype)
