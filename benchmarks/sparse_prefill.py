@@ -1,10 +1,12 @@
-"""Block-sparse prefill kernel benchmark (GPU): time vs density next to dense flash, cuDNN and torch SDPA.
+"""Block-sparse prefill benchmark (GPU): the sparse-prefill methods end to end (block-mask builder +
+kernel) and the kernel at fixed densities, next to dense flash, cuDNN, torch SDPA and torch copy_.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/sparse_prefill.py 2>&1 | tee log
     PYTHONPATH=. python benchmarks/sparse_prefill.py --tiny        # CPU smoke test (interpret mode)
 
 Plain causal prefill of T tokens (batch 1, starts 0, lengths T), Llama-3-8B attention (32 query
-heads, 8 kv heads, head_dim 128), bf16, T in --lengths (default 32768, 65536, 131072). Rows:
+heads, 8 kv heads, head_dim 128), bf16, T in --lengths (default 32768, 65536). Rows:
+* `copy` -- torch `Tensor.copy_` of a 1 GiB bf16 buffer: the memory-bandwidth ceiling (GB/s), once.
 * `flash` -- our dense `pallas_kernels.gpu.flash_prefill` (default tiles).
 * `cudnn` -- `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
 * `torch_sdpa` -- `torch.nn.functional.scaled_dot_product_attention(is_causal=True,
@@ -13,8 +15,15 @@ heads, 8 kv heads, head_dim 128), bf16, T in --lengths (default 32768, 65536, 13
   of density D (fraction of the causal blocks listed: every diagonal block plus a uniform random
   subset of the earlier ones; D = 1 is the full causal list). `ratio` = time / (D x flash time):
   the issue's target is <= 1.15.
-* `lists@D` -- the list preparation inside the wrapper alone (`block_lists.normalize` +
-  `loop_bounds`: sort, dedup, loop positions), the per-call overhead beyond the kernel.
+* `lists@D` (with --lists) -- the list preparation inside the wrapper alone (`block_lists.normalize`
+  + `loop_bounds`: sort, dedup, loop positions), the per-call overhead beyond the kernel.
+* `<method>` -- a `kvjax.sparse_prefill` method on the same q/k/v: `build_ms` = its block-mask
+  builder + list conversion alone (the estimation overhead), `e2e_ms` = builder + kernel in one jit,
+  `density` = listed / causal blocks it chose, `speedup_vs_cudnn` = cudnn ms / e2e ms,
+  `e2e_over_density_x_flash`. Methods: FlexPrefill (gamma 0.9, tau 0.1, min_budget 512),
+  MInference vertical-slash (1000, 6096, last 64 queries, blocks of 64) and A-shape (init 128, local
+  T/20 and T/7: about 10 % and 30 % of the causal blocks). Random q/k have no attention structure:
+  FlexPrefill / MInference densities here are those of random inputs, not of a real model.
 Each kernel row is checked first against `reference.block_sparse_prefill` on a slice (kv head 0,
 last <= 512 queries) and the relative L2 error printed. Times: median of 3 timings of --reps
 calls chained in one jit (torch: CUDA events). A JSON of all rows is rewritten to
@@ -36,6 +45,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kvjax.sparse_prefill import make_sparse_prefill  # noqa: E402
+from kvjax.sparse_prefill.attend import block_mask  # noqa: E402
+from kvjax.sparse_prefill.base import density_counts, to_lists  # noqa: E402
 from pallas_kernels import block_lists, reference  # noqa: E402
 from pallas_kernels.gpu.block_sparse_prefill import block_sparse_prefill  # noqa: E402
 from pallas_kernels.gpu.flash_prefill import flash_prefill  # noqa: E402
@@ -58,8 +70,8 @@ def timed(fn, q, reps, trials=3):
     """Median seconds per call of fn(q) over `reps` calls chained through q in one jit."""
     def chain(q):
         def body(i, q):
-            out = fn(q)
-            return q + (out[..., :1, :].astype(jnp.float32).mean() * 1e-6).astype(q.dtype)
+            leaf = jax.tree_util.tree_leaves(fn(q))[0]
+            return q + (leaf.reshape(-1)[:8].astype(jnp.float32).mean() * 1e-6).astype(q.dtype)
         return jax.lax.fori_loop(0, reps, body, q)
 
     f = jax.jit(chain)
@@ -131,7 +143,71 @@ def torch_row(q, k, v, reps):
     return statistics.median(ts)
 
 
-def bench(t, densities, reps, rng):
+def copy_row():
+    """torch copy_ bandwidth of a 1 GiB bf16 buffer (read + write), GB/s."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return
+    except ImportError:
+        return
+    a = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(10):
+            b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3 / 10)
+    sec = statistics.median(ts)
+    emit(dict(row="copy", gbps=2 * a.numel() * 2 / sec / 1e9))
+    del a, b
+
+
+def method_specs(t):
+    if TINY:
+        return ("block_sparse:flexprefill:block_size=16,min_budget=16",
+                "block_sparse:minference:block_size=16,vertical=8,slash=16,last_q=16",
+                f"block_sparse:a_shape:block_size=16,vertical=16,slash={t // 4}")
+    return ("block_sparse:flexprefill", "block_sparse:minference",
+            f"block_sparse:a_shape:slash={t // 20}", f"block_sparse:a_shape:slash={t // 7}")
+
+
+def bench_methods(t, q, k, v, st, ln, reps, flash_s, cudnn_s):
+    from pallas_kernels.gpu.block_sparse_prefill import block_sparse_prefill as kernel
+    interp = dict(interpret=True) if TINY else {}
+    for spec in method_specs(t):
+        m = make_sparse_prefill(spec)
+        try:
+            build = lambda q: to_lists(block_mask(m, q, k, st, ln, 0, D ** -0.5)[0])
+            dc = np.asarray(jax.jit(lambda q: density_counts(*block_mask(m, q, k, st, ln, 0, D ** -0.5)))(q),
+                            np.float64)
+            dens = float(dc[..., 0].sum() / dc[..., 1].sum())
+            e2e = lambda q: kernel(q, k, v, st, ln, *build(q), block_size=m.block_size, **interp)
+            out = e2e(q)
+            idx, cnt = build(q)
+            mb, g = m.block_size, HQ // HKV           # check the last query block of kv head 0
+            want = reference.block_sparse_prefill(q[:, :g, -mb:], k[:, :1], v[:, :1], st[:, :1], ln[:, :1],
+                                                  idx[:, :1, -1:], cnt[:, :1, -1:], block_size=mb)
+            got, want = np.asarray(out[:, :g, -mb:], np.float64), np.asarray(want, np.float64)
+            err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+            sb = timed(build, q, reps)
+            se = timed(e2e, q, reps)
+            row = dict(T=t, row=spec.split(":", 1)[1], density=dens, build_ms=sb * 1e3, e2e_ms=se * 1e3,
+                       build_fraction=sb / se, e2e_over_density_x_flash=se / (dens * flash_s), relerr_last_block=err)
+            if cudnn_s:
+                row["speedup_vs_cudnn"] = cudnn_s / se
+            emit(row)
+        except Exception as e:  # noqa: BLE001
+            emit(dict(T=t, row=spec, error=f"{type(e).__name__}: {str(e)[:300]}"))
+
+
+def bench(t, densities, reps, rng, lists=False):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
     q = jax.random.normal(kq, (1, HQ, t, D), DTYPE)
     k = jax.random.normal(kk, (1, HKV, t, D), DTYPE)
@@ -144,17 +220,20 @@ def bench(t, densities, reps, rng):
     err = check(dense(q), q, k, v, st, ln)
     sec = timed(dense, q, reps)
     emit(dict(T=t, row="flash", ms=sec * 1e3, tflops=flops / sec / 1e12, relerr=err))
+    cudnn_s = None
     if not TINY:
         qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         cud = lambda qt: jax.nn.dot_product_attention(qt, kt, vt, is_causal=True, implementation="cudnn")
         try:
             s2 = timed(cud, qt, reps)
             emit(dict(T=t, row="cudnn", ms=s2 * 1e3, tflops=flops / s2 / 1e12, flash_over_cudnn=sec / s2))
+            cudnn_s = s2
         except Exception as e:  # noqa: BLE001
             emit(dict(T=t, row="cudnn", error=str(e)[:200]))
         s3 = torch_row(q, k, v, reps)
         if s3 is not None:
             emit(dict(T=t, row="torch_sdpa", ms=s3 * 1e3, tflops=flops / s3 / 1e12, flash_over_torch=sec / s3))
+    bench_methods(t, q, k, v, st, ln, reps, sec, cudnn_s)
     nkb = -(-t // BS)
     for dens in densities:
         idx, cnt, real = random_lists(rng, t, dens)
@@ -162,7 +241,10 @@ def bench(t, densities, reps, rng):
         err = check(f(q), q, k, v, st, ln, idx, cnt)
         s = timed(f, q, reps)
         emit(dict(T=t, row=f"bsp@{dens}", density=real, ms=s * 1e3, relerr=err,
-                  ratio_to_density_x_flash=s / (real * sec)))
+                  ratio_to_density_x_flash=s / (real * sec),
+                  **({"speedup_vs_cudnn": cudnn_s / s} if cudnn_s else {})))
+        if not lists:
+            continue
         width = 1 << max(0, (idx.shape[-1] - 1).bit_length())
         prep = lambda q: q + 0 * block_lists.loop_bounds(
             block_lists.normalize(idx, cnt, nkb, width), st, ln, t, BS, 32).sum().astype(q.dtype)
@@ -173,14 +255,16 @@ def bench(t, densities, reps, rng):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--lengths", default="96,160" if TINY else "32768,65536,131072")
-    ap.add_argument("--densities", default="1.0,0.5,0.1,0.03")
+    ap.add_argument("--lengths", default="96,160" if TINY else "32768,65536")
+    ap.add_argument("--densities", default="0.3,0.2,0.1")
+    ap.add_argument("--lists", action="store_true", help="also time the list preparation alone")
     ap.add_argument("--reps", type=int, default=1 if TINY else 3)
     a = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Hq {HQ} Hkv {HKV} d {D} block {BS}")
     rng = np.random.default_rng(0)
+    copy_row()
     for t in (int(x) for x in a.lengths.split(",")):
-        bench(t, [float(x) for x in a.densities.split(",")], a.reps, rng)
+        bench(t, [float(x) for x in a.densities.split(",")], a.reps, rng, a.lists)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def run_prompt(config, params, tokenizer, prompt: str, *, chat: bool, max_new_to
     return result.text[0], result.stats
 
 
+def sparse_prefill_from_args(args):
+    """`--prefill-attention block_sparse:<method>[:k=v,...]` -> a kvjax.sparse_prefill method or None."""
+    spec = getattr(args, "prefill_attention", None)
+    if not spec or spec == "dense":
+        return None
+    from kvjax.sparse_prefill import make_sparse_prefill
+    return make_sparse_prefill(spec)
+
+
 def compression_from_args(args, params=None, config=None):
     """`--policy NAME[:key=value...] --budget B [--when prefill|chunk|decode] [--interval N]` ->
     Compression or None (params + config: RazorAttention's head search, AdaKV/PyramidKV sizes)."""
@@ -149,6 +158,7 @@ def cmd_generate(args) -> int:
     from kvjax.sampling import Sampling
     check_generate_args(args)
     selection = selection_from_args(args)   # errors before loading the model
+    sparse_prefill = sparse_prefill_from_args(args)
     config, params, tokenizer, load_s = _load(args.model, args.dtype)
     from kvjax.eval.harness import is_locret, quant_cache_init
     if args.policy and is_locret(args.policy):
@@ -163,7 +173,8 @@ def cmd_generate(args) -> int:
                                compression=compression_from_args(args, params, config), attention=args.attention,
                                cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None,
                                **mesh_kwargs(args),
-                               **({"selection": selection} if selection is not None else {}))
+                               **({"selection": selection} if selection is not None else {}),
+                               **({"prefill_attention": sparse_prefill} if sparse_prefill is not None else {}))
     print(answer)
     quant = f" | kv-quant {args.kv_quant}" if args.kv_quant else ""
     print(f"[{config.name} loaded in {load_s:.1f} s] {_format_stats(stats)}{quant}", file=sys.stderr)
@@ -408,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
     gen.add_argument("--selection", default=None, help="query-aware sparse decode: quest | tokenselect "
                      "(kvjax.selection; the full cache is kept, each step attends to the selected tokens)")
+    gen.add_argument("--prefill-attention", default="dense", help="dense, or block-sparse prefill: "
+                     "block_sparse:flexprefill|minference|a_shape|streaming[:key=value,...] (kvjax.sparse_prefill; "
+                     "e.g. block_sparse:flexprefill:gamma=0.95, block_sparse:streaming:pattern_file=docs/duo/pattern.json)")
     gen.add_argument("--token-budget", type=int, default=1024, help="--selection: attended tokens per kv head")
     gen.add_argument("--heads", default=None, help="--policy locret: directory of trained retaining heads")
     gen.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. data=1,model=3 (kvjax.sharding): "

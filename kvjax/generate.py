@@ -61,14 +61,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> 
     return tokens, positions
 
 
-_FORWARD_STATIC = ("config", "observe", "all_logits", "observer", "attention")
+_FORWARD_STATIC = ("config", "observe", "all_logits", "observer", "attention", "prefill_attention")
 
 
 def _forward(params, tokens, positions, cache, config: ModelConfig, observe: Observe = Observe(),
              all_logits: bool = False, observer: Optional[Observer] = None, attention: str = "auto",
-             accumulated=None):
+             accumulated=None, prefill_attention=None):
     return forward(params, tokens, positions, cache, config, observe, all_logits, observer=observer,
-                   attention=attention, accumulated=accumulated)
+                   attention=attention, accumulated=accumulated, prefill_attention=prefill_attention)
 
 
 forward_jit = jax.jit(_forward, static_argnames=_FORWARD_STATIC)
@@ -103,7 +103,8 @@ def _store_prompt(target, dense: kvcache.KVCache, positions: jax.Array, t: int):
 
 def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: Optional[int] = None,
             progress: bool = False, compression: Optional[Compression] = None, n_keep=None, max_keep: int = 0,
-            state=None, attention: str = "auto", all_logits: bool = False, dense_first: Optional[bool] = None):
+            state=None, attention: str = "auto", all_logits: bool = False, dense_first: Optional[bool] = None,
+            prefill_attention=None):
     """Feed the prompt through the model, in chunks of `chunk_size` tokens if given.
 
     tokens, positions: [batch, T]; cache: the engine's per-layer cache (donated: do not reuse the
@@ -111,7 +112,8 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
     ([batch] tokens per head, at most `max_keep`) after every chunk; with "prefill"/"decode" it is
     compressed once at the end. The policy's observation is reduced inside the layers of the
     forward that precedes a compression (scores [L, B, Hkv, S]); accumulating policies update
-    `state` ([layers, batch, kv_heads, capacity] or None) in every forward.
+    `state` ([layers, batch, kv_heads, capacity] or None) in every forward. `prefill_attention`: a
+    `kvjax.sparse_prefill` method: chunks attend through the block-sparse kernel with its mask.
     dense_first: prefill through a dense cache of the same capacity (in `params`' dtype), then append
     the prompt's K/V to the given empty quantized cache: the prompt attends in full precision, as
     KIVI's prefill does, at the dense prefill's speed (peak memory: both caches). None: when the
@@ -159,7 +161,7 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
         logits, cache, outs = forward_step(params, tokens[:, s:e], pos, cache, config, all_logits=all_logits,
                                           observer=observer, attention=attention,
                                           accumulated=state if observer is not None and compression.policy.accumulates
-                                          else None)
+                                          else None, prefill_attention=prefill_attention)
         if all_logits:
             pieces.append(logits)
         if observer is not None and compression.policy.accumulates:
@@ -363,7 +365,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
              compression: Optional[Compression] = None, progress: bool = False,
              tokenizer=None, cache_init: Optional[Callable] = None, attention: str = "auto",
-             mesh=None, selection=None) -> GenerateResult:
+             mesh=None, selection=None, prefill_attention=None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
     tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
@@ -382,10 +384,24 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     decode capacity is rounded up to a multiple of its page size; stats gain "selection" and
     "read_bytes_per_step" (K/V + metadata a step reads, vs the dense read).
 
+    prefill_attention: block-sparse prefill (`kvjax.sparse_prefill`): a method object or a string
+    'block_sparse:<method>[:k=v,...]' (flexprefill, minference, a_shape, streaming); prefill chunks
+    attend through `pallas_kernels.block_sparse_prefill` over the blocks the method selects from the
+    chunk's queries and the cache's keys (dense KVCache only); decode is unchanged; stats gain
+    "prefill_attention".
+
     capacity: cache slots per head; defaults to the padded prompt length + max_new_tokens (or,
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
     do not fit the capacity or the model's context, and non-positive max_new_tokens."""
     check_backend(attention)
+    if prefill_attention is not None:
+        from kvjax.sparse_prefill import check_sparse_prefill, make_sparse_prefill
+        prefill_attention = make_sparse_prefill(prefill_attention)
+        check_sparse_prefill(prefill_attention, config)
+        if cache_init is not None:
+            raise ValueError("prefill_attention (block-sparse prefill) needs the dense cache: drop cache_init")
+        if mesh is not None:
+            raise ValueError("prefill_attention (block-sparse prefill) does not run under a mesh yet")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if chunk_size is not None and chunk_size <= 0:
@@ -447,7 +463,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     with _mesh_context(mesh):
         last_logits, cache, state = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache,
                                             chunk_size, progress, plan.compression, n_keep, plan.max_keep, state,
-                                            attention)
+                                            attention, prefill_attention=prefill_attention)
     cache = cache.resize(plan.decode_capacity) if isinstance(cache, LayerwiseCache) else kvcache.resize(
         cache, plan.decode_capacity)
     if state is not None:
@@ -494,6 +510,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "attention": name,
         "dtype": str(jnp.dtype(params["embed"].dtype)),
     }
+    if prefill_attention is not None:
+        stats["prefill_attention"] = str(prefill_attention)
     if mesh is not None:
         per_device = sharding.device_bytes(cache)
         stats.update(mesh=dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),

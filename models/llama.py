@@ -67,11 +67,14 @@ def project_qkv(lp: Params, h: jax.Array, config: ModelConfig) -> tuple[jax.Arra
 
 def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, config: ModelConfig,
                   observe: Observe, observer: Optional[Observer], backend: str, layer, accumulated,
-                  attn_mod=None):
+                  attn_mod=None, prefill_attention=None):
     """One pre-norm block. x [batch, seq, d_model] -> (x, layer_cache, outputs).
 
     attn_mod: this layer's slice of `forward`'s `attn_mod` (or None): its `attention(h, q,
     positions, cache, out)` replaces the attention output `out` [batch, q_heads, seq, head_dim].
+    prefill_attention: a `kvjax.sparse_prefill` method (static) or None: several queries (a prefill
+    chunk) attend through the block-sparse kernel with its block mask; outputs gain
+    "prefill_density" [batch, kv_heads, 2] (listed, live causal blocks). Decode steps are unchanged.
 
     outputs: the per-token observations `observe` asks for (q_pre, k_pre, v, hidden) and what
     the observer reduced this layer's observation to (scores, accumulated, queries, queries_pre)."""
@@ -88,7 +91,12 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     wants = observer.observe.attention if observer is not None else Observe()
     rope = lambda x, pos: apply_rope(x, pos, config)
     stateful = getattr(layer_cache, "attend_and_update", None)  # caches that carry decode state (kvjax.selection)
-    if stateful is not None:
+    if prefill_attention is not None and q_rot.shape[2] > 1:
+        from kvjax.sparse_prefill.attend import attend as sparse_attend
+        out, attn_obs = sparse_attend(prefill_attention, q_rot, layer_cache, positions, layer=layer,
+                                      observe=wants, backend=backend)
+        out_obs["prefill_density"] = attn_obs.pop("prefill_density")
+    elif stateful is not None:
         out, attn_obs, layer_cache = stateful(q_rot, positions, observe=wants, backend=backend, rope=rope)
     else:
         out, attn_obs = layer_cache.attend(q_rot, positions, observe=wants, backend=backend, rope=rope)
@@ -184,7 +192,7 @@ def check_inputs(params: Params, tokens: jax.Array, positions: jax.Array, cache,
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, config: ModelConfig,
             observe: Observe = Observe(), all_logits: bool = True, *, observer: Optional[Observer] = None,
             attention: str = "auto", accumulated: Optional[jax.Array] = None, attn_mod=None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, prefill_attention=None):
     """Run new tokens through the model, appending their K/V to the cache.
 
     tokens:    [batch, new] int; positions: [batch, new] int (-1 marks left padding).
@@ -207,6 +215,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
                and uses the result as its attention output.
     return_hidden: return the final (normed) hidden states [batch, new or 1, d_model] in place
                of the logits.
+    prefill_attention: optional `kvjax.sparse_prefill` method (static): chunks of several tokens
+               attend block-sparsely (outputs gain "prefill_density" [L, B, Hkv, 2]).
     returns (logits [batch, new or 1, vocab] float32, cache, outputs dict stacked over layers).
     `all_logits=False` returns only the last position's logits (prefill of long prompts).
     """
@@ -220,7 +230,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
         raise ValueError(f"{type(observer.policy).__name__} accumulates a running score: pass accumulated=")
 
     def layer_fn(lp, x, lc, layer, acc, mod=None):
-        return decoder_layer(lp, x, positions, lc, config, observe, observer, attention, layer, acc, mod)
+        return decoder_layer(lp, x, positions, lc, config, observe, observer, attention, layer, acc, mod,
+                             prefill_attention)
 
     if isinstance(cache, LayerwiseCache):
         layers, outs = [], []
