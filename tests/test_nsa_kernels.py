@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.nsa import NSAConfig, select_blocks, selected_attention
+from models.nsa import (NSAConfig, masked_attention, select_blocks, selected_attention, window_blocks,
+                        window_mask)
 from pallas_kernels.gpu.nsa_select import nsa_select as gpu_select
 from pallas_kernels.tpu.nsa_select import nsa_select as tpu_select
 
@@ -98,22 +99,34 @@ def _bwd_case(seed):
 def test_selection_backward_matches_grad_of_reference(impl):
     """custom_vjp (kernel forward + dq / dk-dv kernels) vs jax.grad of the jnp reference, at an
     odd length (37: last key block and last query tile partial), GQA 3, top-2 of 3 blocks (tokens
-    of block 2 skip block 1), a random cotangent."""
+    of block 2 skip block 1), random cotangents; in the same loss the sliding-window use (window
+    20 over `window_blocks` + the kernels' window bound) vs the [T, T] window mask."""
     from train.nsa import select_fn_for
     if impl == "gpu":    # through train.nsa's --attention interpret hook (the GPU kernels interpreted)
         hook = select_fn_for("interpret", block_q=16)
-        op = lambda q, k, v, idx, counts, bs, scale, *_: hook(q, k, v, idx, counts, bs, scale)
+        op = lambda q, k, v, idx, counts, bs, scale, bq, interp, window: hook(q, k, v, idx, counts, bs, scale, window)
     else:
         from pallas_kernels.tpu.nsa_select_bwd import nsa_select_trainable as op
     with pytest.raises(ValueError, match="attention must be"):
         select_fn_for("cuda")
     q, k, v, idx, counts = _bwd_case(5)
     assert not (np.asarray(idx)[0, 0, 32:] == 1).any()
-    w = jnp.asarray(np.random.default_rng(6).normal(size=q.shape), jnp.float32)
-    ref = lambda q, k, v: jnp.sum(selected_attention(q, k, v, idx, 16, 0.25) * w)
-    ker = lambda q, k, v: jnp.sum(op(q, k, v, idx, counts, 16, 0.25, 16, True).astype(jnp.float32) * w)
-    want = jax.jit(jax.grad(ref, (0, 1, 2)))(q, k, v)
-    got = jax.jit(jax.grad(ker, (0, 1, 2)))(q, k, v)
+    w, w2 = (jnp.asarray(x, jnp.float32) for x in np.random.default_rng(6).normal(size=(2,) + q.shape))
+    widx, wcnt = window_blocks(37, 20, 16)
+    widx, wcnt = jnp.broadcast_to(jnp.asarray(widx), (1, 1, 37, 3)), jnp.broadcast_to(jnp.asarray(wcnt), (1, 1, 37))
+    assert (np.asarray(wcnt) == 2).any() and (np.asarray(wcnt) == 1).any()
+
+    def ref(q, k, v):
+        win = masked_attention(q, k, v, window_mask(37, 20)[None, None], 0.25)[0]
+        return jnp.sum(selected_attention(q, k, v, idx, 16, 0.25) * w) + jnp.sum(win * w2)
+
+    def ker(q, k, v):
+        sel = op(q, k, v, idx, counts, 16, 0.25, 16, True, 0).astype(jnp.float32)
+        win = op(q, k, v, widx, wcnt, 16, 0.25, 16, True, 20).astype(jnp.float32)
+        return jnp.sum(sel * w) + jnp.sum(win * w2)
+    want_val, want = jax.jit(jax.value_and_grad(ref, (0, 1, 2)))(q, k, v)
+    got_val, got = jax.jit(jax.value_and_grad(ker, (0, 1, 2)))(q, k, v)
+    assert abs(float(got_val - want_val)) < 1e-5 * float(jnp.abs(w).sum() + jnp.abs(w2).sum())
     for name, a, b in zip("qkv", got, want):
         err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         assert err < 1e-5, (name, err)

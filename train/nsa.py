@@ -18,10 +18,11 @@ tqdm bar, `<out>/metrics.jsonl`). Outputs under --out: ckpt/, metrics.jsonl, nsa
 `models.nsa_weights.load_nsa`), summary.json.
 
 `--attention xla` (default) differentiates the pure-jnp NSA path (masks are [T, T]: short
-contexts only). `--attention pallas` runs the selected-block branch through the Pallas kernels
-with their own backward (`pallas_kernels.{gpu,tpu}.nsa_select_bwd`, picked by the default
-backend; `interpret` runs the GPU kernels in interpret mode, for CPU tests); the compression
-([T, T/d]) and window ([T, T]) branches stay jnp in every mode.
+contexts only). `--attention pallas` runs the selected-block and the sliding-window branches
+through the Pallas kernels with their own backward (`pallas_kernels.{gpu,tpu}.nsa_select_bwd`,
+picked by the default backend; the window as `models.nsa.window_blocks` + the kernels' window
+bound; `interpret` runs the GPU kernels in interpret mode, for CPU tests); the compression branch
+([T, T/d] scores) stays jnp in every mode.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def select_fn_for(attention: str, block_q: int = 64):
         from pallas_kernels.gpu.nsa_select_bwd import nsa_select_trainable
     interpret = attention == "interpret"
 
-    def select(q, k, v, indices, counts, block_size, scale):
-        return nsa_select_trainable(q, k, v, indices, counts, block_size, scale, block_q, interpret)
+    def select(q, k, v, indices, counts, block_size, scale, window=0):
+        return nsa_select_trainable(q, k, v, indices, counts, block_size, scale, block_q, interpret, window)
     return select
 
 

@@ -8,8 +8,8 @@ softmax, causal mask (key position <= query position) on the query's own block. 
 and no gathered copy of K/V exist in HBM; the work is T * top_n * block_size per head.
 
 (FSA's block-outer order for g < 8, which fills the dot's M dimension with up to 128 tokens
-that selected the same block, is not implemented: for g < 16 this kernel wastes 1 - g/16 of
-each dot.)
+that selected the same block, is not implemented for the forward: for g < 16 this kernel wastes
+1 - g/16 of each dot. The dK/dV backward kernel in `nsa_select_bwd` is block-outer.)
 
 Shapes: q [batch, q_heads, seq, D] (RoPE'd, positions 0..seq-1); k, v [batch, kv_heads, seq, D];
 indices [batch, kv_heads, seq, n] int32 block ids (entries past `counts` are ignored; -1 allowed);
@@ -47,7 +47,7 @@ def check_select(q, k, v, indices, counts, block_size: int):
     return q.shape[1] // hkv
 
 
-def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, lse_ref=None, *, block: int):
+def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, lse_ref=None, *, block: int, window: int = 0):
     count, limit = meta_ref[0], meta_ref[1]          # selected blocks; query position + 1
     n_pages = k_ref.shape[0] // block
     n = idx_ref.shape[0]
@@ -62,6 +62,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, lse_ref=None, *, bloc
         kb = k_ref[pl.ds(start, block), :]
         vb = v_ref[pl.ds(start, block), :]
         valid = start + r < limit
+        if window:                                   # sliding window: keys after position - window only
+            valid = valid & (start + r >= limit - window)
         s = plgpu.dot(q, kb, trans_b=True)
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         vb = jnp.where(valid[:, None], vb, jnp.zeros_like(vb))
@@ -77,13 +79,15 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, lse_ref=None, *, bloc
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "num_warps", "num_stages", "interpret",
-                                             "return_lse"))
+                                             "return_lse", "window"))
 def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float | None = None,
-               num_warps: int = 4, num_stages: int = 2, interpret: bool = False, return_lse: bool = False):
+               num_warps: int = 4, num_stages: int = 2, interpret: bool = False, return_lse: bool = False,
+               window: int = 0):
     """Selected-block attention forward; the contract of `models.nsa.selected_attention`
     (block_size: a power of two >= 16; head_dim a power of two >= 16). Indices of a token must be
     distinct. return_lse: also the base-2 log-sum-exp of the logits * scale * log2(e)
-    [batch, q_heads, seq] float32 (what the backward kernels need)."""
+    [batch, q_heads, seq] float32 (what the backward kernels need). window > 0: keys at positions
+    <= query - window are masked too (the sliding-window branch as a list of window blocks)."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
     if d & (d - 1) or d < 16:
@@ -104,7 +108,7 @@ def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float |
     limit = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.int32), (b, hkv, t))
     meta = jnp.stack([jnp.clip(counts.astype(jnp.int32), 0, n), limit], axis=-1)
     res = pl.pallas_call(
-        functools.partial(_kernel, block=block_size),
+        functools.partial(_kernel, block=block_size, window=window),
         grid=(b, hkv, t),
         in_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),

@@ -36,7 +36,8 @@ from pallas_kernels.gpu.nsa_select import check_select, nsa_select
 LN2 = math.log(2.0)
 
 
-def _dq_kernel(q_ref, do_ref, k_ref, v_ref, idx_ref, meta_ref, lse_ref, delta_ref, dq_ref, *, block: int):
+def _dq_kernel(q_ref, do_ref, k_ref, v_ref, idx_ref, meta_ref, lse_ref, delta_ref, dq_ref, *, block: int,
+               window: int):
     count, limit = meta_ref[0], meta_ref[1]
     n_pages = k_ref.shape[0] // block
     n = idx_ref.shape[0]
@@ -50,6 +51,8 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, idx_ref, meta_ref, lse_ref, delta_re
         kb = k_ref[pl.ds(start, block), :]
         vb = v_ref[pl.ds(start, block), :]
         valid = start + r < limit
+        if window:
+            valid = valid & (start + r >= limit - window)
         s = plgpu.dot(q, kb, trans_b=True)
         p = jnp.where(valid[None, :], jnp.exp2(s - lse[:, None]), 0.0)
         dp = plgpu.dot(do, vb, trans_b=True)
@@ -61,7 +64,7 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, idx_ref, meta_ref, lse_ref, delta_re
 
 
 def _dkdv_kernel(tiles_ref, ntiles_ref, q_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, k_ref, v_ref,
-                 dk_ref, dv_ref, *, block: int, block_q: int, groups: int, seq: int):
+                 dk_ref, dv_ref, *, block: int, block_q: int, groups: int, seq: int, window: int):
     j = pl.program_id(2)
     kb, vb = k_ref[...], v_ref[...]
     kpos = j * block + lax.iota(jnp.int32, block)
@@ -77,6 +80,8 @@ def _dkdv_kernel(tiles_ref, ntiles_ref, q_ref, do_ref, lse_ref, delta_ref, idx_r
         hit = jnp.max(((idx == j) & (col[None, :] < cnt[:, None])).astype(jnp.int32), axis=1) > 0
         qpos = ts + lax.iota(jnp.int32, block_q)
         mask = hit[:, None] & (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] < seq)
+        if window:
+            mask = mask & (kpos[None, :] > qpos[:, None] - window)
         for gg in range(groups):          # the g query heads of the kv head share the key block
             q = q_ref[gg, rows, :]
             do = do_ref[gg, rows, :]
@@ -121,9 +126,9 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_q", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_q", "num_warps", "interpret", "window"))
 def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int = 64, scale: float | None = None,
-                   block_q: int = 64, num_warps: int = 4, interpret: bool = False):
+                   block_q: int = 64, num_warps: int = 4, interpret: bool = False, window: int = 0):
     """(dq, dk, dv) of the selected-block attention, given the forward's out [b, hq, t, D] and
     base-2 lse [b, hq, t] (`nsa_select(..., return_lse=True)`) and the cotangent dout."""
     g = check_select(q, k, v, indices, counts, block_size)
@@ -153,7 +158,7 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     row = lambda *blk: pl.BlockSpec((None, None, None) + blk, lambda i, h, s: (i, h, s) + (0,) * len(blk))
     full = pl.BlockSpec((None, None, tp, d), lambda i, h, s: (i, h, 0, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block=block_size),
+        functools.partial(_dq_kernel, block=block_size, window=window),
         grid=(b, hkv, t),
         in_specs=[row(gp, d), row(gp, d), full, full, row(nn), row(2), row(gp), row(gp)],
         out_specs=row(gp, d),
@@ -174,7 +179,7 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     hspec = lambda *blk: pl.BlockSpec((None, None, g2, tq) + blk, lambda i, h, j: (i, h, 0, 0) + (0,) * len(blk))
     kblock = pl.BlockSpec((None, None, block_size, d), lambda i, h, j: (i, h, j, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, block=block_size, block_q=block_q, groups=g, seq=t),
+        functools.partial(_dkdv_kernel, block=block_size, block_q=block_q, groups=g, seq=t, window=window),
         grid=(b, hkv, nb),
         in_specs=[pl.BlockSpec((None, None, None, ntp), lambda i, h, j: (i, h, j, 0)),
                   pl.BlockSpec((None, None, None, 1), lambda i, h, j: (i, h, j, 0)),
@@ -192,23 +197,25 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     return dq.astype(q.dtype), dk[:, :, :t].astype(k.dtype), dv[:, :, :t].astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def nsa_select_trainable(q, k, v, indices, counts, block_size: int = 64, scale: float | None = None,
-                         block_q: int = 64, interpret: bool = False):
+                         block_q: int = 64, interpret: bool = False,
+                         window: int = 0):
     """Selected-block attention with kernel forward and backward (differentiable in q, k, v)."""
-    return nsa_select(q, k, v, indices, counts, block_size=block_size, scale=scale, interpret=interpret)
+    return nsa_select(q, k, v, indices, counts, block_size=block_size, scale=scale, interpret=interpret,
+                      window=window)
 
 
-def _fwd(q, k, v, indices, counts, block_size, scale, block_q, interpret):
+def _fwd(q, k, v, indices, counts, block_size, scale, block_q, interpret, window):
     out, lse = nsa_select(q, k, v, indices, counts, block_size=block_size, scale=scale, interpret=interpret,
-                          return_lse=True)
+                          return_lse=True, window=window)
     return out, (q, k, v, indices, counts, out, lse)
 
 
-def _bwd(block_size, scale, block_q, interpret, res, dout):
+def _bwd(block_size, scale, block_q, interpret, window, res, dout):
     q, k, v, indices, counts, out, lse = res
     dq, dk, dv = nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, block_size=block_size, scale=scale,
-                                block_q=block_q, interpret=interpret)
+                                block_q=block_q, interpret=interpret, window=window)
     return dq, dk, dv, None, None
 
 

@@ -23,7 +23,8 @@ from pallas_kernels.tpu.common import advance_double_buffer, interpret_params
 NEG_INF = -1e30
 
 
-def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, *rest, block: int, with_lse: bool = False):
+def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, *rest, block: int, with_lse: bool = False,
+            window: int = 0):
     lse_ref, (kbuf, vbuf, sem) = (rest[0], rest[1:]) if with_lse else (None, rest)
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     count = cnt_ref[b, h, t]
@@ -51,6 +52,8 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, *rest, block: int, wit
         advance_double_buffer(copies, j, count, slot)
         page = jnp.clip(idx_ref[b, h, t, jnp.minimum(j, n - 1)], 0, n_pages - 1)
         valid = page * block + r <= t
+        if window:
+            valid = valid & (page * block + r > t - window)
         kb = kbuf[slot].astype(jnp.float32)
         vb = vbuf[slot].astype(jnp.float32)
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -69,11 +72,12 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, *rest, block: int, wit
         lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "interpret", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "interpret", "return_lse", "window"))
 def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float | None = None,
-               interpret=False, return_lse: bool = False):
+               interpret=False, return_lse: bool = False, window: int = 0):
     """Selected-block attention forward (block_size a multiple of 8). return_lse: also the
-    natural log-sum-exp of the logits * scale [batch, q_heads, seq] float32 (for the backward)."""
+    natural log-sum-exp of the logits * scale [batch, q_heads, seq] float32 (for the backward).
+    window > 0: keys at positions <= query - window are masked too."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
     if block_size % 8:
@@ -100,7 +104,7 @@ def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float |
                         pltpu.SemaphoreType.DMA((2, 2))],
     )
     res = pl.pallas_call(
-        functools.partial(_kernel, block=block_size, with_lse=return_lse),
+        functools.partial(_kernel, block=block_size, with_lse=return_lse, window=window),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, hkv, t, g, d), q.dtype)]
         + ([jax.ShapeDtypeStruct((b, hkv, t, g, 1), jnp.float32)] if return_lse else []),

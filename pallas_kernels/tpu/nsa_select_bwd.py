@@ -35,7 +35,7 @@ _TN = (((0,), (0,)), ((), ()))      # a.T @ b
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, dq_ref, kbuf, vbuf, sem, *,
-               block: int):
+               block: int, window: int):
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     count = cnt_ref[b, h, t]
     n = idx_ref.shape[3]
@@ -62,6 +62,8 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm
         advance_double_buffer(copies, j, count, slot)
         page = jnp.clip(idx_ref[b, h, t, jnp.minimum(j, n - 1)], 0, n_pages - 1)
         valid = page * block + r <= t
+        if window:
+            valid = valid & (page * block + r > t - window)
         kb = kbuf[slot].astype(jnp.float32)
         vb = vbuf[slot].astype(jnp.float32)
         s = lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32)
@@ -73,7 +75,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm
 
 
 def _dkdv_kernel(tiles_ref, ntiles_ref, k_ref, v_ref, q_hbm, do_hbm, stat_hbm, idx_hbm, dk_ref, dv_ref,
-                 qbuf, dobuf, statbuf, idxbuf, sem, *, block: int, block_q: int, seq: int):
+                 qbuf, dobuf, statbuf, idxbuf, sem, *, block: int, block_q: int, seq: int, window: int):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kb = k_ref[...].astype(jnp.float32)
     vb = v_ref[...].astype(jnp.float32)
@@ -98,6 +100,8 @@ def _dkdv_kernel(tiles_ref, ntiles_ref, k_ref, v_ref, q_hbm, do_hbm, stat_hbm, i
         hit = jnp.max(live.astype(jnp.int32), axis=1, keepdims=True) > 0
         qpos = ts + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
         mask = hit & (kpos <= qpos) & (qpos < seq)
+        if window:
+            mask = mask & (kpos > qpos - window)
         for gg in range(g):
             q = qbuf[gg].astype(jnp.float32)
             do = dobuf[gg].astype(jnp.float32)
@@ -116,9 +120,9 @@ def _dkdv_kernel(tiles_ref, ntiles_ref, k_ref, v_ref, q_hbm, do_hbm, stat_hbm, i
     dv_ref[...] = dv
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_q", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_q", "interpret", "window"))
 def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int = 64, scale: float | None = None,
-                   block_q: int = 64, interpret=False):
+                   block_q: int = 64, interpret=False, window: int = 0):
     """(dq, dk, dv) of the selected-block attention given the forward's out [b, hq, t, D] and
     natural-log lse [b, hq, t] (`nsa_select(..., return_lse=True)`)."""
     g = check_select(q, k, v, indices, counts, block_size)
@@ -142,7 +146,7 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     tok = lambda x: jnp.moveaxis(x, 2, 3)                                                # [b, hkv, t, g, ...]
     row = lambda *blk: pl.BlockSpec((None, None, None) + blk, lambda i, h, s, *_: (i, h, s) + (0,) * len(blk))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block=block_size),
+        functools.partial(_dq_kernel, block=block_size, window=window),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(b, hkv, t),
             in_specs=[row(g, d), row(g, d), row(g, 1), row(g, 1),
@@ -163,7 +167,7 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     idx_cnt = _pad_axis(jnp.concatenate([idx, cnt[..., None]], axis=-1), 2, tq, -1)    # [b, hkv, tq, n + 1]
     kblock = pl.BlockSpec((None, None, block_size, d), lambda i, h, j, *_: (i, h, j, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, block=block_size, block_q=block_q, seq=t),
+        functools.partial(_dkdv_kernel, block=block_size, block_q=block_q, seq=t, window=window),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(b, hkv, nb),
             in_specs=[kblock, kblock] + [pl.BlockSpec(memory_space=pl.ANY)] * 4,
@@ -179,23 +183,24 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     return dq.astype(q.dtype), dk[:, :, :t].astype(k.dtype), dv[:, :, :t].astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def nsa_select_trainable(q, k, v, indices, counts, block_size: int = 64, scale: float | None = None,
-                         block_q: int = 64, interpret=False):
+                         block_q: int = 64, interpret=False, window: int = 0):
     """Selected-block attention with TPU kernel forward and backward (differentiable in q, k, v)."""
-    return nsa_select(q, k, v, indices, counts, block_size=block_size, scale=scale, interpret=interpret)
+    return nsa_select(q, k, v, indices, counts, block_size=block_size, scale=scale, interpret=interpret,
+                      window=window)
 
 
-def _fwd(q, k, v, indices, counts, block_size, scale, block_q, interpret):
+def _fwd(q, k, v, indices, counts, block_size, scale, block_q, interpret, window):
     out, lse = nsa_select(q, k, v, indices, counts, block_size=block_size, scale=scale, interpret=interpret,
-                          return_lse=True)
+                          return_lse=True, window=window)
     return out, (q, k, v, indices, counts, out, lse)
 
 
-def _bwd(block_size, scale, block_q, interpret, res, dout):
+def _bwd(block_size, scale, block_q, interpret, window, res, dout):
     q, k, v, indices, counts, out, lse = res
     dq, dk, dv = nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, block_size=block_size, scale=scale,
-                                block_q=block_q, interpret=interpret)
+                                block_q=block_q, interpret=interpret, window=window)
     return dq, dk, dv, None, None
 
 
