@@ -261,6 +261,19 @@ def selected_attention(q, k, v, indices, block_size: int, scale: float):
     return masked_attention(q, k, v, selected_mask(indices, t, block_size, jnp.arange(t)), scale)[0]
 
 
+def window_blocks(t: int, window: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sliding window as block lists: (indices [t, nw] int32, counts [t] int32), token p lists
+    the blocks of [max(0, p - window + 1), p] (own block first, -1 after the count); with the
+    kernels' `window` lower bound this is the window branch without a [t, t] mask."""
+    p = np.arange(t)
+    cur, lo = p // block_size, np.maximum(0, p - window + 1) // block_size
+    nw = int((cur - lo).max()) + 1 if t else 1
+    j = np.arange(nw)
+    counts = cur - lo + 1
+    idx = np.where(j[None, :] < counts[:, None], cur[:, None] - j[None, :], -1)
+    return idx.astype(np.int32), counts.astype(np.int32)
+
+
 def window_mask(t: int, window: int) -> jax.Array:
     i = jnp.arange(t)
     diff = i[:, None] - i[None, :]
@@ -277,7 +290,7 @@ def gates(h: jax.Array, lp: Params, cfg: NSAConfig, n_heads: int) -> jax.Array:
     return g.transpose(3, 0, 2, 1)[..., None]
 
 
-SelectFn = Any  # (q, k, v, indices, counts, block_size, scale) -> [b, hq, t, D]
+SelectFn = Any  # (q, k, v, indices, counts, block_size, scale, window=0) -> [b, hq, t, D]
 
 
 def nsa_attention(q_rot, k_rot, k_pre, v, h, lp: Params, cfg: NSAConfig, config: ModelConfig,
@@ -286,7 +299,9 @@ def nsa_attention(q_rot, k_rot, k_pre, v, h, lp: Params, cfg: NSAConfig, config:
 
     q_rot [b, hq, t, D] (RoPE'd), k_rot / k_pre [b, hkv, t, D] (with / without RoPE), v, h the
     normed layer input [b, t, d_model]. select_fn: the selected-block attention (None: the jnp
-    reference `selected_attention`; a Pallas kernel wrapper otherwise). -> [b, hq, t, D] float32
+    reference `selected_attention` and a [t, t] window mask; a Pallas kernel wrapper otherwise,
+    which then also runs the window branch over `window_blocks` with its `window` lower bound).
+    -> [b, hq, t, D] float32
     (and with return_aux a dict of the branch outputs, gates, indices and compressed k/v)."""
     b, hq, t, hd = q_rot.shape
     scale = hd ** -0.5
@@ -301,7 +316,14 @@ def nsa_attention(q_rot, k_rot, k_pre, v, h, lp: Params, cfg: NSAConfig, config:
         o_slc = selected_attention(q_rot, k_rot, v, idx, cfg.block_size, scale)
     else:
         o_slc = select_fn(q_rot, k_rot, v, idx, counts, cfg.block_size, scale).astype(jnp.float32)
-    o_win = masked_attention(q_rot, k_rot, v, window_mask(t, cfg.window)[None, None], scale)[0]
+    if select_fn is None:
+        o_win = masked_attention(q_rot, k_rot, v, window_mask(t, cfg.window)[None, None], scale)[0]
+    else:
+        widx, wcnt = window_blocks(t, cfg.window, cfg.block_size)
+        hkv = k_rot.shape[1]
+        o_win = select_fn(q_rot, k_rot, v, jnp.broadcast_to(jnp.asarray(widx), (b, hkv) + widx.shape),
+                          jnp.broadcast_to(jnp.asarray(wcnt), (b, hkv, t)), cfg.block_size, scale,
+                          cfg.window).astype(jnp.float32)
     g = gates(h, lp, cfg, hq)
     out = g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
     if return_aux:

@@ -38,7 +38,7 @@ def _rel(a, b):
 def test_decode_steps_equal_full_forward_and_kernels(model):
     params, nsa = model
     toks = jax.random.randint(jax.random.PRNGKey(2), (2, 45), 0, CFG.vocab_size, jnp.int32)
-    full = nsa_forward_jit(params, nsa, toks, CFG, NSA)
+    full, kvs = nsa_forward_jit(params, nsa, toks, CFG, NSA, return_kv=True)   # one compile for both tests
     cache, logits = nsa_prefill(params, nsa, toks[:, :11], CFG, NSA, 48)
     assert _rel(logits, full[:, :11]) < 1e-5
     for t in range(11, 45):
@@ -50,7 +50,7 @@ def test_decode_steps_equal_full_forward_and_kernels(model):
         assert _rel(logits, full[:, t]) < 1e-5, t
     assert int(cache.length) == 45
     # the compressed keys written step by step equal the full forward's
-    ck_full = nsa_forward_jit(params, nsa, toks, CFG, NSA, return_kv=True)[1][1][2]
+    ck_full = kvs[1][2]
     np.testing.assert_allclose(np.asarray(cache.ck[1][:, :, :ck_full.shape[2]]), np.asarray(ck_full),
                                atol=2e-5 * float(jnp.abs(ck_full).max()))
 
@@ -62,7 +62,7 @@ def test_generate_and_errors(model):
     # greedy tokens = argmax of the full forward over prompt + generated tokens (causal: the
     # filler after them changes nothing; 45 tokens reuse the compiled forward)
     seq = jnp.asarray([p + o[:-1] + [0] * (45 - 14) for p, o in zip(prompt, out)], jnp.int32)
-    want = jnp.argmax(nsa_forward_jit(params, nsa, seq, CFG, NSA)[:, 10:14], axis=-1).tolist()
+    want = jnp.argmax(nsa_forward_jit(params, nsa, seq, CFG, NSA, return_kv=True)[0][:, 10:14], axis=-1).tolist()
     assert out == want
     with pytest.raises(ValueError, match="one length"):
         nsa_generate(params, nsa, [[1, 2], [3]], CFG, NSA)

@@ -20,7 +20,7 @@ NSA = NSAConfig(kernel_size=8, kernel_stride=4, block_size=8, top_n=3, init_bloc
 def _cfg(steps):
     return NSATrainConfig(model="tiny", tiny=(("d_model", 32), ("ffn_dim", 64)), nsa=NSA, seq_len=48,
                           train=TrainConfig(steps=steps, batch_size=2, lr=3e-3, warmup_steps=3, dtype="float32",
-                                            log_every=1, ckpt_every=10))
+                                            log_every=1, ckpt_every=20))
 
 
 def test_train_nsa_smoke_loss_decreases_export_resume(tmp_path):

@@ -17,8 +17,12 @@ The loop is `train.loop.train` (AdamW + warmup/decay, clipping, Orbax checkpoint
 tqdm bar, `<out>/metrics.jsonl`). Outputs under --out: ckpt/, metrics.jsonl, nsa/ (the export,
 `models.nsa_weights.load_nsa`), summary.json.
 
-Gradients flow through the pure-jnp NSA path (the Pallas selection kernel has no backward yet):
-masks are [T, T], so this is meant for the short contexts (<= ~4K) of continued training.
+`--attention xla` (default) differentiates the pure-jnp NSA path (masks are [T, T]: short
+contexts only). `--attention pallas` runs the selected-block and the sliding-window branches
+through the Pallas kernels with their own backward (`pallas_kernels.{gpu,tpu}.nsa_select_bwd`,
+picked by the default backend; the window as `models.nsa.window_blocks` + the kernels' window
+bound; `interpret` runs the GPU kernels in interpret mode, for CPU tests); the compression branch
+([T, T/d] scores) stays jnp in every mode.
 """
 from __future__ import annotations
 
@@ -41,6 +45,26 @@ from train.data import corpus_tokens
 from train.loop import TrainConfig, train
 
 TRAINABLE = ("nsa", "all")
+ATTENTION = ("xla", "pallas", "interpret")
+
+
+def select_fn_for(attention: str, block_q: int = 64):
+    """The `select_fn` of `models.nsa.nsa_attention` for a training backend: None (jnp reference)
+    for "xla", else the differentiable Pallas selection op (TPU kernels on a TPU backend, the
+    Triton ones otherwise; "interpret" = Triton kernels in interpret mode)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "xla":
+        return None
+    if attention == "pallas" and jax.default_backend() == "tpu":
+        from pallas_kernels.tpu.nsa_select_bwd import nsa_select_trainable
+    else:
+        from pallas_kernels.gpu.nsa_select_bwd import nsa_select_trainable
+    interpret = attention == "interpret"
+
+    def select(q, k, v, indices, counts, block_size, scale, window=0):
+        return nsa_select_trainable(q, k, v, indices, counts, block_size, scale, block_q, interpret, window)
+    return select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +80,14 @@ class NSATrainConfig:
     trainable: str = "all"
     remat: bool = True
     tokenizer: str = "smollm2"
+    attention: str = "xla"
     train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=50, steps=500, clip_value=1.0, ckpt_every=100)
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.lm_weight < 0 or self.kl_weight < 0 or self.lm_weight + self.kl_weight == 0:
@@ -101,13 +128,15 @@ def dense_logits(params, tokens, config: ModelConfig):
 
 def make_loss(config: ModelConfig, cfg: NSATrainConfig):
     dtype = cfg.train.compute_dtype
+    select_fn = select_fn_for(cfg.attention)
 
     def loss_fn(trainable, frozen, batch):
         tokens, targets = batch["tokens"], batch["targets"]
         cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
         teacher = cast(frozen["teacher"])
         student = cast(trainable["backbone"]) if "backbone" in trainable else teacher
-        logits = nsa_forward(student, cast(trainable["nsa"]), tokens, config, cfg.nsa, remat=cfg.remat)
+        logits = nsa_forward(student, cast(trainable["nsa"]), tokens, config, cfg.nsa, select_fn=select_fn,
+                             remat=cfg.remat)
         t_logits = jax.lax.stop_gradient(dense_logits(teacher, tokens, config))
         logp = jax.nn.log_softmax(logits, axis=-1)
         t_logp = jax.nn.log_softmax(t_logits, axis=-1)
@@ -167,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--lm-weight", type=float, default=1.0)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--top-n", type=int, default=16)
+    ap.add_argument("--attention", choices=ATTENTION, default="xla",
+                    help="selected-block branch: jnp reference (xla) or the Pallas kernels with their backward")
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--export-dtype", default="float32", choices=["float32", "float16"])
@@ -175,7 +206,7 @@ def main(argv=None):
     tr = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=min(a.warmup_steps, a.steps),
                      dtype=a.dtype, ckpt_every=a.ckpt_every, log_every=a.log_every, clip_value=1.0)
     cfg = NSATrainConfig(model=a.model, nsa=NSAConfig(window=a.window, top_n=a.top_n), seq_len=a.seq_len,
-                         lm_weight=a.lm_weight, kl_weight=a.kl_weight, trainable=a.trainable,
+                         lm_weight=a.lm_weight, kl_weight=a.kl_weight, trainable=a.trainable, attention=a.attention,
                          remat=not a.no_remat, train=tr)
     summary, _ = run(cfg, a.out, progress=not a.no_progress, die_after=a.die_after, export_dtype=a.export_dtype)
     print(json.dumps(summary))

@@ -8,8 +8,8 @@ softmax, causal mask (key position <= query position) on the query's own block. 
 and no gathered copy of K/V exist in HBM; the work is T * top_n * block_size per head.
 
 (FSA's block-outer order for g < 8, which fills the dot's M dimension with up to 128 tokens
-that selected the same block, is not implemented: for g < 16 this kernel wastes 1 - g/16 of
-each dot.)
+that selected the same block, is not implemented for the forward: for g < 16 this kernel wastes
+1 - g/16 of each dot. The dK/dV backward kernel in `nsa_select_bwd` is block-outer.)
 
 Shapes: q [batch, q_heads, seq, D] (RoPE'd, positions 0..seq-1); k, v [batch, kv_heads, seq, D];
 indices [batch, kv_heads, seq, n] int32 block ids (entries past `counts` are ignored; -1 allowed);
@@ -47,7 +47,7 @@ def check_select(q, k, v, indices, counts, block_size: int):
     return q.shape[1] // hkv
 
 
-def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, *, block: int):
+def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, lse_ref=None, *, block: int, window: int = 0):
     count, limit = meta_ref[0], meta_ref[1]          # selected blocks; query position + 1
     n_pages = k_ref.shape[0] // block
     n = idx_ref.shape[0]
@@ -62,6 +62,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, *, block: int):
         kb = k_ref[pl.ds(start, block), :]
         vb = v_ref[pl.ds(start, block), :]
         valid = start + r < limit
+        if window:                                   # sliding window: keys after position - window only
+            valid = valid & (start + r >= limit - window)
         s = plgpu.dot(q, kb, trans_b=True)
         p, alpha, m, l = common.online_softmax_step(s, valid, m, l)
         vb = jnp.where(valid[:, None], vb, jnp.zeros_like(vb))
@@ -72,13 +74,20 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, o_ref, *, block: int):
             jnp.zeros((gp,), jnp.float32))
     o, m, l = lax.fori_loop(0, count, body, init)
     o_ref[...] = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    if lse_ref is not None:     # base-2 log-sum-exp of the scaled logits (0 for a row without keys)
+        lse_ref[...] = jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "num_warps", "num_stages", "interpret",
+                                             "return_lse", "window"))
 def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float | None = None,
-               num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
+               num_warps: int = 4, num_stages: int = 2, interpret: bool = False, return_lse: bool = False,
+               window: int = 0):
     """Selected-block attention forward; the contract of `models.nsa.selected_attention`
-    (block_size: a power of two >= 16; head_dim a power of two >= 16)."""
+    (block_size: a power of two >= 16; head_dim a power of two >= 16). Indices of a token must be
+    distinct. return_lse: also the base-2 log-sum-exp of the logits * scale * log2(e)
+    [batch, q_heads, seq] float32 (what the backward kernels need). window > 0: keys at positions
+    <= query - window are masked too (the sliding-window branch as a list of window blocks)."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
     if d & (d - 1) or d < 16:
@@ -98,8 +107,8 @@ def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float |
     idx = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, nn - n)))
     limit = jnp.broadcast_to(jnp.arange(1, t + 1, dtype=jnp.int32), (b, hkv, t))
     meta = jnp.stack([jnp.clip(counts.astype(jnp.int32), 0, n), limit], axis=-1)
-    out = pl.pallas_call(
-        functools.partial(_kernel, block=block_size),
+    res = pl.pallas_call(
+        functools.partial(_kernel, block=block_size, window=window),
         grid=(b, hkv, t),
         in_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),
@@ -108,10 +117,15 @@ def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float |
             pl.BlockSpec((None, None, None, nn), lambda i, h, s: (i, h, s, 0)),
             pl.BlockSpec((None, None, None, 2), lambda i, h, s: (i, h, s, 0)),
         ],
-        out_specs=pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, hkv, t, gp, d), q.dtype),
+        out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda i, h, s: (i, h, s, 0, 0))]
+        + ([pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0))] if return_lse else []),
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, t, gp, d), q.dtype)]
+        + ([jax.ShapeDtypeStruct((b, hkv, t, gp), jnp.float32)] if return_lse else []),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="kvjax_nsa_select",
     )(qg, k, v, idx, meta)
-    return out[:, :, :, :g].transpose(0, 1, 3, 2, 4).reshape(b, hkv * g, t, d)
+    out = res[0][:, :, :, :g].transpose(0, 1, 3, 2, 4).reshape(b, hkv * g, t, d)
+    if return_lse:
+        return out, res[1][:, :, :, :g].transpose(0, 1, 3, 2).reshape(b, hkv * g, t)
+    return out

@@ -23,7 +23,9 @@ from pallas_kernels.tpu.common import advance_double_buffer, interpret_params
 NEG_INF = -1e30
 
 
-def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sem, *, block: int):
+def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, *rest, block: int, with_lse: bool = False,
+            window: int = 0):
+    lse_ref, (kbuf, vbuf, sem) = (rest[0], rest[1:]) if with_lse else (None, rest)
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     count = cnt_ref[b, h, t]
     n = idx_ref.shape[3]
@@ -50,6 +52,8 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sem, *, bl
         advance_double_buffer(copies, j, count, slot)
         page = jnp.clip(idx_ref[b, h, t, jnp.minimum(j, n - 1)], 0, n_pages - 1)
         valid = page * block + r <= t
+        if window:
+            valid = valid & (page * block + r > t - window)
         kb = kbuf[slot].astype(jnp.float32)
         vb = vbuf[slot].astype(jnp.float32)
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -64,12 +68,16 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sem, *, bl
     init = (jnp.zeros((g, d), jnp.float32), jnp.full((g, 1), NEG_INF, jnp.float32), jnp.zeros((g, 1), jnp.float32))
     o, m, l = lax.fori_loop(0, count, body, init)
     o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    if lse_ref is not None:     # natural log-sum-exp of the scaled logits (0 for a row without keys)
+        lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "interpret", "return_lse", "window"))
 def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float | None = None,
-               interpret=False) -> jax.Array:
-    """Selected-block attention forward (block_size a multiple of 8)."""
+               interpret=False, return_lse: bool = False, window: int = 0):
+    """Selected-block attention forward (block_size a multiple of 8). return_lse: also the
+    natural log-sum-exp of the logits * scale [batch, q_heads, seq] float32 (for the backward).
+    window > 0: keys at positions <= query - window are masked too."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
     if block_size % 8:
@@ -90,16 +98,21 @@ def nsa_select(q, k, v, indices, counts, *, block_size: int = 64, scale: float |
             pl.BlockSpec(memory_space=pl.ANY),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
-        out_specs=pl.BlockSpec((None, None, None, g, d), lambda i, h, s, *_: (i, h, s, 0, 0)),
+        out_specs=[pl.BlockSpec((None, None, None, g, d), lambda i, h, s, *_: (i, h, s, 0, 0))]
+        + ([pl.BlockSpec((None, None, None, g, 1), lambda i, h, s, *_: (i, h, s, 0, 0))] if return_lse else []),
         scratch_shapes=[pltpu.VMEM((2, block_size, d), k.dtype), pltpu.VMEM((2, block_size, d), v.dtype),
                         pltpu.SemaphoreType.DMA((2, 2))],
     )
-    out = pl.pallas_call(
-        functools.partial(_kernel, block=block_size),
+    res = pl.pallas_call(
+        functools.partial(_kernel, block=block_size, with_lse=return_lse, window=window),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, hkv, t, g, d), q.dtype),
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, t, g, d), q.dtype)]
+        + ([jax.ShapeDtypeStruct((b, hkv, t, g, 1), jnp.float32)] if return_lse else []),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret_params(interpret),
         name="kvjax_nsa_select_tpu",
     )(indices.astype(jnp.int32), cnt, qg, k, v)
-    return out.transpose(0, 1, 3, 2, 4).reshape(b, hkv * g, t, d)
+    out = res[0].transpose(0, 1, 3, 2, 4).reshape(b, hkv * g, t, d)
+    if return_lse:
+        return out, res[1][..., 0].transpose(0, 1, 3, 2).reshape(b, hkv * g, t)
+    return out
