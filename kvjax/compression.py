@@ -50,6 +50,9 @@ class Compression:
             raise ValueError(f"when must be one of {WHEN}, got {self.when!r}")
         if self.interval <= 0:
             raise ValueError(f"interval must be positive, got {self.interval}")
+        if self.when != "prefill" and getattr(self.policy, "prefill_only", False):
+            raise ValueError(f"{type(self.policy).__name__} scores the whole prompt in one forward: when must be "
+                             f"'prefill', got {self.when!r}")
         if self.when != "prefill" and getattr(self.policy, "ragged", False):
             # ragged final layouts (AdaKV's packed heads, PyramidKV's per-layer caches) cannot be
             # observed and compressed again: chunk/decode schedules keep the padded stacked cache

@@ -335,7 +335,8 @@ def prefill_chunk(padded_len: int, chunk_size: Optional[int],
     if compression is not None and compression.when == "chunk":
         return default, (f"when='chunk' without a chunk size: chunks of {default} tokens "
                          f"(kvjax.generate.default_chunk_size; give chunk_size / --chunk-size to choose)",)
-    if padded_len <= default or (compression is not None and compression.policy.observe.qkv):
+    if padded_len <= default or (compression is not None and (compression.policy.observe.qkv
+                                                              or compression.policy.observe.hidden)):
         return None, ()
     n = -(-padded_len // default)
     chunk = -(-padded_len // (64 * n)) * 64               # ~equal chunks, multiples of 64 (kernel tiles)

@@ -38,6 +38,11 @@ class ModelConfig:
         layers/mlp_norm [L, d_model]
         layers/w_gate, w_up [L, d_model, ffn_dim]
         layers/w_down [L, ffn_dim, d_model]
+        layers/w_attn_gate [L, d_model, n_heads * head_dim or n_heads]  (only when attn_gate)
+        layers/b_attn_gate [L, n_heads * head_dim or n_heads]  (attn_gate and qkv_bias)
+
+    attn_gate: "" (none), "elementwise" or "headwise": Gated Attention's sigmoid gate on the
+    attention output (`models.gated_attention`).
 
     q/k output features are head-major with HF's rotate-half RoPE convention
     (feature i and i + head_dim/2 of a head form one rotation pair).
@@ -60,8 +65,11 @@ class ModelConfig:
     max_position: int = 8192
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
+    attn_gate: str = ""
 
     def __post_init__(self):
+        if self.attn_gate not in ("", "elementwise", "headwise"):
+            raise ValueError(f"attn_gate must be '', 'elementwise' or 'headwise', got {self.attn_gate!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:

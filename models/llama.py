@@ -32,6 +32,7 @@ from kvjax.attention import check_backend
 from kvjax.layerwise import LayerwiseCache
 from kvjax.observation import Observe, Observer, reduce_layer
 from models.config import ModelConfig
+from models.gated_attention import apply_gate
 from models.rope import apply_rope
 
 Params = dict[str, Any]
@@ -102,6 +103,8 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
         out, attn_obs = layer_cache.attend(q_rot, positions, observe=wants, backend=backend, rope=rope)
     if attn_mod is not None:
         out = attn_mod.attention(h, q_rot, positions, layer_cache, out)
+    if config.attn_gate:                                   # Gated Attention (models.gated_attention)
+        out = apply_gate(lp, h, out, config.n_heads)
     if observer is not None:
         red = reduce_layer(observer, layer_cache, config, layer, config.n_layers, attn_obs, q_rot, q, k, v,
                            hidden, accumulated)
@@ -182,6 +185,12 @@ def check_inputs(params: Params, tokens: jax.Array, positions: jax.Array, cache,
         raise ValueError(f"params do not match config {config.name}: embed is {params['embed'].shape}")
     if not jnp.issubdtype(params["embed"].dtype, jnp.floating):
         raise TypeError(f"params must be floating point, got {params['embed'].dtype}")
+    if config.attn_gate:
+        layers = params["layers"]
+        names = layers if isinstance(layers, dict) else (layers[0] if len(layers) else {})
+        if "w_attn_gate" not in names:
+            raise ValueError(f"config {config.name} has a {config.attn_gate} attention gate but the params have no "
+                             f"w_attn_gate (models.gated_attention.convert adds it)")
     if isinstance(cache, kvcache.KVCache):
         if cache.keys.shape[-1] != config.head_dim:
             raise ValueError(f"cache head_dim {cache.keys.shape[-1]} != model head_dim {config.head_dim}")
@@ -273,6 +282,9 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: f
               "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
     if config.qkv_bias:
         shapes.update(bq=(qd,), bk=(kd,), bv=(kd,))
+    if config.attn_gate:
+        from models.gated_attention import gate_shapes
+        shapes.update(gate_shapes(config))
 
     def one_layer(layer_key):
         keys = jax.random.split(layer_key, len(shapes))

@@ -75,6 +75,9 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     shapes.update(attn_norm=((d,), "ones"), mlp_norm=((d,), "ones"))
     if config.qk_norm:
         shapes.update(q_norm=((hd,), "ones"), k_norm=((hd,), "ones"))
+    if config.attn_gate:
+        from models.gated_attention import gate_shapes
+        shapes.update({n: (s, "normal") for n, s in gate_shapes(config).items()})
     return shapes
 
 
@@ -86,6 +89,7 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "wo": ("q_heads", "embed"), "bq": ("q_heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
     "attn_norm": ("embed",), "mlp_norm": ("embed",), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "w_attn_gate": ("embed", "q_heads"), "b_attn_gate": ("q_heads",),
 }
 
 

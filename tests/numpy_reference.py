@@ -28,7 +28,9 @@ def reference_logits(params, config, tokens, at=None, duo=None, hidden=False) ->
     Handles qkv biases (Qwen2) and per-head q/k RMS norms before RoPE (Qwen3) when present.
     duo: optional (alpha [L, Hkv], sink, recent): every head's output is alpha * full attention +
     (1 - alpha) * attention restricted to positions < sink or > query - recent (DuoAttention).
-    hidden: return the final normed hidden states [seq, d_model] instead of logits."""
+    hidden: return the final normed hidden states [seq, d_model] instead of logits.
+    Gated Attention: when the layers hold `w_attn_gate` [d_model, Hq * w] (+ `b_attn_gate`), head
+    `head`'s output is multiplied by 1 / (1 + exp(-(h @ W + b)[:, head*w:(head+1)*w])), w = 1 or d."""
     p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else v) for k, v in params.items()}
     lay = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
     t = len(tokens)
@@ -62,6 +64,12 @@ def reference_logits(params, config, tokens, at=None, duo=None, hidden=False) ->
             if duo is not None:
                 a = float(duo[0][l][kv])
                 out[:, head] = a * out[:, head] + (1 - a) * attend(head, kv, streaming)
+            if "w_attn_gate" in lay:
+                w = lay["w_attn_gate"].shape[-1] // hq
+                z = h @ lay["w_attn_gate"][l][:, head * w:(head + 1) * w]
+                if "b_attn_gate" in lay:
+                    z = z + lay["b_attn_gate"][l][head * w:(head + 1) * w]
+                out[:, head] = out[:, head] / (1.0 + np.exp(-z))
         x = x + out.reshape(t, hq * d) @ lay["wo"][l]
         h = _rms(x, lay["mlp_norm"][l], config.norm_eps)
         g = h @ lay["w_gate"][l]

@@ -30,9 +30,9 @@ TINY = ModelConfig(name="tiny-locret", vocab_size=256, d_model=32, n_layers=2, n
 TINY_JSON = {"model": "tiny", "tiny": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                                        "head_dim": 8, "ffn_dim": 64, "scale": 0.3},
              "sink": 4, "recent": 32, "deploy_sink": 4, "deploy_recent": 32,
-             "data": {"n_passkeys": 2, "n_words": 2, "min_len": 384, "max_len": 416, "n_lengths": 2,
+             "data": {"n_passkeys": 2, "n_words": 2, "min_len": 384, "max_len": 384, "n_lengths": 1,
                       "tokenizer": "bytes"},
-             "train": {"steps": 6, "dtype": "float32", "ckpt_every": 2, "log_every": 1, "keep": 2}}
+             "train": {"steps": 4, "dtype": "float32", "ckpt_every": 2, "log_every": 1, "keep": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,6 @@ def test_checkpoint_kill_resume_matches_uninterrupted(tmp_path):
     _, fresh = run(load_config(cfg_path), tmp_path / "b", progress=False)
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, 7))
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, 5))
     np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-6)
     np.testing.assert_allclose(resumed, fresh, rtol=1e-6)

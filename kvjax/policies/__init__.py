@@ -15,6 +15,7 @@ import json
 import pathlib
 
 from kvjax.policies.adakv import AdaKV
+from kvjax.policies.attention_gate import AttentionGate
 from kvjax.policies.cam import CAM
 from kvjax.policies.d2o import D2O
 from kvjax.policies.kvmerger import KVMerger
@@ -48,6 +49,8 @@ POLICIES: dict[str, type] = {
     "cam": CAM,
     "d2o": D2O,
     "kvmerger": KVMerger,
+    # learned (issue 16): trained in-context eviction gates, `attention_gate:gates=DIR`
+    "attention_gate": AttentionGate,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
@@ -95,6 +98,11 @@ def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPoli
         for field, value in (("kv_heads", config.n_kv_heads), ("n_layers", config.n_layers)):
             if field in fields and field not in kwargs:
                 kwargs[field] = value
+    if key == "attention_gate":
+        if "gates" not in kwargs or params is None or config is None:
+            raise ValueError("attention_gate needs its trained gates (gates=DIR from `python -m train.attention_gate`) "
+                             "and the model (params= and config=)")
+        return AttentionGate.from_dir(kwargs.pop("gates"), params, config, **kwargs)
     if key in NEEDS_PATTERN and "pattern" not in kwargs:
         raise ValueError(f"{name} needs a per-(layer, kv-head) pattern: pattern=... or pattern_file=PATH.json")
     if key in NEEDS_MODEL and "pattern" not in kwargs:

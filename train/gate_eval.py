@@ -1,0 +1,87 @@
+"""Evaluate trained gates on SmolLM2 over held-out KJV text (CPU-sized): writes one JSON.
+
+    python -m train.gate_eval --gated runs/gate --attention-gate runs/ag/gates --out docs/gates/results.json
+
+- Gated Attention (`--gated`, an export of train.gated_attention): held-out next-token CE of the
+  original vs the gated model (same windows), sink mass and largest activation of both
+  (`train.gated_attention.attention_stats`), and KL to each model's own full cache of SnapKV and
+  StreamingLLM without sinks at `--budget` (the engine: prefill + teacher-forced decode loop).
+- Attention-Gate (`--attention-gate`): KL / ppl vs the full cache at `--budget` of the trained
+  gate against SnapKV on the original model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m train.gate_eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--gated")
+    ap.add_argument("--attention-gate")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--context", type=int, default=384)
+    ap.add_argument("--continuation", type=int, default=24)
+    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--windows", type=int, default=2)
+    a = ap.parse_args(argv)
+    from kvjax.compression import Compression
+    from kvjax.eval.fidelity import evaluate_fidelity
+    from kvjax.policies import Budget, make_policy
+    from models.gated_attention import convert
+    from models.llama import unstack_params
+    from models.loading import load_model
+    from train.data import corpus_tokens
+    from train.gated_attention import attention_stats, lm_logits, load_gates
+
+    config, params = load_model("smollm2", progress=False)
+    corpus = corpus_tokens("smollm2", "heldout", 0.9)
+    n = a.context + a.continuation
+    ctx, cont = list(corpus[:a.context]), list(corpus[a.context:n])
+    budget = Budget(ratio=a.budget)
+    results: dict = {"context": a.context, "continuation": a.continuation, "budget": a.budget}
+
+    def fid(p, c, policy):
+        r = evaluate_fidelity(unstack_params(p), c, ctx, cont, Compression(policy, budget))
+        return {k: float(r[k]) for k in ("kl", "ppl", "ppl_full")} | {"cache_bytes": int(r["cache_bytes"])}
+
+    def ce(p, c):
+        wins = [corpus[i * n:(i + 1) * n + 1] for i in range(a.windows)]
+        out = []
+        for w in wins:
+            logits = lm_logits(p, jnp.asarray(w[:-1], jnp.int32)[None], c)[0]
+            lp = jax.nn.log_softmax(logits, axis=-1)
+            out.append(float(-jnp.take_along_axis(lp, jnp.asarray(w[1:], jnp.int32)[:, None], -1).mean()))
+        return float(np.mean(out))
+
+    policies = {"snapkv": lambda p, c: make_policy("snapkv"),
+                "streaming_llm_no_sink": lambda p, c: make_policy("streaming_llm", n_sink=0)}
+    if a.gated:
+        kind, gates = load_gates(a.gated, config)
+        gcfg, gparams = convert(params, config, kind, gates)
+        for name, (p, c) in {"original": (params, config), "gated": (gparams, gcfg)}.items():
+            row = {"heldout_ce": ce(p, c)}
+            st = attention_stats(p, c, np.asarray(corpus[:256]))
+            row.update(sink_mass=st["sink_mass"], max_activation=st["max_activation"])
+            for pname, mk in policies.items():
+                row[pname] = fid(p, c, mk(p, c))
+            results[f"gated_attention/{name}"] = row
+            print(name, json.dumps(row), flush=True)
+    if a.attention_gate:
+        for pname, pol in {"attention_gate": make_policy("attention_gate", gates=a.attention_gate, params=params,
+                                                         config=config),
+                           "snapkv": make_policy("snapkv")}.items():
+            results[f"eviction/{pname}"] = fid(params, config, pol)
+            print(pname, json.dumps(results[f"eviction/{pname}"]), flush=True)
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
