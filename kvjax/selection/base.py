@@ -119,10 +119,14 @@ class SelectiveCache:
         new_state = SelectState(indices=idx, valid=valid,
                                 fingerprint=jnp.where(need[:, None], fp, state.fingerprint),
                                 age=jnp.where(need, 0, state.age + 1).astype(jnp.int32))
-        f_idx, f_valid = sel.forced(self.meta, self.kv)
-        all_idx = jnp.concatenate([idx, f_idx], axis=-1)
-        all_valid = jnp.concatenate([valid, f_valid], axis=-1)
-        out = sparse_attend(q, self.kv, all_idx, all_valid, sel.page_size, backend)
+        own = getattr(sel, "attend_selected", None)      # selectors with their own attention (ShadowKV)
+        if own is not None:
+            out = own(self.meta, self.kv, q, idx, valid, rope)
+        else:
+            f_idx, f_valid = sel.forced(self.meta, self.kv)
+            all_idx = jnp.concatenate([idx, f_idx], axis=-1)
+            all_valid = jnp.concatenate([valid, f_valid], axis=-1)
+            out = sparse_attend(q, self.kv, all_idx, all_valid, sel.page_size, backend)
         out = mask_padded_queries(out, query_positions)
         return out, {}, dataclasses.replace(self, state=new_state)
 
