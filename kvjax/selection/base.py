@@ -178,8 +178,12 @@ def init_state(selector, kv: kvcache.KVCache, q_heads: int) -> SelectState:
 def wrap_layer(selector, kv: kvcache.KVCache, config) -> SelectiveCache:
     """A dense layer cache -> a SelectiveCache with metadata built from its contents."""
     if not isinstance(kv, kvcache.KVCache):
-        raise TypeError(f"{type(selector).__name__} selects over a dense KVCache layer, got {type(kv).__name__} "
-                        "(quantized / packed caches are not supported by the selection wrapper)")
+        raise TypeError(
+            f"{type(selector).__name__} selects over a dense KVCache layer, got {type(kv).__name__}: the "
+            "selectors build their metadata from full-precision keys (Quest: per-page min/max) and attend "
+            "through sparse_decode over dense K/V, while a quantized cache (KIVI, ...) stores packed codes "
+            "+ a full-precision residual and there is no sparse kernel over codes yet (issue 17 item 3 / "
+            "issue 22); use a dense cache with selection, or the quantized cache without it")
     selector.check_capacity(kv.capacity)
     return SelectiveCache(kv=kv, meta=selector.init_meta(kv, config), state=init_state(selector, kv, config.n_heads),
                           selector=selector)
