@@ -138,7 +138,7 @@ def run_locret(config, params, tokenizer, args):
 
 
 def selection_from_args(args):
-    """`--selection quest|tokenselect --token-budget N` -> a kvjax.selection selector or None."""
+    """`--selection quest|tokenselect|shadowkv --token-budget N` -> a kvjax.selection selector or None."""
     if not getattr(args, "selection", None):
         return None
     from kvjax.selection import make_selection
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
-    gen.add_argument("--selection", default=None, help="query-aware sparse decode: quest | tokenselect "
+    gen.add_argument("--selection", default=None, help="query-aware sparse decode: quest | tokenselect | shadowkv "
                      "(kvjax.selection; the full cache is kept, each step attends to the selected tokens)")
     gen.add_argument("--token-budget", type=int, default=1024, help="--selection: attended tokens per kv head")
     gen.add_argument("--heads", default=None, help="--policy locret: directory of trained retaining heads")
