@@ -2,9 +2,11 @@
 KJV context; KL(full || selected) and perplexity per decode step, and bytes read per step.
 
     PYTHONPATH=. python benchmarks/selection_quality.py --context 2048 --steps 32 --budgets 256,512,1024
+    PYTHONPATH=. python benchmarks/selection_quality.py --methods shadowkv --append   # add rows
 """
 import argparse
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +41,16 @@ def main():
     ap.add_argument("--budgets", default="256,512,1024")
     ap.add_argument("--methods", default="quest,tokenselect")
     ap.add_argument("--out", default="docs/selection_quality.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of --out for other methods / budgets (same context and steps)")
     a = ap.parse_args()
+    old = []
+    if a.append and a.out and os.path.exists(a.out):
+        with open(a.out) as f:
+            prev = json.load(f)
+        if (prev["context"], prev["steps"]) != (a.context, a.steps):
+            raise SystemExit(f"--append: {a.out} holds context {prev['context']} / {prev['steps']} steps")
+        old = [r for r in prev["rows"] if r["method"] != "full"]
     config, params = load_model("smollm2", dtype=jnp.float32)
     params = unstack_params(jax.tree_util.tree_map(jnp.asarray, params))
     ids = load_tokenizer("smollm2").encode(kjv_text(book="Genesis", n_chars=a.context * 6))
@@ -58,8 +69,10 @@ def main():
                          "cache_bytes": cache.memory_bytes()})
             print(rows[-1], flush=True)
             if a.out:
+                new = {(r["method"], r["budget"]) for r in rows}
+                kept = [r for r in old if (r["method"], r["budget"]) not in new]
                 with open(a.out, "w") as f:
-                    json.dump({"context": a.context, "steps": a.steps, "rows": rows}, f, indent=1)
+                    json.dump({"context": a.context, "steps": a.steps, "rows": rows[:1] + kept + rows[1:]}, f, indent=1)
 
 
 if __name__ == "__main__":

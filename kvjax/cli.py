@@ -147,7 +147,7 @@ def run_locret(config, params, tokenizer, args):
 
 
 def selection_from_args(args):
-    """`--selection quest|tokenselect --token-budget N` -> a kvjax.selection selector or None."""
+    """`--selection quest|tokenselect|shadowkv --token-budget N` -> a kvjax.selection selector or None."""
     if not getattr(args, "selection", None):
         return None
     from kvjax.selection import make_selection
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--when", default="prefill", choices=["prefill", "chunk", "decode"],
                      help="compress once after prefill, after every prefill chunk, or during decode")
     gen.add_argument("--interval", type=int, default=64, help="decode steps between decode-time compressions")
-    gen.add_argument("--selection", default=None, help="query-aware sparse decode: quest | tokenselect "
+    gen.add_argument("--selection", default=None, help="query-aware sparse decode: quest | tokenselect | shadowkv "
                      "(kvjax.selection; the full cache is kept, each step attends to the selected tokens)")
     gen.add_argument("--prefill-attention", default="dense", help="dense, or block-sparse prefill: "
                      "block_sparse:flexprefill|minference|a_shape|streaming[:key=value,...] (kvjax.sparse_prefill; "

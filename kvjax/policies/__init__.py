@@ -31,6 +31,7 @@ from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
+from kvjax.policies.windowkv import WindowKV
 
 POLICIES: dict[str, type] = {
     "snapkv": SnapKV,
@@ -45,6 +46,7 @@ POLICIES: dict[str, type] = {
     "keyformer": Keyformer,
     "razor": RazorAttention,
     "duo_attention": DuoAttention,
+    "windowkv": WindowKV,    # issue 17: window-granular SnapKV-style eviction
     # merging (issue 18): evict, then fold evicted tokens into the kept ones (ScoringPolicy.merge)
     "cam": CAM,
     "d2o": D2O,

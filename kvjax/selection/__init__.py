@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from kvjax.selection.base import (SelectiveCache, SelectState, read_bytes_per_step, sparse_attend, wrap)
 from kvjax.selection.quest import Quest
+from kvjax.selection.shadowkv import ShadowKV
 from kvjax.selection.tokenselect import TokenSelect
 
-SELECTIONS = {"quest": Quest, "tokenselect": TokenSelect}
+SELECTIONS = {"quest": Quest, "tokenselect": TokenSelect, "shadowkv": ShadowKV}
 
 
 def make_selection(name: str, budget: int = 1024, **kwargs):
@@ -25,5 +26,5 @@ def make_selection(name: str, budget: int = 1024, **kwargs):
     return cls(budget=int(budget), **kwargs)
 
 
-__all__ = ["SELECTIONS", "make_selection", "Quest", "TokenSelect", "SelectiveCache", "SelectState",
+__all__ = ["SELECTIONS", "make_selection", "Quest", "ShadowKV", "TokenSelect", "SelectiveCache", "SelectState",
            "read_bytes_per_step", "sparse_attend", "wrap"]

@@ -119,10 +119,14 @@ class SelectiveCache:
         new_state = SelectState(indices=idx, valid=valid,
                                 fingerprint=jnp.where(need[:, None], fp, state.fingerprint),
                                 age=jnp.where(need, 0, state.age + 1).astype(jnp.int32))
-        f_idx, f_valid = sel.forced(self.meta, self.kv)
-        all_idx = jnp.concatenate([idx, f_idx], axis=-1)
-        all_valid = jnp.concatenate([valid, f_valid], axis=-1)
-        out = sparse_attend(q, self.kv, all_idx, all_valid, sel.page_size, backend)
+        own = getattr(sel, "attend_selected", None)      # selectors with their own attention (ShadowKV)
+        if own is not None:
+            out = own(self.meta, self.kv, q, idx, valid, rope)
+        else:
+            f_idx, f_valid = sel.forced(self.meta, self.kv)
+            all_idx = jnp.concatenate([idx, f_idx], axis=-1)
+            all_valid = jnp.concatenate([valid, f_valid], axis=-1)
+            out = sparse_attend(q, self.kv, all_idx, all_valid, sel.page_size, backend)
         out = mask_padded_queries(out, query_positions)
         return out, {}, dataclasses.replace(self, state=new_state)
 
@@ -174,8 +178,12 @@ def init_state(selector, kv: kvcache.KVCache, q_heads: int) -> SelectState:
 def wrap_layer(selector, kv: kvcache.KVCache, config) -> SelectiveCache:
     """A dense layer cache -> a SelectiveCache with metadata built from its contents."""
     if not isinstance(kv, kvcache.KVCache):
-        raise TypeError(f"{type(selector).__name__} selects over a dense KVCache layer, got {type(kv).__name__} "
-                        "(quantized / packed caches are not supported by the selection wrapper)")
+        raise TypeError(
+            f"{type(selector).__name__} selects over a dense KVCache layer, got {type(kv).__name__}: the "
+            "selectors build their metadata from full-precision keys (Quest: per-page min/max) and attend "
+            "through sparse_decode over dense K/V, while a quantized cache (KIVI, ...) stores packed codes "
+            "+ a full-precision residual and there is no sparse kernel over codes yet (issue 17 item 3 / "
+            "issue 22); use a dense cache with selection, or the quantized cache without it")
     selector.check_capacity(kv.capacity)
     return SelectiveCache(kv=kv, meta=selector.init_meta(kv, config), state=init_state(selector, kv, config.n_heads),
                           selector=selector)
