@@ -47,10 +47,10 @@ def np_cam(keys, values, pos, idx, scores, m, u):
             kept = [int(i) for i in idx[b, h] if i >= 0]
             ev = [s for s in range(S) if pos[b, h, s] >= 0 and s not in kept]
             fin = [scores[b, h, r] for r in kept if np.isfinite(scores[b, h, r])]
-            mean = np.mean(fin)
+            top = np.max(fin)                     # KVCache-Factory: max, not mean
             v = {r: values[b, h, r].copy() for r in kept}
             for e in ev:
-                p = min(max(scores[b, h, e] / mean, 0.0), 1.0)
+                p = min(max(scores[b, h, e] / top, 0.0), 1.0)
                 if u is not None:
                     p = float(u[b, h, e] < p)
                 after = [r for r in kept if r > e][:m]
