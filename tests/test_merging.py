@@ -4,6 +4,8 @@ values in the kept slots, nothing merged at the threshold limit = plain eviction
 short generate on SmolLM2."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,7 +168,7 @@ CFG = ModelConfig(name="tiny", vocab_size=64, d_model=16, n_layers=2, n_heads=4,
                   ffn_dim=32, rope_theta=10000.0)
 
 
-@pytest.mark.parametrize("merged,plain", [(D2O(threshold=1.0), H2O(recent=3)), (KVMerger(eps=1.0), H2O(recent=3))])
+@pytest.mark.parametrize("merged,plain", [(D2O(threshold=1.0, layer_budgets=False), H2O(recent=3)), (KVMerger(eps=1.0), H2O(recent=3))])
 def test_compress_no_merge_at_limit_equals_eviction(merged, plain):
     """Threshold at its limit: nothing merges, the cache equals the eviction-only cache; the merged
     default differs from it; both are allocated at the budget (memory_bytes = K slots per head)."""
@@ -182,9 +184,121 @@ def test_compress_no_merge_at_limit_equals_eviction(merged, plain):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     per_head = K * (2 * D * 4 + 4) + 4                        # K slots of f32 keys+values, int32 positions; lengths
     assert got.memory_bytes() == ref.memory_bytes() == 2 * B * HKV * per_head
-    default, _ = run(D2O() if isinstance(merged, D2O) else KVMerger(eps=-1.0), cache, scores)
+    default, _ = run(D2O(layer_budgets=False) if isinstance(merged, D2O) else KVMerger(eps=-1.0), cache, scores)
     assert not np.allclose(np.asarray(default.values), np.asarray(ref.values))
     np.testing.assert_array_equal(np.asarray(default.positions), np.asarray(ref.positions))
+
+
+def np_d2o_budgets(acc, valid, n_keep):
+    """D2O's layer level from the spec, float64 loops: [L, B] kept tokens."""
+    n_layers, nb, nh, _ = acc.shape
+    out = np.zeros((n_layers, nb), int)
+    for b in range(nb):
+        context = valid[0, b].sum(-1).max()
+        v = []
+        for l in range(n_layers):
+            var = np.array([np.var(acc[l, b, h][valid[l, b, h]]) for h in range(nh)])
+            span = var.max() - var.min()
+            v.append(np.mean((var - var.min()) / span) if span > 0 else 0.0)
+        e = np.exp(-np.array(v) - np.max(-np.array(v)))
+        r = np.clip(e / e.sum() * n_layers * n_keep[b] / context, 0.01, 1.0)
+        r[[0, 1, n_layers - 1]] = 1.0
+        out[:, b] = np.clip(np.floor(r * context + 1e-6), 1, context)
+    return out
+
+
+def test_d2o_layer_budgets_match_numpy():
+    """D2O's layer budgets vs the spec's formula (float64); compress keeps exactly b_l tokens per
+    head in layer l (0, 1, L-1 whole), the newest floor(recent * b_l) of them, and the ragged
+    per-layer cache allocates sum_l b_l slots per head (+ room), less than the full cache."""
+    from kvjax.layerwise import LayerwiseCache, per_layer
+    from kvjax.observation import Observation
+    from kvjax.policies.base import PositionsView
+    from kvjax.policies.d2o import layer_budgets
+    n_layers, nh, ns = 6, 4, 24          # 4 kv heads: with 2, min-max over heads is always {0, 1}
+    rng = np.random.default_rng(3)
+    shape = (n_layers, B, nh, ns)
+    pos = np.broadcast_to(np.arange(ns), shape).copy()
+    pos[:, 1, :, :3] = -1                                   # row 1 left-padded: a shorter context
+    cache = kvcache.KVCache(keys=jnp.asarray(rng.normal(size=shape + (D,)), jnp.float32),
+                            values=jnp.asarray(rng.normal(size=shape + (D,)), jnp.float32),
+                            positions=jnp.asarray(pos, jnp.int32), lengths=jnp.asarray((pos >= 0).sum(-1), jnp.int32))
+    acc = rng.random(shape) ** (1 + 6 * rng.random((n_layers, 1, nh, 1)))
+    n_keep = np.array([8, 6])
+    view = Observation(cache=PositionsView(jnp.asarray(pos)), config=CFG, accumulated=jnp.asarray(acc, jnp.float32))
+    got = np.asarray(layer_budgets(view, jnp.asarray(n_keep)))
+    ref = np_d2o_budgets(acc, pos >= 0, n_keep)
+    np.testing.assert_array_equal(got, ref)
+    assert len(set(ref[2:-1, 0])) > 1                       # the middle layers really differ
+    pol = D2O()
+    cfg = dataclasses.replace(CFG, n_layers=n_layers, n_kv_heads=nh)
+    scores = jnp.asarray(acc, jnp.float32)
+    new, _ = compress(pol, cfg, per_layer(cache), scores, jnp.asarray(n_keep), ns, ns, scores)
+    assert isinstance(new, LayerwiseCache) and not new.uniform
+    for l, lc in enumerate(new.layers):
+        np.testing.assert_array_equal(np.asarray(lc.lengths), np.broadcast_to(ref[l][:, None], (B, nh)))
+        for b in range(B):
+            n_rec = int(np.floor(0.5 * ref[l, b] + 1e-6))
+            newest = np.sort(pos[l, b, 0][pos[l, b, 0] >= 0])[len(pos[l, b, 0][pos[l, b, 0] >= 0]) - n_rec:]
+            assert set(newest) <= set(np.asarray(lc.positions[b, 0]).tolist())
+    sized = new.resize(new.capacity)
+    slots = sum(lc.keys.shape[-2] for lc in sized.layers)
+    assert slots == ref.max(1).sum() < n_layers * ns
+
+
+def np_kvcrush_kept(scores, valid, n_keep, share):
+    """KVCrush's kept slots per (layer, row, head) from the spec, float64 loops."""
+    n_layers, nb, nh, ns = scores.shape
+    kept = {}
+    for l in range(n_layers):
+        for b in range(nb):
+            n_rep = int(np.floor(share * n_keep[b] + 1e-6))
+            base = np.zeros((nh, ns), bool)
+            for h in range(nh):
+                live = [j for j in range(ns) if valid[l, b, h, j]]
+                order = sorted(live, key=lambda j: (-scores[l, b, h, j], j))
+                base[h, order[:n_keep[b] - n_rep]] = True
+            anchor = np.arange(nh) % 2 == 1
+            dist = [int(np.sum(base[:, j] != anchor)) for j in range(ns)]
+            for h in range(nh):
+                cand = sorted((j for j in range(ns) if valid[l, b, h, j] and not base[h, j]), key=lambda j: (dist[j], j))
+                if len(cand) <= n_rep:
+                    reps = cand
+                else:
+                    bounds = [int(np.ceil(i * len(cand) / n_rep)) for i in range(n_rep)]
+                    reps = [cand[r] for r in bounds]
+                kept[l, b, h] = sorted(set(np.flatnonzero(base[h]).tolist()) | set(reps))
+    return kept
+
+
+def test_kvcrush_matches_numpy():
+    """KVCrush's kept set (base top + one representative per Hamming bucket) vs a float64 loop; 4 kv
+    heads so signatures vary; every head keeps exactly n_keep and the representatives change it."""
+    from kvjax.policies.base import PositionsView
+    from kvjax.observation import Observation
+    from kvjax.policies.kvcrush import KVCrush
+    n_layers, nh, ns = 2, 4, 23
+    rng = np.random.default_rng(11)
+    pos = np.broadcast_to(np.arange(ns), (n_layers, B, nh, ns)).copy()
+    pos[:, 1, :, :4] = -1
+    scores = rng.random(pos.shape)
+    scores[..., -2:] = np.inf                                # a protected window
+    n_keep = np.array([12, 9])
+    pol = KVCrush(window=2, share=0.5)
+    view = Observation(cache=PositionsView(jnp.asarray(pos)), config=CFG)
+    adj = pol.adjust_scores(jnp.asarray(scores, jnp.float32), view, jnp.asarray(n_keep))
+    idx = np.asarray(select(adj, jnp.asarray(pos >= 0), jnp.broadcast_to(jnp.asarray(n_keep)[None, :, None],
+                                                                         (n_layers, B, nh)), 12))
+    ref = np_kvcrush_kept(scores, pos >= 0, n_keep, 0.5)
+    changed = 0
+    for (l, b, h), want in ref.items():
+        got = sorted(int(i) for i in idx[l, b, h] if i >= 0)
+        assert got == want and len(got) == n_keep[b]
+        plain = sorted(np.argsort(-np.where(pos[l, b, h] >= 0, scores[l, b, h], -np.inf), kind="stable")[:n_keep[b]])
+        changed += got != plain
+    assert changed > 0
+    with pytest.raises(ValueError, match="share"):
+        KVCrush(share=1.0)
 
 
 def test_bad_input():

@@ -17,6 +17,7 @@ import pathlib
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.cam import CAM
 from kvjax.policies.d2o import D2O
+from kvjax.policies.kvcrush import KVCrush
 from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.base import Budget, Observation, ScoringPolicy
 from kvjax.policies.duo_attention import DuoAttention
@@ -48,6 +49,7 @@ POLICIES: dict[str, type] = {
     "cam": CAM,
     "d2o": D2O,
     "kvmerger": KVMerger,
+    "kvcrush": KVCrush,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
