@@ -301,6 +301,51 @@ def test_kvcrush_matches_numpy():
         KVCrush(share=1.0)
 
 
+def test_ems_score_and_merge_match_numpy():
+    """EMS: the global-local score (accumulated / queries that see the slot + window mean, GQA sums)
+    vs float64 loops; its evict-then-merge (redundant heads merge into the nearest kept key's class
+    mean, sparse heads drop) vs a loop; head_threshold=1 merges nothing."""
+    from kvjax.observation import Observation
+    from kvjax.policies.ems import EMS
+    rng = np.random.default_rng(5)
+    g, w = 2, 3
+    cache, idx, scores, keys, values, pos = layer_case(6, similar=True)
+    probs = rng.random((1, B, HKV * g, w, S))
+    acc = rng.random((1, B, HKV, S))
+    obs = Observation(cache=jax.tree_util.tree_map(lambda x: x[None], cache), config=CFG,
+                      window_probs=jnp.asarray(probs, jnp.float32), accumulated=jnp.asarray(acc, jnp.float32))
+    got = np.asarray(EMS(window=w).score(obs))[0]
+    for b in range(B):
+        for h in range(HKV):
+            top = pos[b, h].max()
+            for j in range(S):
+                if pos[b, h, j] < 0:
+                    continue
+                want = np.inf if pos[b, h, j] > top - w else (
+                    acc[0, b, h, j] / (top - pos[b, h, j] + 1) + probs[0, b, h * g:(h + 1) * g, :, j].sum() / w)
+                np.testing.assert_allclose(got[b, h, j], want, rtol=1e-6)
+    cos = lambda a, c: a @ c / (np.linalg.norm(a) * np.linalg.norm(c))
+    for thr in (0.5, 1.0):
+        k, v = jax.jit(EMS(window=w, head_threshold=thr).merge, static_argnums=3)(
+            cache, jnp.asarray(idx), jnp.asarray(scores, jnp.float32), 0)
+        merged = 0
+        for b in range(B):
+            for h in range(HKV):
+                kept = [int(i) for i in idx[b, h] if i >= 0]
+                ev = [e for e in range(S) if pos[b, h, e] >= 0 and e not in kept]
+                best = [max(range(len(kept)), key=lambda j: cos(keys[b, h, e], keys[b, h, kept[j]])) for e in ev]
+                sims = [cos(keys[b, h, e], keys[b, h, kept[j]]) for e, j in zip(ev, best)]
+                go = bool(ev) and np.mean(sims) >= thr
+                for j, r in enumerate(kept):
+                    group = [r] + [e for e, t in zip(ev, best) if go and t == j]
+                    merged += len(group) > 1
+                    np.testing.assert_allclose(np.asarray(k)[b, h, j], keys[b, h, group].mean(0), rtol=1e-5, atol=1e-6)
+                    np.testing.assert_allclose(np.asarray(v)[b, h, j], values[b, h, group].mean(0), rtol=1e-5, atol=1e-6)
+        assert (merged > 0) == (thr < 1.0)
+    with pytest.raises(ValueError, match="head_threshold"):
+        EMS(head_threshold=2.0)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="threshold"):
         D2O(threshold=1.5)

@@ -21,6 +21,7 @@ from kvjax.policies.kvcrush import KVCrush
 from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.base import Budget, Observation, ScoringPolicy
 from kvjax.policies.duo_attention import DuoAttention
+from kvjax.policies.ems import EMS
 from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.h2o import H2O
 from kvjax.policies.keyformer import Keyformer
@@ -50,6 +51,7 @@ POLICIES: dict[str, type] = {
     "d2o": D2O,
     "kvmerger": KVMerger,
     "kvcrush": KVCrush,
+    "ems": EMS,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from kvjax import cache as kvcache
 from kvjax.layerwise import from_stacked
 from kvjax.policies.base import Observation
-from kvjax.policies.merging import HeavyRecent, apply_weights, cosine, evicted_mask, one_hot_kept
+from kvjax.policies.merging import HeavyRecent, apply_weights, into_rows, nearest_kept, one_hot_kept
 
 
 def layer_ratios(accumulated: jax.Array, valid: jax.Array, rho: jax.Array) -> jax.Array:
@@ -108,18 +108,13 @@ class D2O(HeavyRecent):
 
     def merge(self, old: kvcache.KVCache, idx: jax.Array, scores: jax.Array, layer: int):
         s = old.capacity
-        ev = evicted_mask(old, idx)
-        kept_keys = jnp.take_along_axis(old.keys, jnp.clip(idx, 0, s - 1)[..., None], axis=-2)
-        sim = cosine(old.keys, kept_keys)                                         # [B, Hkv, S(e), K(r)]
-        sim = jnp.where((idx >= 0)[..., None, :], sim, -jnp.inf)
-        c = jnp.where(ev, sim.max(-1), 0.0)                                       # [B, Hkv, S]
-        row = sim.argmax(-1)                                                      # kept row of r*(e)
+        c, row, ev = nearest_kept(old, idx)                                       # [B, Hkv, S] each
         if self.threshold is None:
             tau = jnp.sum(c, (1, 2)) / jnp.maximum(ev.sum((1, 2)), 1)             # [B]
         else:
             tau = jnp.full(c.shape[:1], self.threshold, jnp.float32)
         go = ev & (c >= tau[:, None, None])                                       # merged evicted tokens
-        into = (jnp.arange(idx.shape[-1])[:, None] == row[..., None, :]) & go[..., None, :]   # [B, Hkv, K, S]
+        into = into_rows(row, go, idx.shape[-1])                                  # [B, Hkv, K, S]
         w = into * c[..., None, :]                                                # [B, Hkv, K, S]
         eye = one_hot_kept(idx, s)
         count = 1.0 + into.sum(-1, keepdims=True)
