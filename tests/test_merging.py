@@ -357,19 +357,3 @@ def test_bad_input():
         CAM(merge_budget=-1)
     with pytest.raises(ValueError, match="recent"):
         D2O(recent=1.5)
-
-
-def test_generate_merging_on_smollm2(smollm2, smollm2_tokenizer):
-    """A merging policy (KVMerger: the largest merge code path) runs in generate on the real model at
-    25%, the cache at the budget (CAM and D2O run in the eval numbers of the report; one real-model
-    generate per test file keeps the suite's time budget)."""
-    from kvjax.eval.text import kjv_text
-    from kvjax.generate import generate
-    config, params = smollm2
-    prompt = smollm2_tokenizer.encode(kjv_text()[:800])[:120]
-    for name in ("kvmerger",):
-        comp = Compression(policy=make_policy(name, config=config), budget=Budget(ratio=0.25))
-        res = generate(params, config, [prompt], max_new_tokens=4, compression=comp)
-        assert len(res.tokens[0]) == 4
-        layer = res.cache.layers[0]
-        assert layer.capacity == 30 + 4 and int(layer.lengths.max()) <= 34

@@ -16,6 +16,7 @@ import pathlib
 
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.cam import CAM
+from kvjax.policies.cskv import CSKV
 from kvjax.policies.d2o import D2O
 from kvjax.policies.kvcrush import KVCrush
 from kvjax.policies.kvmerger import KVMerger
@@ -52,6 +53,8 @@ POLICIES: dict[str, type] = {
     "kvmerger": KVMerger,
     "kvcrush": KVCrush,
     "ems": EMS,
+    # low-rank channels (issue 18): older tokens as SVD latents, the newest full width
+    "cskv": CSKV,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
