@@ -16,6 +16,9 @@ Selection: heavy hitters + recent tokens, H2O style (`merging.HeavyRecent`). Mer
 compared (the pivot is only known once the set is). sigma (paper: a fixed kernel width) defaults to
 the set's own scale, sigma^2 = mean_{i in E} ||k_p - k_i||^2 (`sigma` > 0 fixes it). eps = 1
 (and above any real similarity) merges nothing: the cache is then exactly the eviction's.
+Cost: sets are contiguous runs, so pivots, kernel widths and weighted sums are segment reductions
+over set ids: every intermediate is [B, Hkv, S] or [B, Hkv, S, d] (the round before built an
+S x S same-set matrix per head and a K x S weight matrix).
 """
 from __future__ import annotations
 
