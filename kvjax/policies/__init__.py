@@ -17,10 +17,13 @@ import pathlib
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.attention_gate import AttentionGate
 from kvjax.policies.cam import CAM
+from kvjax.policies.cskv import CSKV
 from kvjax.policies.d2o import D2O
+from kvjax.policies.kvcrush import KVCrush
 from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.base import Budget, Observation, ScoringPolicy
 from kvjax.policies.duo_attention import DuoAttention
+from kvjax.policies.ems import EMS
 from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.h2o import H2O
 from kvjax.policies.keyformer import Keyformer
@@ -53,6 +56,10 @@ POLICIES: dict[str, type] = {
     "kvmerger": KVMerger,
     # learned (issue 16): trained in-context eviction gates, `attention_gate:gates=DIR`
     "attention_gate": AttentionGate,
+    "kvcrush": KVCrush,
+    "ems": EMS,
+    # low-rank channels (issue 18): older tokens as SVD latents, the newest full width
+    "cskv": CSKV,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head

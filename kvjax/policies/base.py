@@ -71,6 +71,11 @@ class ScoringPolicy:
         """Scores after the budget `n_keep [B]` is known (e.g. Keyformer's recent share of it)."""
         return scores
 
+    def budgets(self, scores: jax.Array, obs: "Observation", n_keep: jax.Array) -> jax.Array:
+        """Tokens to keep per head `[L, B, Hkv]` when the budget needs more than the scores (the
+        accumulated state, the slot positions in `obs`: D2O's layer budgets). Default: head_budgets."""
+        return self.head_budgets(scores, n_keep)
+
     # --- Additive hook (helper, issue 18: merging methods CAM/D2O/KVMerger/...): a policy with
     # `merges = True` folds evicted tokens into the kept ones.
     merges = False
@@ -249,7 +254,7 @@ def compress(policy: ScoringPolicy, config: ModelConfig, cache, scores: jax.Arra
     view = Observation(cache=PositionsView(positions), config=config, accumulated=state, window_queries=queries,
                        n_layers=positions.shape[0])
     scores = policy.adjust_scores(scores, view, n_keep)
-    counts = policy.head_budgets(scores, n_keep)
+    counts = policy.budgets(scores, view, n_keep)
     idx = select(scores, positions >= 0, counts, max_keep)
     if per_layer:
         new_layers = [kvcache.gather(lc, idx[i], capacity) for i, lc in enumerate(layers)]

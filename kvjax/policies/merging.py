@@ -53,6 +53,22 @@ def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
     return jnp.einsum("...md,...nd->...mn", na, nb)
 
 
+def nearest_kept(old: kvcache.KVCache, idx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each evicted slot's most similar kept key (cosine): (c [B, Hkv, S] its similarity, 0 on
+    slots not evicted; row [B, Hkv, S] the kept row r* of idx it is closest to; ev [B, Hkv, S])."""
+    s = old.capacity
+    ev = evicted_mask(old, idx)
+    kept_keys = jnp.take_along_axis(old.keys, jnp.clip(idx, 0, s - 1)[..., None], axis=-2)
+    sim = cosine(old.keys, kept_keys)                                             # [B, Hkv, S(e), K(r)]
+    sim = jnp.where((idx >= 0)[..., None, :], sim, -jnp.inf)
+    return jnp.where(ev, sim.max(-1), 0.0), sim.argmax(-1), ev
+
+
+def into_rows(row: jax.Array, go: jax.Array, kept: int) -> jax.Array:
+    """[B, Hkv, K, S] bool: evicted slot s (go) merges into kept row row[s]."""
+    return (jnp.arange(kept)[:, None] == row[..., None, :]) & go[..., None, :]
+
+
 @dataclasses.dataclass(frozen=True)
 class HeavyRecent(H2O):
     """The selection D2O and KVMerger merge after (H2O style): heavy hitters by accumulated attention
