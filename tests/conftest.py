@@ -15,3 +15,12 @@ def smollm2():
 def smollm2_tokenizer():
     from models.tokenizer import load_tokenizer
     return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_jax(smollm2):
+    """(config, params) of `smollm2` with the weights as jax arrays (converted once per session)."""
+    import jax
+    import jax.numpy as jnp
+    config, params = smollm2
+    return config, jax.tree_util.tree_map(jnp.asarray, params)

@@ -12,6 +12,7 @@ from kvjax.generate import forward_jit
 from kvjax.quant import gear
 from kvjax.observation import Observe
 from models.llama import forward
+from closeness import assert_mostly_close
 
 # ----------------------------------------------------------------------------- numpy reference
 
@@ -60,27 +61,13 @@ def np_gear(x, kind, bits, group, rank, loop, ratio, p0):
     return dq_s + q @ p.T, dq_s
 
 
-def assert_mostly_close(got, want, tol, step, frac=0.01):
-    """|got - want| <= tol everywhere except rare rounding-boundary flips (<= one quantization step)."""
-    err = np.abs(np.asarray(got, np.float64) - want)
-    bad = err > tol
-    assert bad.mean() <= frac, f"{bad.mean():.3%} entries differ by more than {tol:.2e} (max {err.max():.3e})"
-    assert err.max() <= step + tol, f"max error {err.max():.3e} exceeds one quantization step {step:.3e}"
-
-
 CFG = gear.GEARConfig(bits=2, group=32, streaming_gap=32, rank=2, prefill_rank=4, loop=3, outlier_ratio=0.02)
 
 
 @pytest.fixture(scope="module")
-def model(smollm2):
-    config, params = smollm2
-    return config, jax.tree_util.tree_map(jnp.asarray, params)
-
-
-@pytest.fixture(scope="module")
-def real_kv(model, smollm2_tokenizer):
+def real_kv(smollm2_jax, smollm2_tokenizer):
     """Pre-RoPE k, v and post-RoPE cache keys of layers 0, 7, 15 of SmolLM2 on 97 KJV tokens."""
-    config, params = model
+    config, params = smollm2_jax
     ids = smollm2_tokenizer.encode(kjv_text(book="Genesis", n_chars=800))[:97]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
@@ -237,8 +224,8 @@ def _kl(full, approx):
     return np.asarray(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
 
 
-def test_smollm2_prefill_and_decode_with_gear(model, real_kv):
-    config, params = model
+def test_smollm2_prefill_and_decode_with_gear(smollm2_jax, real_kv):
+    config, params = smollm2_jax
     full, ids = real_kv[2], jnp.asarray(real_kv[3])[None]         # full-cache logits of the 97 tokens
     n, steps = 90, 7
     pos = jnp.arange(n + steps, dtype=jnp.int32)[None]

@@ -16,6 +16,7 @@ from models.config import get_config
 from kvjax.observation import Observe
 from models.llama import forward
 from models.rope import apply_rope
+from closeness import assert_mostly_close
 
 
 def hadamard(n):
@@ -50,22 +51,9 @@ def np_rotatekv(k_pre, v, bits, head_group):
     return k_hat, v_hat
 
 
-def assert_mostly_close(got, want, tol, step, frac=0.01):
-    err = np.abs(np.asarray(got, np.float64) - want)
-    bad = err > tol
-    assert bad.mean() <= frac, f"{bad.mean():.3%} entries differ by more than {tol:.2e} (max {err.max():.3e})"
-    assert err.max() <= step + tol
-
-
 @pytest.fixture(scope="module")
-def model(smollm2):
-    config, params = smollm2
-    return config, jax.tree_util.tree_map(jnp.asarray, params)
-
-
-@pytest.fixture(scope="module")
-def real_kv(model, smollm2_tokenizer):
-    config, params = model
+def real_kv(smollm2_jax, smollm2_tokenizer):
+    config, params = smollm2_jax
     ids = smollm2_tokenizer.encode(kjv_text(book="Psalms", n_chars=800))[:97]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
@@ -207,8 +195,8 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------- real model
 
 
-def test_smollm2_prefill_and_decode_with_rotatekv(model, real_kv):
-    config, params = model
+def test_smollm2_prefill_and_decode_with_rotatekv(smollm2_jax, real_kv):
+    config, params = smollm2_jax
     n, steps = 90, 7
     full, ids = real_kv[3], jnp.asarray(real_kv[2])[None]         # full-cache logits of the 97 tokens
     pos = jnp.arange(n + steps, dtype=jnp.int32)[None]

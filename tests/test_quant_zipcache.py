@@ -14,6 +14,7 @@ from kvjax.generate import forward_jit
 from kvjax.quant import zipcache as zc
 from kvjax.observation import Observe
 from models.llama import forward
+from closeness import assert_mostly_close
 
 
 def np_stats_quant(x, lo, hi, bits):
@@ -53,21 +54,9 @@ def np_saliency(q, k, qpos, kpos):
     return np.where(nnz > 0, out / np.maximum(nnz, 1), 0.0)
 
 
-def assert_mostly_close(got, want, tol, step, frac=0.02):
-    err = np.abs(np.asarray(got, np.float64) - want)
-    assert (err > tol).mean() <= frac, f"{(err > tol).mean():.3%} entries off (max {err.max():.3e})"
-    assert err.max() <= step + tol
-
-
 @pytest.fixture(scope="module")
-def model(smollm2):
-    config, params = smollm2
-    return config, jax.tree_util.tree_map(jnp.asarray, params)
-
-
-@pytest.fixture(scope="module")
-def real(model, smollm2_tokenizer):
-    config, params = model
+def real(smollm2_jax, smollm2_tokenizer):
+    config, params = smollm2_jax
     ids = smollm2_tokenizer.encode(kjv_text(book="John", n_chars=800))[:97]
     t = len(ids)
     cache = init_cache(config.n_layers, 1, config.n_kv_heads, t, config.head_dim)
@@ -118,7 +107,7 @@ def test_quantizers_match_numpy_random_and_real(bits, real):
         want_k, want_v = np_keys(np.asarray(k, np.float64)[mask], bits), np_values(np.asarray(v, np.float64)[mask], bits)
         # tolerance: float16 statistics may round to a neighbouring float16 (relative 1e-3)
         tol = lambda w: 1e-3 + 2e-3 * np.abs(w).max()
-        assert_mostly_close(got_k, want_k, tol(want_k), np.ptp(k) / (2 ** bits - 1))
+        assert_mostly_close(got_k, want_k, tol(want_k), np.ptp(k) / (2 ** bits - 1), frac=0.02)
         assert_mostly_close(got_v, want_v, tol(want_v), np.ptp(v) / (2 ** bits - 1) * np.sqrt(np.abs(v).max()))
 
 
@@ -164,8 +153,8 @@ def _check_pool(cache_layer, expected, which):
         rows = np.concatenate(rows) + rng_.start
         bits = 4 if which == "hi" else 2
         tol = lambda w: 1e-3 + 2e-3 * np.abs(w).max()
-        assert_mostly_close(np.asarray(kview[0, h])[rows], want_k, tol(want_k), np.ptp(want_k) / (2 ** bits - 1))
-        assert_mostly_close(np.asarray(vview[0, h])[rows], want_v, tol(want_v), np.ptp(want_v))
+        assert_mostly_close(np.asarray(kview[0, h])[rows], want_k, tol(want_k), np.ptp(want_k) / (2 ** bits - 1), frac=0.02)
+        assert_mostly_close(np.asarray(vview[0, h])[rows], want_v, tol(want_v), np.ptp(want_v), frac=0.02)
 
 
 def test_two_compression_rounds_match_numpy():
@@ -235,8 +224,8 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------- real model
 
 
-def test_smollm2_prefill_compress_decode(model, real):
-    config, params = model
+def test_smollm2_prefill_compress_decode(smollm2_jax, real):
+    config, params = smollm2_jax
     n, steps = 90, 6
     ids, full = jnp.asarray(real[2][:n + steps])[None], real[3]      # full-cache logits of the 96 tokens
     pos = jnp.arange(n + steps, dtype=jnp.int32)[None]

@@ -12,12 +12,6 @@ from numpy_reference import reference_logits
 
 
 @pytest.fixture(scope="module")
-def model(smollm2):
-    config, params = smollm2
-    return config, jax.tree_util.tree_map(jnp.asarray, params)
-
-
-@pytest.fixture(scope="module")
 def long_ids(smollm2_tokenizer):
     ids = smollm2_tokenizer.encode(kjv_text(book="Exodus", n_chars=6000))
     assert len(ids) >= 1040
@@ -32,8 +26,8 @@ def _pos(n, start=0):
     return jnp.arange(start, start + n, dtype=jnp.int32)[None]
 
 
-def test_long_prompt_logits_match_float64_reference(model, smollm2, long_ids):
-    config, params = model
+def test_long_prompt_logits_match_float64_reference(smollm2_jax, smollm2, long_ids):
+    config, params = smollm2_jax
     n = len(long_ids)
     logits, _, _ = forward_jit(params, jnp.asarray(long_ids)[None], _pos(n), _cache(config, n), config,
                                all_logits=True)
@@ -44,8 +38,8 @@ def test_long_prompt_logits_match_float64_reference(model, smollm2, long_ids):
     assert np.abs(ref).max() > 5  # real logits, not a degenerate comparison
 
 
-def test_prefill_then_decode_equals_full_forward(model, long_ids):
-    config, params = model
+def test_prefill_then_decode_equals_full_forward(smollm2_jax, long_ids):
+    config, params = smollm2_jax
     ids = jnp.asarray(long_ids[:300])[None]
     full, _, _ = forward_jit(params, ids, _pos(300), _cache(config, 300), config, all_logits=True)
     last, cache, _ = prefill(params, config, ids[:, :292], _pos(292), _cache(config, 300))
@@ -55,8 +49,8 @@ def test_prefill_then_decode_equals_full_forward(model, long_ids):
         np.testing.assert_allclose(step[:, -1], full[:, t], atol=1e-4)
 
 
-def test_chunked_prefill_equals_unchunked(model, long_ids):
-    config, params = model
+def test_chunked_prefill_equals_unchunked(smollm2_jax, long_ids):
+    config, params = smollm2_jax
     ids = jnp.asarray(long_ids[:300])[None]
     whole, cache_a, _ = prefill(params, config, ids, _pos(300), _cache(config, 300))
     chunked, cache_b, _ = prefill(params, config, ids, _pos(300), _cache(config, 300), chunk_size=64)
@@ -65,8 +59,8 @@ def test_chunked_prefill_equals_unchunked(model, long_ids):
     np.testing.assert_array_equal(cache_b.positions, cache_a.positions)
 
 
-def test_padded_batch_equals_rows_alone(model, smollm2_tokenizer, long_ids):
-    config, params = model
+def test_padded_batch_equals_rows_alone(smollm2_jax, smollm2_tokenizer, long_ids):
+    config, params = smollm2_jax
     prompts = [long_ids[:150], smollm2_tokenizer.encode("The LORD said unto Moses,"), long_ids[400:470]]
     batch = generate(params, config, prompts, 6, pad_id=smollm2_tokenizer.pad_id)
     for i, p in enumerate(prompts):
@@ -74,8 +68,8 @@ def test_padded_batch_equals_rows_alone(model, smollm2_tokenizer, long_ids):
         assert batch.tokens[i] == alone.tokens[0], f"row {i}"
 
 
-def test_bad_inputs_are_clear_errors(model):
-    config, params = model
+def test_bad_inputs_are_clear_errors(smollm2_jax):
+    config, params = smollm2_jax
     with pytest.raises(ValueError, match="empty"):
         generate(params, config, [[]], 4)
     with pytest.raises(ValueError, match="capacity"):
