@@ -210,10 +210,34 @@ class EvictQuant:
         return LayerwiseCache(layers=layers, capacity=cap, uniform=True)
 
 
+def check_policy_class(cls) -> None:
+    """ValueError for a policy class whose own final layout (ThinK's pruned key channels,
+    RazorAttention / DuoAttention head splits) KIVI's [batch, kv_heads, slots] storage cannot hold.
+    Ragged layouts (AdaKV, PyramidKV: a `ragged` field) fall back to their padded layout instead."""
+    from kvjax.policies.base import ScoringPolicy
+    own_layout = cls.finalize is not ScoringPolicy.finalize
+    if own_layout and "ragged" not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"{cls.__name__} builds its own cache layout (pruned key channels or split heads), which "
+                         f"KIVI's per-channel key groups over [batch, kv_heads, slots] cannot store: use it without "
+                         f"a quantized cache (--kv-quant)")
+
+
 def check_combination(compression, cache_init) -> EvictQuant:
     """Plan `compression` over the quantized cache `cache_init` (from `kvjax.quant.make_cache_init`),
     or ValueError naming why the combination cannot work."""
-    from kvjax.policies.base import ScoringPolicy
+    name, kw = check_cache_init(cache_init)
+    policy = compression.policy
+    check_policy_class(type(policy))
+    if getattr(policy, "ragged", False):
+        compression = dataclasses.replace(compression, policy=dataclasses.replace(policy, ragged=False))
+    kcfg = kivi.KIVIConfig(kw.get("k_bits") or kw["bits"], kw.get("v_bits") or kw["bits"], kw["group"],
+                           kw["residual"])
+    return EvictQuant(compression=compression, kcfg=kcfg, name=name, dtype=kw.get("dtype", jnp.float32))
+
+
+def check_cache_init(cache_init) -> tuple[str, dict]:
+    """(registry name, resolved options) of a KIVI `cache_init`, or ValueError naming why an evicted
+    token set cannot be stored in it."""
     from kvjax.quant import QUANT_CACHES
     name = getattr(cache_init, "quant_name", None)
     if name is None:
@@ -228,16 +252,7 @@ def check_combination(compression, cache_init) -> EvictQuant:
     if kw.get("sink"):
         raise ValueError(f"eviction x {name} with sink tokens is not supported (the sink wrapper keeps the first "
                          f"tokens by slot, not by position)")
-    policy = compression.policy
-    if hasattr(policy, "ragged") and policy.ragged:
-        compression = dataclasses.replace(compression, policy=dataclasses.replace(policy, ragged=False))
-    elif type(policy).finalize is not ScoringPolicy.finalize and not hasattr(policy, "ragged"):
-        raise ValueError(f"{type(policy).__name__} builds its own cache layout (pruned key channels or split "
-                         f"heads), which KIVI's per-channel key groups over [batch, kv_heads, slots] cannot store; "
-                         f"use it without --kv-quant")
-    kcfg = kivi.KIVIConfig(kw.get("k_bits") or kw["bits"], kw.get("v_bits") or kw["bits"], kw["group"],
-                           kw["residual"])
-    return EvictQuant(compression=compression, kcfg=kcfg, name=name, dtype=kw.get("dtype", jnp.float32))
+    return name, kw
 
 
 def dense_view(cache):
