@@ -17,4 +17,4 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m kvjax demo
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20

@@ -16,7 +16,9 @@ every row, so a run cut short keeps what it measured.
 Method names (`--methods`): `dense` (bf16 cache), `kivi4` / `kivi2` (KIVI caches,
 `kvjax.quant.make_cache_init`), `snapkv10` (SnapKV keeping 10 % after prefill), `streaming10`
 (StreamingLLM, 10 %), `knorm_chunk` (K-norm eviction after every prefill chunk, 10 %), or the
-general form `POLICY:RATIO[:WHEN]` (e.g. `h2o:0.25:chunk`).
+general form `POLICY:RATIO[:WHEN]` (e.g. `h2o:0.25:chunk`); any name + `+fused` runs the same row with
+q|k|v and gate|up fused into one matmul each (`models.llama.fuse_projections`; an A/B of decode's
+per-step fixed cost; the fused weights are built once and kept beside the plain ones).
 
 Per row: the warm-up call compiles (same shapes and new-token count: decode's loop length is
 static), the second call is timed; the engine's own `prefill_s` / `decode_s` are used.
@@ -68,6 +70,7 @@ from models.config import get_config  # noqa: E402
 T_START = time.perf_counter()
 GB = 1e9
 # execution order within a shape: expected peak memory, smallest first (see the docstring)
+FUSED = "+fused"   # method suffix: the same row with models.llama.fuse_projections' weights (A/B)
 PEAK_ORDER = {"knorm_chunk": 0, "kivi2": 1, "kivi4": 2, "streaming10": 3, "snapkv10": 4, "dense": 5}
 
 
@@ -84,6 +87,7 @@ def method_kwargs(method: str) -> dict:
     from kvjax.compression import Compression
     from kvjax.policies import Budget, make_policy
     from kvjax.quant import make_cache_init
+    method = method.removesuffix(FUSED)
     fixed = {
         "dense": {},
         "kivi4": {"cache_init": make_cache_init("kivi4")},
@@ -416,9 +420,10 @@ def main():
             with open(a.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
 
+    fused = None   # fused weights, built at the first "+fused" row
     prev_shape_max = None  # (tokens, seconds): the slowest row of the previous shape
     for b, t in shapes:
-        order = methods if a.keep_order else sorted(methods, key=lambda m: PEAK_ORDER.get(m, 3))
+        order = methods if a.keep_order else sorted(methods, key=lambda m: PEAK_ORDER.get(m.removesuffix(FUSED), 3))
         shape_max = 0.0
         for method in order:
             # predicted row time: the slowest row so far at this shape, else the previous shape's
@@ -435,7 +440,11 @@ def main():
             else:
                 t0 = time.perf_counter()
                 try:
-                    row = bench_row(params, config, counts, ceil, b, t, method, a)
+                    if method.endswith(FUSED) and fused is None:
+                        from models.llama import fuse_projections, unstack_params
+                        fused = fuse_projections(unstack_params(params))
+                    row = bench_row(fused if method.endswith(FUSED) else params, config, counts, ceil, b, t,
+                                    method, a)
                     row["status"] = "ok"
                 except Exception as e:  # noqa: BLE001 (OOM or an engine error: one line, go on)
                     msg = " ".join(str(e).split())[:300]
@@ -451,6 +460,7 @@ def main():
         if shape_max:
             prev_shape_max = (b * t, shape_max)
     # the table follows the order of --methods within each shape
+    del fused
     rank = {m: i for i, m in enumerate(methods)}
     rows_sorted = sorted(rows, key=lambda r: (shapes.index((r["batch"], r["context"])), rank[r["method"]]))
     if a.out:

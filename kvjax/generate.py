@@ -86,9 +86,24 @@ def continue_positions(cache, positions: jax.Array) -> jax.Array:
     return jnp.where(positions >= 0, shifted, -1).astype(jnp.int32)
 
 
+def quantizes_after_prefill(cache) -> bool:
+    """Whether the cache's method prefills in full precision and quantizes the prompt afterwards
+    (KIVI: `quantize_after_prefill` on its layer class), so `prefill` may run the prompt through
+    a dense cache first."""
+    layer = cache.layers[0] if isinstance(cache, LayerwiseCache) and cache.layers else cache
+    return isinstance(cache, LayerwiseCache) and bool(getattr(layer, "quantize_after_prefill", False))
+
+
+@functools.partial(jax.jit, static_argnames=("t",), donate_argnames=("target",))
+def _store_prompt(target, dense: kvcache.KVCache, positions: jax.Array, t: int):
+    """Append the first `t` slots of one dense layer (the prompt, left padding included) to the
+    empty quantized layer `target` (donated): the cache's own quantization rule (e.g. KIVI's)."""
+    return target.append(dense.keys[..., :t, :], dense.values[..., :t, :], positions)
+
+
 def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: Optional[int] = None,
             progress: bool = False, compression: Optional[Compression] = None, n_keep=None, max_keep: int = 0,
-            state=None, attention: str = "auto", all_logits: bool = False):
+            state=None, attention: str = "auto", all_logits: bool = False, dense_first: Optional[bool] = None):
     """Feed the prompt through the model, in chunks of `chunk_size` tokens if given.
 
     tokens, positions: [batch, T]; cache: the engine's per-layer cache (donated: do not reuse the
@@ -97,7 +112,29 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
     compressed once at the end. The policy's observation is reduced inside the layers of the
     forward that precedes a compression (scores [L, B, Hkv, S]); accumulating policies update
     `state` ([layers, batch, kv_heads, capacity] or None) in every forward.
+    dense_first: prefill through a dense cache of the same capacity (in `params`' dtype), then append
+    the prompt's K/V to the given empty quantized cache: the prompt attends in full precision, as
+    KIVI's prefill does, at the dense prefill's speed (peak memory: both caches). None: when the
+    cache asks for it (`quantizes_after_prefill`) and no compression runs; False: the quantized
+    cache's own append/attend in every chunk (earlier chunks seen dequantized; less memory).
     returns (logits [batch, vocab] of the last position, or [batch, T, vocab] with all_logits, cache, state)."""
+    if dense_first is None:
+        dense_first = compression is None and quantizes_after_prefill(cache)
+    if dense_first:
+        if compression is not None or not quantizes_after_prefill(cache):
+            raise ValueError("dense_first prefill needs a per-layer cache whose method quantizes after prefill "
+                             "(e.g. KIVI) and no compression")
+        target = cache
+        b, h = target.layers[0].lengths.shape
+        dense = init_engine_cache(config, b, target.capacity, params["embed"].dtype)
+        logits, dense, state = prefill(params, config, tokens, positions, dense, chunk_size, progress, None,
+                                       n_keep, max_keep, state, attention, all_logits, dense_first=False)
+        layers, dense_layers = list(target.layers), list(dense.layers)
+        del dense
+        for i in range(len(layers)):   # layer by layer: each dense layer is freed once stored
+            layers[i] = _store_prompt(layers[i], dense_layers[i], positions, tokens.shape[1])
+            dense_layers[i] = None
+        return logits, dataclasses.replace(target, layers=tuple(layers)), state
     t = tokens.shape[1]
     chunk = t if not chunk_size else chunk_size
     starts = list(range(0, t, chunk))
@@ -310,11 +347,14 @@ def prefill_chunk(padded_len: int, chunk_size: Optional[int],
 def init_engine_cache(config: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
                       cache_init: Optional[Callable] = None) -> LayerwiseCache:
     """An empty per-layer cache (the engine's layout): dense KVCache layers of `capacity` slots, or
-    `cache_init(config, batch, capacity)`'s cache type split per layer."""
+    `cache_init(config, batch, capacity)`'s cache type split per layer (given `dtype=` too when it
+    says `takes_engine_dtype`, as `kvjax.quant.make_cache_init`'s do: the dtype of its fp parts)."""
     if cache_init is None:
         layer = lambda: kvcache.init_cache(1, batch, config.n_kv_heads, capacity, config.head_dim, dtype)
         layers = tuple(jax.tree_util.tree_map(lambda x: x[0], layer()) for _ in range(config.n_layers))
         return LayerwiseCache(layers=layers, capacity=capacity, uniform=True)
+    if getattr(cache_init, "takes_engine_dtype", False):      # kvjax.quant.make_cache_init's
+        return per_layer(cache_init(config, batch, capacity, dtype=dtype))
     return per_layer(cache_init(config, batch, capacity))
 
 
@@ -394,6 +434,12 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // 64) * 64)
     cache = init_engine_cache(config, len(prompts), plan.prefill_capacity, cache_dtype, cache_init)
     peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
+    if plan.compression is None and quantizes_after_prefill(cache):   # prefill's dense cache beside it
+        peak_bytes += kvcache.tree_bytes(jax.eval_shape(
+            lambda: init_engine_cache(config, len(prompts), plan.prefill_capacity, params["embed"].dtype)))
+        plan = dataclasses.replace(plan, notes=plan.notes + (
+            "the prompt is prefilled in full precision through a dense cache, then quantized (KIVI's prefill "
+            "rule; peak_cache_bytes counts both)",))
     state = (jnp.zeros((config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity), jnp.float32)
              if plan.compression is not None and plan.compression.policy.accumulates else None)
     n_keep = jnp.asarray(plan.n_keep, jnp.int32) if plan.compression is not None else None

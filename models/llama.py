@@ -50,7 +50,12 @@ def _heads(x: jax.Array, n: int) -> jax.Array:
 
 def project_qkv(lp: Params, h: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-RoPE q [batch, q_heads, seq, hd], k, v [batch, kv_heads, seq, hd] from normed input."""
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if "wqkv" in lp:      # fused (fuse_projections): one matmul reads the three weights
+        qd, kd = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        qkv = h @ lp["wqkv"]
+        q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
+    else:
+        q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
     if config.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q, k, v = _heads(q, config.n_heads), _heads(k, config.n_kv_heads), _heads(v, config.n_kv_heads)
@@ -96,8 +101,30 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     b, _, t, _ = out.shape
     x = x + out.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
     h = rms_norm(x, lp["mlp_norm"], config.norm_eps)
-    x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
-    return x, layer_cache, out_obs
+    return x + mlp(lp, h), layer_cache, out_obs
+
+
+def mlp(lp: Params, h: jax.Array) -> jax.Array:
+    """SwiGLU feed-forward of the normed input h [batch, seq, d_model] (fused gate|up or not)."""
+    if "w_gate_up" in lp:
+        gu = h @ lp["w_gate_up"]
+        f = gu.shape[-1] // 2
+        return (jax.nn.silu(gu[..., :f]) * gu[..., f:]) @ lp["w_down"]
+    return (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+
+def fuse_projections(params: Params) -> Params:
+    """Per-layer parameters with q|k|v concatenated into `wqkv` [d_model, (q_heads + 2 kv_heads) *
+    head_dim] and gate|up into `w_gate_up` [d_model, 2 ffn]: two matmuls per layer instead of five
+    in decode, where each is a weight-bandwidth-bound GEMV with fixed launch and tail costs. Same
+    outputs (up to matmul summation order). For inference: training code and tensor-parallel
+    sharding (kvjax.sharding) expect the separate weights. Eager; call once (it copies the weights)."""
+    def fuse(lp):
+        lp = dict(lp)
+        lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=-1)
+        lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
+        return lp
+    return {**params, "layers": tuple(fuse(lp) for lp in layer_params(params))}
 
 
 def layer_params(params: Params) -> tuple[Params, ...]:

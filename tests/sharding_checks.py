@@ -230,8 +230,8 @@ def main():
             out["seconds"].append(round(time.perf_counter() - t0, 1))
         except Exception:
             out.setdefault("failures", []).append(traceback.format_exc())
-    with open(sys.argv[1], "w") as f:
-        json.dump(out, f, indent=1, default=str)
+        with open(sys.argv[1], "w") as f:          # after every check: a run cut short keeps its timings
+            json.dump(out, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

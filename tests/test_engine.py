@@ -134,3 +134,21 @@ def test_every_registered_cache_implements_the_protocol():
             assert "calibrat" in str(err) or "layer_bits" in str(err), (name, err)
     for layer in layers:
         assert isinstance(layer, LayerCache), type(layer).__name__
+
+
+def test_kivi_decode_loop_writes_codes_in_place(params):
+    """A KIVI decode loop writes one token per step into the packed codes: no codes-sized copy,
+    concatenate or dynamic-update-slice of a layer's k/v codes inside the loop (the key flush runs
+    under a lax.cond, the leaving value row is scattered in place)."""
+    from kvjax.quant import make_cache_init
+    b, s = 2, 1024
+    cache = init_engine_cache(CFG, b, s, jnp.float32, make_cache_init("kivi4"))
+    args = (params, cache, jnp.zeros((b,), jnp.int32), jnp.full((b,), 7, jnp.int32), jax.random.PRNGKey(0))
+    compiled = decode_loop.lower(*args, config=CFG, sampling=Sampling(), max_new_tokens=8, eos_ids=(),
+                                 compression=None, attention="xla").compile()
+    codes = f"u8[{b},{CFG.n_kv_heads},{s},{CFG.head_dim // 2}]"
+    body = _while_body_ops(compiled.as_text())
+    assert any(codes in l for l in body), "the codes buffer does not appear in the loop body"
+    rebuilt = [l.strip() for l in body
+               if re.search(r"= " + re.escape(codes) + r"(\{[^}]*\})? (copy|concatenate|dynamic-update-slice)\(", l)]
+    assert rebuilt == [], f"codes-sized buffers rebuilt per step: {rebuilt[:3]}"

@@ -157,3 +157,20 @@ def test_jit_compiles_once_per_shape(params):
     forward_jit(params, toks, pos, cache, CFG)
     forward_jit(params, toks + 1, pos, cache, CFG)
     assert forward_jit._cache_size() == before + 1
+
+
+def test_fused_projections_match_float64_reference(params):
+    """models.llama.fuse_projections (q|k|v and gate|up as one matmul each) against the float64
+    numpy forward of the unfused weights, also through generate's per-layer cache."""
+    from kvjax.generate import generate
+    from models.llama import fuse_projections, unstack_params
+    fused = fuse_projections(params)
+    assert "wqkv" in fused["layers"][0] and "wq" not in fused["layers"][0]
+    toks = _tokens(19)
+    logits, _, _ = forward(fused, toks, _pos(19), init_cache(3, 1, 2, 19, 8), CFG)
+    ref = reference_logits(jax.tree_util.tree_map(np.asarray, params), CFG, np.asarray(toks[0]))
+    err = np.linalg.norm(np.asarray(logits[0]) - ref) / np.linalg.norm(ref)
+    assert err < 1e-5, err
+    prompt = [np.asarray(toks[0]).tolist()]
+    kw = dict(max_new_tokens=6, eos_ids=())
+    assert generate(fused, CFG, prompt, **kw).tokens == generate(unstack_params(params), CFG, prompt, **kw).tokens

@@ -247,3 +247,63 @@ def test_real_smollm2_generate_with_kivi_cache(smollm2, dense_prefill):
     L, H, d = config.n_layers, config.n_kv_heads, config.head_dim
     want = L * H * (64 * kivi.bytes_per_token(d, 8, 8, 32) + 2 * 32 * d * 4 + 4 * 4)
     assert k8.stats["cache_bytes"] == want
+
+
+def test_decode_append_equals_general_append():
+    """The one-token append (decode fast path: select into the tail, flush under lax.cond, one
+    scattered value row) leaves exactly the cache the general per-row append leaves, step by step
+    across key flushes, the value window filling and sliding, ragged left padding and capacity
+    overflow (writes past the capacity dropped)."""
+    for bits, (b, h, d, cap, r) in [(4, (3, 2, 64, 200, 32)), (2, (2, 3, 32, 130, 64))]:
+        one = jax.tree.map(lambda x: x[0], kivi.init_kivi_cache_from(kivi.KIVIConfig(bits, bits, 32, r), 1, b, h,
+                                                                     cap, d, jnp.float32))
+        t = 37
+        pos = np.tile(np.arange(t), (b, 1))
+        pos[0, :5], pos[0, 5:] = -1, np.arange(t - 5)
+        k = jax.random.normal(jax.random.PRNGKey(1), (b, h, t, d))
+        one = kivi._append_rows(one, k, 0.5 * k + 1, jnp.asarray(pos))
+        gen, p = one, jnp.asarray(pos[:, -1] + 1)
+        step_one, step_gen = jax.jit(kivi._append_one), jax.jit(kivi._append_rows)
+        for i in range(cap - t + 3):
+            kn = jax.random.normal(jax.random.PRNGKey(10 + i), (b, h, 1, d))
+            one, gen, p = step_one(one, kn, 0.3 * kn - 1, p[:, None]), step_gen(gen, kn, 0.3 * kn - 1, p[:, None]), p + 1
+        assert int(one.k_len.max()) >= cap - r and int(one.lengths.max()) > cap     # flushed and overflowed
+        for a, g in zip(jax.tree.leaves(one), jax.tree.leaves(gen)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(g))
+
+
+def test_engine_prefill_is_full_precision_then_quantized():
+    """kvjax.generate.prefill over a KIVI cache (auto dense_first): the prompt attends in full
+    precision (logits equal a dense-cache prefill's) and the cache then holds KIVI's prefill rule
+    applied to the dense K/V (kivi.from_dense, written apart: stacked, one append). With
+    dense_first=False every chunk attends to the quantized earlier chunks: the logits move."""
+    import dataclasses
+    from kvjax.generate import forward_jit, init_engine_cache, prefill
+    from kvjax.layerwise import stacked
+    from kvjax.quant import make_cache_init
+    from models.config import get_config
+    from models.llama import init_params, unstack_params
+    cfg = dataclasses.replace(get_config("llama3-8b"), name="kivi-prefill-test", n_layers=2, d_model=128, n_heads=4,
+                              n_kv_heads=2, head_dim=64, ffn_dim=256, vocab_size=256)
+    params = unstack_params(init_params(cfg, jax.random.PRNGKey(3), scale=0.5))
+    b, t, cap = 2, 96, 160
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (b, t), 0, cfg.vocab_size)
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    pos[1, :10], pos[1, 10:] = -1, np.arange(t - 10)                  # left padding in row 1
+    pos = jnp.asarray(pos)
+    init = make_cache_init("kivi2", group=32, residual=32)
+    dense = kvcache.init_cache(cfg.n_layers, b, cfg.n_kv_heads, cap, cfg.head_dim)
+    want_logits, dense, _ = forward_jit(params, tokens, pos, dense, cfg)
+    logits, q, _ = prefill(params, cfg, tokens, pos, init_engine_cache(cfg, b, cap, jnp.float32, init), chunk_size=32)
+    err = float(jnp.linalg.norm(logits - want_logits[:, -1]) / jnp.linalg.norm(want_logits[:, -1]))
+    assert err < 1e-5, err          # chunks of 32 vs one forward: f32 summation order only
+    want = kivi.from_dense(dense, kivi.KIVIConfig(2, 2, 32, 32), capacity=cap)
+    for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_len", "v_len", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(stacked(q), name)), np.asarray(getattr(want, name)), name)
+    # quantized chunks: the 2-bit earlier chunks change the last position's distribution
+    fq, _, _ = prefill(params, cfg, tokens, pos, init_engine_cache(cfg, b, cap, jnp.float32, init), chunk_size=32,
+                       dense_first=False)
+    rel = float(jnp.linalg.norm(fq - logits) / jnp.linalg.norm(logits))
+    assert rel > 1e-3, rel
+    with pytest.raises(ValueError, match="dense_first"):
+        prefill(params, cfg, tokens, pos, init_engine_cache(cfg, b, cap, jnp.float32), dense_first=True)

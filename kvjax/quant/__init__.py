@@ -173,7 +173,8 @@ def _build(spec: QuantSpec, kw: dict, config, batch: int, capacity: int):
 
 
 def make_cache_init(name: str, **overrides) -> Callable:
-    """`cache_init(config, batch, capacity) -> cache` for `generate(..., cache_init=...)`.
+    """`cache_init(config, batch, capacity, dtype=None) -> cache` for `generate(..., cache_init=...)`
+(generate passes its cache dtype as `dtype`; an explicit `dtype=` override wins).
 
     name: a key of QUANT_CACHES; overrides: options of that method (see each QuantSpec.allowed).
     Raises ValueError at once for an unknown name/option or a missing requirement; bad values
@@ -181,12 +182,16 @@ def make_cache_init(name: str, **overrides) -> Callable:
     spec = _spec(name)
     kw = spec.resolve(overrides)
 
-    def cache_init(config, batch: int, capacity: int):
-        return _build(spec, kw, config, batch, capacity)
+    def cache_init(config, batch: int, capacity: int, dtype=None):
+        # dtype: of the full-precision parts (residual windows, buffers): an explicit `dtype=` option
+        # wins, else the engine's cache dtype (generate's cache_dtype: bf16 for a bf16 model), else f32
+        return _build(spec, kw if dtype is None or "dtype" in overrides else {**kw, "dtype": dtype},
+                      config, batch, capacity)
 
     cache_init.__name__ = f"cache_init_{name}"
     cache_init.quant_name = name
     cache_init.overrides = dict(overrides)   # for kvjax.quant.evicted.check_combination
+    cache_init.takes_engine_dtype = True
     return cache_init
 
 

@@ -36,9 +36,11 @@ Protocol order. The model appends first and attends second, so the queries of a 
 state *after* this call's tokens were stored: tokens that were flushed to codes by this append are
 seen quantized. In decode (one token) this differs from KIVI's order (attend, then flush) only for
 the token that completes an R-block (its own key is seen quantized) and for the value leaving the
-window in this step; in prefill every earlier prompt token is seen as the cache holds it (the
-"fake-quant" evaluation used by KVQuant's perplexity numbers), not in full precision as KIVI's
-prefill does.
+window in this step. The engine's prefill (`kvjax.generate.prefill`, `quantize_after_prefill`)
+runs the prompt through a dense cache and appends it here afterwards, as KIVI's prefill does (the
+prompt attends in full precision); with `dense_first=False` every prompt chunk is appended first
+and attends to earlier tokens as the cache holds them (the "fake-quant" evaluation used by
+KVQuant's perplexity numbers).
 
 Bad input: bits outside {2, 4, 8}, G not dividing head_dim, R not a multiple of G -> ValueError at
 `init_kivi_cache`/`KIVIConfig`. NaN/inf keys or values cannot be detected inside `jit` (the model
@@ -49,6 +51,7 @@ raise ValueError when they are called eagerly with concrete non-finite arrays, a
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Optional
 
 import jax
@@ -254,6 +257,9 @@ class KIVICache:
     v_bits: int = 2
     group: int = 32
     residual: int = 128
+    # KIVI's prefill attends in full precision and quantizes the prompt afterwards: the engine's
+    # prefill may run the prompt through a dense cache, then `append` it here (kvjax.generate.prefill)
+    quantize_after_prefill: typing.ClassVar[bool] = True
 
     @property
     def config(self) -> KIVIConfig:
@@ -365,6 +371,13 @@ def append(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax.
 
 @jax.jit
 def _append(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KIVICache:
+    if keys.shape[-2] == 1:
+        return _append_one(layer, keys, values, positions)
+    return _append_rows(layer, keys, values, positions)
+
+
+def _append_rows(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KIVICache:
+    """The general append (any number of new tokens), written per (batch, kv-head) row and vmapped."""
     kb, vb, g, r = layer.k_bits, layer.v_bits, layer.group, layer.residual
 
     def row(kc, ks, km, vc, vs, vm, kr, vr, klen, vlen, length, knew, vnew):
@@ -391,6 +404,53 @@ def _append(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax
     return dataclasses.replace(
         layer, k_codes=kc, k_scale=ks, k_min=km, v_codes=vc, v_scale=vs, v_min=vm, k_resid=kr, v_resid=vr,
         k_len=klen.astype(jnp.int32), v_len=vlen.astype(jnp.int32), lengths=layer.lengths + n,
+        pos_offset=update_pos_offset(layer.pos_offset, layer.lengths, positions))
+
+
+def _append_one(layer: KIVICache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KIVICache:
+    """`_append` for one new token (a decode step), with the same result and few kernels: the key
+    enters its tail slot by a select over the [R] tail; the R-block flush runs under a `lax.cond`
+    only in the steps where some row's tail is full (once every R steps per row); the value leaving
+    the window is quantized per token and scattered into one code row per (batch, kv-head) in place
+    (out of range = dropped for rows whose window is not full yet)."""
+    kb, vb, g, r = layer.k_bits, layer.v_bits, layer.group, layer.residual
+    rows = jnp.arange(r, dtype=jnp.int32)[:, None]                       # [R, 1]
+    # keys: write into the tail at its fill level; flush the rows whose tail is now full
+    fill = (layer.lengths - layer.k_len)[..., None, None]                # [b, h, 1, 1]
+    k_tail = jnp.where(rows == fill, keys.astype(layer.k_resid.dtype), layer.k_resid)
+    full = (layer.lengths - layer.k_len + 1) == r                        # [b, h]
+
+    def flush(arrays):
+        kc, ks, km = arrays
+        codes, scale, mn = packing.quantize(k_tail, kb, g, axis=-2)      # [b, h, R, .], [b, h, R/G, d]
+        b, h = full.shape
+        bi, hi = jnp.meshgrid(jnp.arange(b), jnp.arange(h), indexing="ij")
+        at = lambda base, n: jnp.where(full, base, kc.shape[-2] * 2)[..., None] + jnp.arange(n)
+        kc = kc.at[bi[..., None], hi[..., None], at(layer.k_len, r)].set(packing.pack(codes, kb), mode="drop")
+        ks = ks.at[bi[..., None], hi[..., None], at(layer.k_len // g, r // g)].set(scale, mode="drop")
+        km = km.at[bi[..., None], hi[..., None], at(layer.k_len // g, r // g)].set(mn, mode="drop")
+        return kc, ks, km
+
+    kc, ks, km = jax.lax.cond(jnp.any(full), flush, lambda a: a, (layer.k_codes, layer.k_scale, layer.k_min))
+    k_len = jnp.where(full, layer.k_len + r, layer.k_len)
+    k_tail = jnp.where(full[..., None, None], jnp.zeros((), k_tail.dtype), k_tail)   # a flushed tail is empty
+    # values: a sliding window of R; when it is full the oldest row leaves and is quantized per token
+    wfill = (layer.lengths - layer.v_len)[..., None, None]               # [b, h, 1, 1]
+    vnew = values.astype(layer.v_resid.dtype)
+    leaves = (layer.lengths - layer.v_len) == r                          # [b, h]
+    shifted = jnp.concatenate([layer.v_resid[..., 1:, :], vnew], axis=-2)
+    v_win = jnp.where(leaves[..., None, None], shifted, jnp.where(rows == wfill, vnew, layer.v_resid))
+    codes, scale, mn = packing.quantize(layer.v_resid[..., 0, :], vb, g, axis=-1)   # [b, h, d], [b, h, d/G]
+    b, h = leaves.shape
+    bi, hi = jnp.meshgrid(jnp.arange(b), jnp.arange(h), indexing="ij")
+    at = jnp.where(leaves, layer.v_len, layer.v_codes.shape[-2] * 2)
+    vc = layer.v_codes.at[bi, hi, at].set(packing.pack(codes, vb), mode="drop")
+    vs = layer.v_scale.at[bi, hi, at].set(scale, mode="drop")
+    vm = layer.v_min.at[bi, hi, at].set(mn, mode="drop")
+    v_len = jnp.where(leaves, layer.v_len + 1, layer.v_len)
+    return dataclasses.replace(
+        layer, k_codes=kc, k_scale=ks, k_min=km, v_codes=vc, v_scale=vs, v_min=vm, k_resid=k_tail, v_resid=v_win,
+        k_len=k_len.astype(jnp.int32), v_len=v_len.astype(jnp.int32), lengths=layer.lengths + 1,
         pos_offset=update_pos_offset(layer.pos_offset, layer.lengths, positions))
 
 
