@@ -115,9 +115,13 @@ def check_generate_args(args) -> None:
     elif args.heads:
         raise ValueError("--heads is only used with --policy locret")
     if args.kv_quant:
-        if args.policy:
-            raise ValueError("--kv-quant (a quantized full cache) cannot be combined with --policy eviction")
-        quant_cache_init(args.kv_quant)
+        init = quant_cache_init(args.kv_quant)
+        if args.policy:   # eviction x quantization: refused combinations name their reason before loading
+            from kvjax.policies import POLICIES
+            from kvjax.quant.evicted import check_cache_init, check_policy_class
+            check_cache_init(init)
+            name = parse_policy(args.policy)[0]
+            check_policy_class(POLICIES[name.lower().replace("-", "_")])
     mesh_kwargs(args)   # --mesh: malformed, or more devices than there are
     if getattr(args, "mesh", None) and args.policy and is_locret(args.policy):
         raise ValueError("--mesh is not supported with --policy locret (its own prefill loop runs on one device)")
@@ -278,7 +282,7 @@ def eval_config_from_args(args, notes: Optional[list] = None):
                       needle_query_aware=args.needle_query_aware, seed=args.seed,
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
                       regime_policies=tuple(regime_policies), locret_heads=args.heads or "",
-                      kv_quant=_names(args.kv_quant))
+                      kv_quant=_names(args.kv_quant), combine=bool(args.kv_quant) and bool(policies))
 
 
 def _git_commit() -> str:
@@ -441,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated policy specs (name[:key=value...]), 'all' (every policy buildable from "
                          "the model; duo_attention only as duo_attention:pattern_file=PATH), 'locret' (needs --heads)")
     ev.add_argument("--heads", default=None, help="Locret's trained retaining heads (rows in the chunk regime)")
-    ev.add_argument("--kv-quant", default="", help="quantized-cache rows at the full token budget, e.g. kivi2,kivi4")
+    ev.add_argument("--kv-quant", default="", help="quantized-cache rows at the full token budget, e.g. kivi2,kivi4; "
+                    "with --policy also every policy x kv-quant x budget (policy+kivi4 rows: eviction x quantization)")
     ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated budgets, each " + BUDGET_HELP)
     ev.add_argument("--regime", default="prefill", help="comma-separated subset of prefill,chunk,decode")
     ev.add_argument("--chunk-policies", default="", help="restrict the chunk regime to these policies")

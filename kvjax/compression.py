@@ -240,8 +240,11 @@ def decode_compress(compression: Compression, config: ModelConfig, cache: Layerw
                          f"(e.g. ThinK's pruned keys, a ragged final layout) cannot be compressed again")
 
     def squeeze(c, s, b):
+        from kvjax.quant.evicted import dense_view
+        c, back = dense_view(c)   # quantized layers: dequantized, compressed, requantized (kvjax.quant.evicted)
         scores = buffer_scores(policy, config, c, b, s)
         c2, s2 = compress(policy, config, c, scores, n_keep, c.capacity, max_keep, s)
+        c2 = back(c2)
         if b is not None and policy.rerotate:
             b = dataclasses.replace(b, positions=jnp.full_like(b.positions, -1))
         return c2, s2, b

@@ -271,6 +271,7 @@ def attention_name(cache, compression=None, attention: str = "auto") -> str:
     from kvjax.quant.kivi import KIVICache
     from kvjax.quant.qjl import QJLCache
     layer = cache.layers[0] if isinstance(cache, LayerwiseCache) and cache.layers else cache
+    layer = getattr(layer, "kivi", layer)      # kvjax.quant.evicted: the KIVI storage of an evicted set
     if compression is not None and getattr(compression, "when", None) == "decode":
         obs = compression.decode_observer()
         if obs is not None and obs.observe.wants_attention:
@@ -366,7 +367,8 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
              eos_ids: Optional[tuple[int, ...]] = None, seed: int = 0, bucket: int = 64,
              compression: Optional[Compression] = None, progress: bool = False,
              tokenizer=None, cache_init: Optional[Callable] = None, attention: str = "auto",
-             mesh=None, selection=None, prefill_attention=None) -> GenerateResult:
+             mesh=None, selection=None, prefill_attention=None,
+             kv_quant: Optional[str] = None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (a list of token-id lists).
 
     tokenizer: optional (models.tokenizer); when given, `result.text` holds the decoded answers
@@ -384,6 +386,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     the full cache is kept and every decode step attends to the selected tokens / pages only; the
     decode capacity is rounded up to a multiple of its page size; stats gain "selection" and
     "read_bytes_per_step" (K/V + metadata a step reads, vs the dense read).
+    kv_quant: a quantized cache by registry name ("kivi4"; same as cache_init=make_cache_init(name)).
+    With a compression too, the policy evicts and KIVI stores the kept tokens (kvjax.quant.evicted:
+    full-precision prefill and scores, kept tokens quantized after prefill, decode-time compression
+    requantizes); other quantized caches raise ValueError.
 
     prefill_attention: block-sparse prefill (`kvjax.sparse_prefill`): a method object or a string
     'block_sparse:<method>[:k=v,...]' (flexprefill, minference, a_shape, streaming); prefill chunks
@@ -395,6 +401,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
     do not fit the capacity or the model's context, and non-positive max_new_tokens."""
     check_backend(attention)
+    compression, cache_init, evict_quant = _evict_quant(compression, cache_init, kv_quant)
     if prefill_attention is not None:
         from kvjax.sparse_prefill import check_sparse_prefill, make_sparse_prefill
         prefill_attention = make_sparse_prefill(prefill_attention)
@@ -470,6 +477,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
         state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
+    if evict_quant is not None:   # the kept tokens of every head stored in KIVI form
+        cache = evict_quant.quantize(cache)
+        if state is not None:
+            state = jnp.pad(state, [(0, 0)] * 3 + [(0, cache.layers[0].capacity - state.shape[-1])])
     if mesh is not None:  # compression may have built another layout: place it again
         cache, state = _on_mesh(cache, config, mesh), _on_mesh(state, config, mesh)
     first = sample(last_logits, sub, sampling)
@@ -527,6 +538,22 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
                 f"selection budget {selection.budget} >= cache capacity {cache.capacity}: dense decode",)
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
     return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)
+
+
+def _evict_quant(compression, cache_init, kv_quant: Optional[str]):
+    """(compression, cache_init for the prefill cache, kvjax.quant.evicted.EvictQuant or None):
+    `kv_quant` names a registered quantized cache; with a compression, prefill runs dense and the
+    kept tokens are quantized after it (ValueError for combinations that cannot work)."""
+    if kv_quant is not None:
+        if cache_init is not None:
+            raise ValueError("give kv_quant or cache_init, not both")
+        from kvjax.quant import make_cache_init
+        cache_init = make_cache_init(kv_quant)
+    if compression is None or cache_init is None:
+        return compression, cache_init, None
+    from kvjax.quant.evicted import check_combination
+    plan = check_combination(compression, cache_init)
+    return plan.compression, None, plan
 
 
 def _on_mesh(tree, config: ModelConfig, mesh):

@@ -254,8 +254,8 @@ def test_bad_inputs_raise_clear_errors(capsys):
     assert "--heads PATH" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--kv-quant", "kivi9"]) == 2
     assert "unknown quantized cache" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--policy", "knorm", "--budget", "0.5", "--kv-quant", "kivi2"]) == 2
-    assert "cannot be combined" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--policy", "knorm", "--budget", "0.5", "--kv-quant", "mikv"]) == 2
+    assert "eviction x mikv is not supported" in capsys.readouterr().err
     with pytest.raises(ValueError, match="need"):
         fidelity.split_text(AsciiTokenizer(), "short text", 100, 10)
 

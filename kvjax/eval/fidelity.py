@@ -160,11 +160,14 @@ def _positions(tokens: jax.Array) -> jax.Array:
 
 def prefill_context(params, config: ModelConfig, tokens, compression: Optional[Compression] = None,
                     max_new_tokens: int = 1, chunk_size: Optional[int] = None,
-                    runner: Optional[Runner] = None, cache_dtype=None, attention: str = "auto") -> Prefilled:
+                    runner: Optional[Runner] = None, cache_dtype=None, attention: str = "auto",
+                    kv_quant: Optional[Callable] = None) -> Prefilled:
     """Prefill `tokens [batch, T]` (unpadded, equal lengths) and compress as `compression` says,
     with the engine's own `kvjax.generate.prefill` (capacities from `generate.plan_cache`; "chunk"
     compresses after every chunk of `chunk_size` tokens, "prefill"/"decode" once at the end).
     The cache comes back with `plan.decode_capacity` slots (room for `max_new_tokens`).
+    kv_quant: a quantized `cache_init` (kvjax.quant.make_cache_init) storing the kept tokens after
+    the full-precision prefill and compression (kvjax.quant.evicted; KIVI only).
     seconds: wall time of the prefill (compilation of a new shape included)."""
     runner = runner or Runner()
     params = _layers(params)
@@ -176,6 +179,14 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if compression is not None and compression.when == "chunk" and not chunk_size:
         raise ValueError("compression when='chunk' needs a chunk_size")
+    evict = None
+    if kv_quant is not None:
+        from kvjax.quant.evicted import check_combination
+        if compression is None:
+            raise ValueError("kv_quant in prefill_context stores a compression's kept tokens: give a compression "
+                             "(a quantized full cache: prefill_quantized)")
+        evict = check_combination(compression, kv_quant)
+        compression = evict.compression
     plan = plan_cache(t, [t] * b, max_new_tokens, chunk_size, compression)
     comp = plan.compression  # None when the budget keeps the whole context
     cache = init_engine_cache(config, b, plan.prefill_capacity,
@@ -191,6 +202,10 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
         state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
+    if evict is not None:
+        cache = evict.quantize(cache)
+        if state is not None:
+            state = jnp.pad(state, [(0, 0)] * 3 + [(0, cache.capacity - state.shape[-1])])
     cache, state = jax.block_until_ready((cache, state))
     secs = time.perf_counter() - t0
     peak = max(peak, cache.memory_bytes())

@@ -75,6 +75,7 @@ class EvalConfig:
     locret_heads: str = ""
     kv_quant: tuple[str, ...] = ()
     needle_filler: tuple[str, ...] = ()   # filler sentences (needle.text_filler); () = synthetic filler
+    combine: bool = False   # also every policy x kv_quant x budget x regime: "snapkv+kivi4" rows (kvjax.quant.evicted)
 
     def __post_init__(self):
         if not self.policies and not self.kv_quant:
@@ -114,6 +115,7 @@ class EvalConfig:
 
 
 LOCRET = "locret"
+COMBINE = "+"   # "snapkv+kivi4": a policy's kept tokens in a quantized cache
 LOCRET_DEFAULTS = {"n_local": 32, "stab_frac": 0.25}  # as train/locret_eval (budget = k - n_local)
 
 
@@ -241,6 +243,10 @@ def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, ru
         spec, budget, heads = method.locret
         pol = locret_policy(spec, budget, task.tokens.shape[1], ecfg.chunk_size)
         pre = fidelity.prefill_locret(params, config, task.tokens, heads, pol, n_new, runner=runner)
+    elif method.cache_init is not None and comp is not None:   # eviction x quantization
+        chunk = ecfg.chunk_size if comp.when == "chunk" else None
+        pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner,
+                                       kv_quant=method.cache_init)
     elif method.cache_init is not None:
         pre = fidelity.prefill_quantized(params, config, task.tokens, method.cache_init, n_new, runner=runner)
     else:
@@ -285,6 +291,9 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
             if is_locret(name):
                 specs += [(name, budget, "chunk") for budget in ecfg.budgets]
     specs += [(q, None, "quant") for q in ecfg.kv_quant]
+    if ecfg.combine:   # eviction x quantization: the policy's kept tokens stored by the quantized cache
+        specs += [(f"{name}{COMBINE}{q}", budget, regime) for regime in ecfg.regimes for q in ecfg.kv_quant
+                  for name in ecfg.policies_for(regime) if not is_locret(name) for budget in ecfg.budgets]
     heads = None
     if any(is_locret(n) for n, _, _ in specs):
         from kvjax.policies.locret import load_heads
@@ -296,6 +305,9 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
             return _Method(cache_init=quant_cache_init(name))
         if budget is None:
             return _Method()
+        if COMBINE in name:
+            policy, quant = name.split(COMBINE, 1)
+            return dataclasses.replace(method_of(policy, budget, regime), cache_init=quant_cache_init(quant))
         if is_locret(name):
             return _Method(locret=(name, budget, heads))
         if name not in built:  # RazorAttention's head search runs once per spec

@@ -190,6 +190,7 @@ def make_cache_init(name: str, **overrides) -> Callable:
 
     cache_init.__name__ = f"cache_init_{name}"
     cache_init.quant_name = name
+    cache_init.overrides = dict(overrides)   # for kvjax.quant.evicted.check_combination
     cache_init.takes_engine_dtype = True
     return cache_init
 
