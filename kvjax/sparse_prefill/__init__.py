@@ -13,11 +13,13 @@ prefill chunk through the kernel with it. Decode is unchanged (dense).
     minference    MInference vertical-slash (last-64-query estimate) or A-shape, per-head patterns
     a_shape       MInference's A-shape on every head (init=128, local=1024 by default)
     streaming     sink + local blocks on streaming heads (DuoAttention pattern_file), dense elsewhere
+    sale          SALE: int8 score estimate vs the sink + local relative-score threshold (tau)
 """
 from __future__ import annotations
 
 from kvjax.sparse_prefill.flexprefill import FlexPrefill
 from kvjax.sparse_prefill.minference import MInference
+from kvjax.sparse_prefill.sale import SALE
 from kvjax.sparse_prefill.streaming import StreamingPrefill
 
 METHODS = {
@@ -25,6 +27,7 @@ METHODS = {
     "minference": MInference.from_args,
     "a_shape": lambda **kw: MInference.from_args(**{"kind": "a_shape", "vertical": 128, "slash": 1024, **kw}),
     "streaming": StreamingPrefill.from_args,
+    "sale": SALE.from_args,
 }
 PREFIX = "block_sparse"
 
@@ -69,4 +72,4 @@ def check_sparse_prefill(method, config) -> None:
                              f"got {len(pattern)} layers x {sorted({len(r) for r in pattern})} heads")
 
 
-__all__ = ["FlexPrefill", "MInference", "StreamingPrefill", "make_sparse_prefill", "check_sparse_prefill", "METHODS"]
+__all__ = ["FlexPrefill", "MInference", "SALE", "StreamingPrefill", "make_sparse_prefill", "check_sparse_prefill", "METHODS"]
