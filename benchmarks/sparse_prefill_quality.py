@@ -5,6 +5,7 @@ perplexity, next to the density each method chose (listed / causal blocks, over 
 chunks).
 
     PYTHONPATH=. python benchmarks/sparse_prefill_quality.py --context 2048 --steps 32
+    PYTHONPATH=. python benchmarks/sparse_prefill_quality.py --only sale,hyper    # re-run some methods, keep the other rows
 """
 import argparse
 import json
@@ -31,6 +32,10 @@ SETTINGS = (
     ("a_shape", "block_sparse:a_shape:slash=512"),
     ("streaming", "block_sparse:streaming:pattern_file=docs/duo/pattern.json"),  # trained Duo heads, 64 + 256
     ("streaming", "block_sparse:streaming"),                                    # every head streaming
+    ("sale", "block_sparse:sale"),                                              # tau 0.004, sink 64, local 128
+    ("sale", "block_sparse:sale:tau=0.02"),
+    ("hyper", "block_sparse:hyper"),                                            # min_seq_len 4096: exact at 2K
+    ("hyper", "block_sparse:hyper:min_seq_len=512"),
 )
 
 
@@ -64,7 +69,13 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", default="docs/sparse_prefill_quality.json")
+    ap.add_argument("--only", default=None, help="comma-separated method names: run these, keep the file's other rows")
     a = ap.parse_args()
+    only = None if a.only is None else set(a.only.split(","))
+    kept = []
+    if only is not None:
+        with open(a.out) as f:
+            kept = [r for r in json.load(f)["rows"] if r["method"] != "dense" and r["method"] not in only]
     config, params = load_model("smollm2", dtype=jnp.float32)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     ids = load_tokenizer("smollm2").encode(kjv_text(book="Genesis", n_chars=a.context * 6))
@@ -76,7 +87,10 @@ def main():
     rows = [{"method": "dense", "setting": "dense prefill", "density": 1.0, "kl_first": 0.0, "kl_mean": 0.0,
              "ppl": ppl(full)}]
     print(rows[-1], flush=True)
+    rows += kept
     for name, spec in SETTINGS:
+        if only is not None and name not in only:
+            continue
         method = make_sparse_prefill(spec)
         check_sparse_prefill(method, config)
         lp, density, secs = run(params, config, ids, a.context, a.steps, a.chunk, method)

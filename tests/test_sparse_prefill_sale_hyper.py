@@ -173,3 +173,148 @@ def test_sale_errors():
             make_sparse_prefill(spec)
     assert make_sparse_prefill("block_sparse:sale") == SALE(tau=0.004, sink=64, local=128, min_seq_len=1024,
                                                             block_size=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# HyperAttention
+
+from kvjax.sparse_prefill import HyperAttention  # noqa: E402
+
+
+def np_gray(k):
+    """reflected binary Gray code of k (the official perm[k])."""
+    return k ^ (k >> 1)
+
+
+def np_bucket(x, planes):
+    bits = (x @ planes > 0).astype(int)
+    return np_gray(int(sum(int(bit) << r for r, bit in enumerate(bits))))
+
+
+def np_regions(lo, hi, hy, out):
+    """The causal halving on key blocks [lo, hi): out[(a, j)] = "dense" or the rectangle's columns
+    (c0, c1) for every causal pair, recursively (hy: the HyperAttention config)."""
+    n = hi - lo
+    if n * hy.block_size <= hy.min_seq_len:
+        for a in range(lo, hi):
+            for j in range(lo, a + 1):
+                out[(a, j)] = "dense"
+        return
+    mid = lo + (n + 1) // 2
+    np_regions(lo, mid, hy, out)
+    np_regions(mid, hi, hy, out)
+    for a in range(mid, hi):
+        for j in range(lo, mid):
+            out[(a, j)] = "dense" if (hi - mid) * hy.block_size < hy.min_seq_len else (lo, mid)
+
+
+def np_hyper_mask(hy, q, k, starts, lengths, planes, draws):
+    """Float64 block form of HyperAttention (module docstring of kvjax.sparse_prefill.hyper) with the
+    method's hyperplanes and sample draws."""
+    import bisect
+    q, k, planes, draws = (np.asarray(x, np.float64) for x in (q, k, planes, draws))
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g, bs = hq // hkv, hy.block_size
+    gsz = hy.lsh_block // bs
+    out = None
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // g
+            st, ln = int(starts[bi, kh]), int(lengths[bi, kh])
+            live, firsts, nqb, nkb = np_geometry(t, s, bs, st, ln)
+            if out is None:
+                out = np.zeros((b, hkv, nqb, nkb), bool)
+            if ln - st <= hy.min_seq_len:
+                out[bi, kh] |= live
+                continue
+            regions = {}
+            np_regions(st // bs, -(-ln // bs), hy, regions)
+            kb = [np_bucket(k[bi, kh, max(j * bs, st):min((j + 1) * bs, ln)].mean(0), planes) for j in range(nkb)
+                  if j * bs < ln] + [0] * nkb
+            m = np.zeros((nqb, nkb), bool)
+            for i in range(nqb):
+                rows_q = q[bi, h, i * bs:min((i + 1) * bs, t)]
+                hq_i = np_bucket(rows_q.mean(0), planes)
+                last = ln - t + min((i + 1) * bs, t) - 1
+                for a in {firsts[i] // bs, last // bs}:
+                    for j in range(nkb):
+                        r = regions.get((a, j))
+                        if r == "dense":
+                            m[i, j] = True
+                        elif r is not None:
+                            c0, c1 = r
+                            order = sorted(range(c0, c1), key=lambda x: (kb[x], x))
+                            ins = bisect.bisect_left([kb[x] for x in order], hq_i)
+                            group = min(ins // gsz, (c1 - c0 - 1) // gsz)
+                            picked = order[group * gsz:(group + 1) * gsz]
+                            sampled = [c0 + int(np.floor(u * (c1 - c0))) for u in draws[bi, h]]
+                            m[i, j] |= j in picked or j in sampled
+            out[bi, kh] |= m & live
+    return out
+
+
+HYPER_CASES = [
+    (HyperAttention(lsh_num_projs=3, lsh_block=32, sample_size=16, min_seq_len=32, block_size=16), MID, 21, "sparse"),
+    (HyperAttention(lsh_num_projs=7, lsh_block=32, sample_size=0, min_seq_len=32, block_size=16), MID, 22, "sparse"),
+    (HyperAttention(block_size=16), MID, 23, "dense"),                               # 290 tokens < 4096: exact
+]
+
+
+@pytest.mark.parametrize("hy,shape,seed,expect", HYPER_CASES, ids=["r3-sampled", "r7-lsh-only", "below-min"])
+def test_hyper_block_mask_matches_float64_spec(hy, shape, seed, expect):
+    q, k, _, starts, lengths = _inputs(seed, **shape)
+    mask, live = _block_mask(hy, q, k, starts, lengths)
+    mask, live = np.asarray(mask), np.asarray(live)
+    planes, draws = hy.draws(0, shape["d"], shape["b"], shape["hq"])
+    ref = np_hyper_mask(hy, q, k, np.asarray(starts), np.asarray(lengths), planes, draws)
+    assert np.array_equal(mask, ref), (np.argwhere(mask != ref), ref.mean())
+    if expect == "dense":
+        assert ref.sum() == live.sum()
+    else:
+        assert 0 < ref.sum() < 0.9 * live.sum()
+
+
+def test_hyper_gray_buckets_and_regions():
+    """The bucket table is the reflected Gray code (neighbours differ in one bit); the halving's
+    regions tile the causal block triangle: 8 blocks of 16, min 32 -> dense diagonal squares of 2,
+    rectangles of 2 rows dense (2 * 16 >= 32 is hyper), 4 rows hyper."""
+    from kvjax.sparse_prefill.hyper import DENSE, HYPER, NONE, gray_order
+    perm = gray_order(7)
+    assert np.array_equal(perm, np_gray(np.arange(128)))
+    assert all(bin(int(x) ^ int(y)).count("1") == 1 for x, y in zip(perm[:-1], perm[1:]))
+    hy = HyperAttention(min_seq_len=32, block_size=16, lsh_block=32)
+    from kvjax.sparse_prefill.base import Geometry
+    geo = Geometry(t=128, s=128, block_size=16, starts=jnp.zeros((1, 1), jnp.int32),
+                   lengths=jnp.full((1, 1), 128, jnp.int32))
+    a = jnp.arange(8)[None, None, :, None]
+    state, c0, c1 = hy._regions(a, jnp.broadcast_to(jnp.arange(8), (1, 1, 8, 8)), geo.starts, geo.lengths, geo)
+    ref = {}
+    np_regions(0, 8, hy, ref)
+    for ai in range(8):
+        for j in range(8):
+            r = ref.get((ai, j))
+            want = NONE if r is None else DENSE if r == "dense" else HYPER
+            assert int(state[0, 0, ai, j]) == want, (ai, j)
+            if want == HYPER:
+                assert (int(c0[0, 0, ai, j]), int(c1[0, 0, ai, j])) == r
+    assert int((state == HYPER).sum()) == 4 * 4 + 2 * (2 * 2)       # rows 4-7 x cols 0-3, 2 rects of 2x2
+
+
+def test_hyper_exact_below_min_len_and_sparse_attention():
+    """Below min_seq_len the kernel output is dense causal attention (float64 reference); a sparse
+    setting runs through the interpreted GPU kernel to the float64 attention over its mask."""
+    hy = HyperAttention(block_size=16)
+    _attend_check(hy, SMALL, 24, "xla", lambda m, q, k, st, ln: np.asarray(_block_mask(m, q, k, st, ln)[1]))
+    sparse = HyperAttention(lsh_num_projs=3, lsh_block=16, sample_size=16, min_seq_len=16, block_size=16)
+    planes, draws = sparse.draws(0, SMALL["d"], SMALL["b"], SMALL["hq"])
+    _attend_check(sparse, SMALL, 21, "interpret",
+                  lambda m, q, k, st, ln: np_hyper_mask(m, q, k, st, ln, planes, draws))
+
+
+def test_hyper_errors():
+    for spec, msg in [("hyper:lsh_num_projs=0", "lsh_num_projs"), ("hyper:lsh_block=16", "lsh_block >= block_size"),
+                      ("hyper:sample_size=-1", "sample_size >= 0"), ("hyper:bogus=1", "bogus")]:
+        with pytest.raises(ValueError, match=msg):
+            make_sparse_prefill(spec)
+    assert make_sparse_prefill("block_sparse:hyper") == HyperAttention(7, 256, 256, 4096, 64, 0)

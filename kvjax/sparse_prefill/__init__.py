@@ -14,10 +14,12 @@ prefill chunk through the kernel with it. Decode is unchanged (dense).
     a_shape       MInference's A-shape on every head (init=128, local=1024 by default)
     streaming     sink + local blocks on streaming heads (DuoAttention pattern_file), dense elsewhere
     sale          SALE: int8 score estimate vs the sink + local relative-score threshold (tau)
+    hyper         HyperAttention: causal halving, sortLSH block groups + sampled blocks (dense below 4096)
 """
 from __future__ import annotations
 
 from kvjax.sparse_prefill.flexprefill import FlexPrefill
+from kvjax.sparse_prefill.hyper import HyperAttention
 from kvjax.sparse_prefill.minference import MInference
 from kvjax.sparse_prefill.sale import SALE
 from kvjax.sparse_prefill.streaming import StreamingPrefill
@@ -28,6 +30,7 @@ METHODS = {
     "a_shape": lambda **kw: MInference.from_args(**{"kind": "a_shape", "vertical": 128, "slash": 1024, **kw}),
     "streaming": StreamingPrefill.from_args,
     "sale": SALE.from_args,
+    "hyper": HyperAttention.from_args,
 }
 PREFIX = "block_sparse"
 
@@ -72,4 +75,4 @@ def check_sparse_prefill(method, config) -> None:
                              f"got {len(pattern)} layers x {sorted({len(r) for r in pattern})} heads")
 
 
-__all__ = ["FlexPrefill", "MInference", "SALE", "StreamingPrefill", "make_sparse_prefill", "check_sparse_prefill", "METHODS"]
+__all__ = ["FlexPrefill", "HyperAttention", "MInference", "SALE", "StreamingPrefill", "make_sparse_prefill", "check_sparse_prefill", "METHODS"]
