@@ -233,6 +233,7 @@ def np_hyper_mask(hy, q, k, starts, lengths, planes, draws):
             kb = [np_bucket(k[bi, kh, max(j * bs, st):min((j + 1) * bs, ln)].mean(0), planes) for j in range(nkb)
                   if j * bs < ln] + [0] * nkb
             m = np.zeros((nqb, nkb), bool)
+            orders = {}                                # rectangle -> its key blocks sorted by (bucket, index)
             for i in range(nqb):
                 rows_q = q[bi, h, i * bs:min((i + 1) * bs, t)]
                 hq_i = np_bucket(rows_q.mean(0), planes)
@@ -244,7 +245,9 @@ def np_hyper_mask(hy, q, k, starts, lengths, planes, draws):
                             m[i, j] = True
                         elif r is not None:
                             c0, c1 = r
-                            order = sorted(range(c0, c1), key=lambda x: (kb[x], x))
+                            if r not in orders:
+                                orders[r] = sorted(range(c0, c1), key=lambda x: (kb[x], x))
+                            order = orders[r]
                             ins = bisect.bisect_left([kb[x] for x in order], hq_i)
                             group = min(ins // gsz, (c1 - c0 - 1) // gsz)
                             picked = order[group * gsz:(group + 1) * gsz]
@@ -257,11 +260,10 @@ def np_hyper_mask(hy, q, k, starts, lengths, planes, draws):
 HYPER_CASES = [
     (HyperAttention(lsh_num_projs=3, lsh_block=32, sample_size=16, min_seq_len=32, block_size=16), MID, 21, "sparse"),
     (HyperAttention(lsh_num_projs=7, lsh_block=32, sample_size=0, min_seq_len=32, block_size=16), MID, 22, "sparse"),
-    (HyperAttention(block_size=16), MID, 23, "dense"),                               # 290 tokens < 4096: exact
 ]
 
 
-@pytest.mark.parametrize("hy,shape,seed,expect", HYPER_CASES, ids=["r3-sampled", "r7-lsh-only", "below-min"])
+@pytest.mark.parametrize("hy,shape,seed,expect", HYPER_CASES, ids=["r3-sampled", "r7-lsh-only"])
 def test_hyper_block_mask_matches_float64_spec(hy, shape, seed, expect):
     q, k, _, starts, lengths = _inputs(seed, **shape)
     mask, live = _block_mask(hy, q, k, starts, lengths)
@@ -269,10 +271,7 @@ def test_hyper_block_mask_matches_float64_spec(hy, shape, seed, expect):
     planes, draws = hy.draws(0, shape["d"], shape["b"], shape["hq"])
     ref = np_hyper_mask(hy, q, k, np.asarray(starts), np.asarray(lengths), planes, draws)
     assert np.array_equal(mask, ref), (np.argwhere(mask != ref), ref.mean())
-    if expect == "dense":
-        assert ref.sum() == live.sum()
-    else:
-        assert 0 < ref.sum() < 0.9 * live.sum()
+    assert 0 < ref.sum() < 0.9 * live.sum()
 
 
 def test_hyper_gray_buckets_and_regions():
