@@ -34,6 +34,27 @@ def local_inputs(seed, amp=4.0, period=300, **shape):
     return q.at[..., :2].add(rot(qslot)), k.at[..., :2].add(rot(jnp.arange(shape["s"]))[None, None]), v, st, ln
 
 
+def np_head_union(method, q, k, starts, lengths, head_mask):
+    """[b, hkv, nqb, nkb]: union over each kv head's query heads of head_mask(qh [T, d], kh [S, d],
+    starts, length, live, firsts) -> [nqb, nkb] (float64 inputs), every live block for a context of
+    at most method.min_seq_len tokens (both methods' dense fallback)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = None
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // g
+            st, ln = int(starts[bi, kh]), int(lengths[bi, kh])
+            live, firsts, nqb, nkb = np_geometry(t, s, method.block_size, st, ln)
+            if out is None:
+                out = np.zeros((b, hkv, nqb, nkb), bool)
+            dense = ln - st <= method.min_seq_len
+            out[bi, kh] |= live if dense else head_mask(q[bi, h], k[bi, kh], st, ln, live, firsts) & live
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # SALE
 
@@ -72,33 +93,22 @@ def np_sale_scores(q, k, qslots, starts, length, sale, scale):
 
 
 def np_sale_mask(sale, q, k, starts, lengths):
-    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
-    b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g, bs = hq // hkv, sale.block_size
-    out = None
-    for bi in range(b):
-        for h in range(hq):
-            kh = h // g
-            st, ln = int(starts[bi, kh]), int(lengths[bi, kh])
-            live, firsts, nqb, nkb = np_geometry(t, s, bs, st, ln)
-            if out is None:
-                out = np.zeros((b, hkv, nqb, nkb), bool)
-            if ln - st <= sale.min_seq_len:
-                out[bi, kh] |= live
-                continue
-            qslots = [ln - t + i for i in range(t)]
-            _, _, want = np_sale_scores(q[bi, h], k[bi, kh], qslots, st, ln, sale, d ** -0.5)
-            m = np.zeros((nqb, nkb), bool)
-            for i, j in zip(*np.nonzero(want)):
-                m[i // bs, j // bs] = True
-            for i in range(nqb):                       # sink + local blocks (token rule per query slot)
-                for qs in range(firsts[i], firsts[i] + bs):
-                    for j in range(nkb * bs):
-                        if st <= j < st + sale.sink or qs - sale.local < j <= qs:
-                            m[i, j // bs] = True
-            out[bi, kh] |= m & live
-    return out
+    bs = sale.block_size
+
+    def head(qh, kh, st, ln, live, firsts):
+        t, nqb, nkb = qh.shape[0], *live.shape
+        qslots = [ln - t + i for i in range(t)]
+        _, _, want = np_sale_scores(qh, kh, qslots, st, ln, sale, qh.shape[1] ** -0.5)
+        m = np.zeros((nqb, nkb), bool)
+        for i, j in zip(*np.nonzero(want)):
+            m[i // bs, j // bs] = True
+        for i in range(nqb):                           # sink + local blocks (token rule per query slot)
+            for qs in range(firsts[i], firsts[i] + bs):
+                for j in range(nkb * bs):
+                    if st <= j < st + sale.sink or qs - sale.local < j <= qs:
+                        m[i, j // bs] = True
+        return m
+    return np_head_union(sale, q, k, starts, lengths, head)
 
 
 SALE_CASES = [
@@ -212,49 +222,38 @@ def np_hyper_mask(hy, q, k, starts, lengths, planes, draws):
     """Float64 block form of HyperAttention (module docstring of kvjax.sparse_prefill.hyper) with the
     method's hyperplanes and sample draws."""
     import bisect
-    q, k, planes, draws = (np.asarray(x, np.float64) for x in (q, k, planes, draws))
-    b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g, bs = hq // hkv, hy.block_size
-    gsz = hy.lsh_block // bs
-    out = None
-    for bi in range(b):
-        for h in range(hq):
-            kh = h // g
-            st, ln = int(starts[bi, kh]), int(lengths[bi, kh])
-            live, firsts, nqb, nkb = np_geometry(t, s, bs, st, ln)
-            if out is None:
-                out = np.zeros((b, hkv, nqb, nkb), bool)
-            if ln - st <= hy.min_seq_len:
-                out[bi, kh] |= live
-                continue
-            regions = {}
-            np_regions(st // bs, -(-ln // bs), hy, regions)
-            kb = [np_bucket(k[bi, kh, max(j * bs, st):min((j + 1) * bs, ln)].mean(0), planes) for j in range(nkb)
-                  if j * bs < ln] + [0] * nkb
-            m = np.zeros((nqb, nkb), bool)
-            orders = {}                                # rectangle -> its key blocks sorted by (bucket, index)
-            for i in range(nqb):
-                rows_q = q[bi, h, i * bs:min((i + 1) * bs, t)]
-                hq_i = np_bucket(rows_q.mean(0), planes)
-                last = ln - t + min((i + 1) * bs, t) - 1
-                for a in {firsts[i] // bs, last // bs}:
-                    for j in range(nkb):
-                        r = regions.get((a, j))
-                        if r == "dense":
-                            m[i, j] = True
-                        elif r is not None:
-                            c0, c1 = r
-                            if r not in orders:
-                                orders[r] = sorted(range(c0, c1), key=lambda x: (kb[x], x))
-                            order = orders[r]
-                            ins = bisect.bisect_left([kb[x] for x in order], hq_i)
-                            group = min(ins // gsz, (c1 - c0 - 1) // gsz)
-                            picked = order[group * gsz:(group + 1) * gsz]
-                            sampled = [c0 + int(np.floor(u * (c1 - c0))) for u in draws[bi, h]]
-                            m[i, j] |= j in picked or j in sampled
-            out[bi, kh] |= m & live
-    return out
+    planes, draws = np.asarray(planes, np.float64), np.asarray(draws, np.float64)
+    bs, gsz = hy.block_size, hy.lsh_block // hy.block_size
+    heads = iter([(bi, h) for bi in range(q.shape[0]) for h in range(q.shape[1])])   # np_head_union's order
+
+    def head(qh, kh, st, ln, live, firsts):
+        bi, h = next(heads)
+        t, nqb, nkb = qh.shape[0], *live.shape
+        regions = {}
+        np_regions(st // bs, -(-ln // bs), hy, regions)
+        kb = [np_bucket(kh[max(j * bs, st):min((j + 1) * bs, ln)].mean(0), planes) for j in range(nkb)
+              if j * bs < ln] + [0] * nkb
+        m = np.zeros((nqb, nkb), bool)
+        orders = {}                                    # rectangle -> its key blocks sorted by (bucket, index)
+        for i in range(nqb):
+            hq_i = np_bucket(qh[i * bs:min((i + 1) * bs, t)].mean(0), planes)
+            last = ln - t + min((i + 1) * bs, t) - 1
+            for a in {firsts[i] // bs, last // bs}:
+                for j in range(nkb):
+                    r = regions.get((a, j))
+                    if r == "dense":
+                        m[i, j] = True
+                    elif r is not None:
+                        c0, c1 = r
+                        if r not in orders:
+                            orders[r] = sorted(range(c0, c1), key=lambda x: (kb[x], x))
+                        order = orders[r]
+                        ins = bisect.bisect_left([kb[x] for x in order], hq_i)
+                        group = min(ins // gsz, (c1 - c0 - 1) // gsz)
+                        sampled = [c0 + int(np.floor(u * (c1 - c0))) for u in draws[bi, h]]
+                        m[i, j] |= j in order[group * gsz:(group + 1) * gsz] or j in sampled
+        return m
+    return np_head_union(hy, q, k, starts, lengths, head)
 
 
 HYPER_CASES = [
