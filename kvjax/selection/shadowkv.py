@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as kvcache
-from kvjax.selection.base import SelectorBase, neg_inf_topk
+from kvjax.selection.base import SelectorBase, neg_inf_topk, pre_rope_keys
 
 
 @jax.tree_util.register_dataclass
@@ -133,15 +133,12 @@ class ShadowKV(SelectorBase):
                 + b * h * n * meta.u.shape[-1] * meta.u.dtype.itemsize)
 
     def init_meta(self, kv: kvcache.KVCache, config):
-        from models.rope import apply_rope
         b, h, cap, d = kv.keys.shape
         c = self.page_size
         n_chunks = cap // c
         live = kv.positions >= 0                                                  # [b, h, cap]
         k = kv.keys.astype(jnp.float32)
-        k_pre = apply_rope(k, jnp.where(live, -kv.positions, 0), config)
-        k_pre = jnp.where(live[..., None], k_pre, 0.0)
-        a = k_pre.transpose(0, 2, 1, 3).reshape(b, cap, h * d)
+        a = pre_rope_keys(kv, config).transpose(0, 2, 1, 3).reshape(b, cap, h * d)
         r = min(self.rank, h * d, cap)
         uu, s, vt = jnp.linalg.svd(a, full_matrices=False)
         u = uu[..., :r]
