@@ -208,12 +208,17 @@ def check_selection(selector, config) -> None:
                          f"in a model of {config.n_layers} layers")
 
 
+def is_wrapped(cache) -> bool:
+    """The engine cache already has selective layers (`wrap` was applied)."""
+    return isinstance(cache, LayerwiseCache) and any(isinstance(lc, SelectiveCache) for lc in cache.layers)
+
+
 def wrap(selector, cache, config):
     """The engine's per-layer cache with layers >= `selector.dense_layers` made selective (the
     first ones stay dense KVCache); an already selective cache is returned as is."""
     if not isinstance(cache, LayerwiseCache):
         raise TypeError(f"selection wraps the engine's LayerwiseCache, got {type(cache).__name__}")
-    if any(isinstance(lc, SelectiveCache) for lc in cache.layers):
+    if is_wrapped(cache):
         return cache
     check_selection(selector, config)
     per_layer = getattr(selector, "for_layer", lambda i, config: selector)    # DELTA: a role per layer

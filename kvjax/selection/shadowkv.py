@@ -12,10 +12,11 @@ Built once from the prefilled cache (`init_meta`), per batch row:
   token appended after the prefill (the decode tail) stay exact too;
 - with `offload=True` the values are copied to host memory (`pinned_host` memory kind where the
   backend has it: GPU and, in jax >= 0.10, CPU; otherwise they stay on the device and
-  `offloaded` says so). Off by default: the layer-level path works on CPU (tested, bit-exact
-  round trip), but inside `generate`'s jitted decode loop XLA:CPU (jax 0.10.2) aborts with
-  "PjRtBuffer's memory kind does not match sharding's memory kind" (device vs pinned_host);
-  not tried on GPU.
+  `offloaded` says so). Off by default. The host buffers must exist before the jitted decode
+  loop: `generate` wraps the cache in its own jit first (tested on CPU, tokens equal to the
+  on-device values); `decode_loop` given an unwrapped cache with an offloading selector raises a
+  ValueError, because creating them inside the loop's jit aborts XLA:CPU (jax 0.10.2) with
+  "PjRtBuffer's memory kind does not match sharding's memory kind". Not tried on GPU.
 
 A decode step scores the remaining (candidate) chunks by softmax_c(q . landmark_c / sqrt(d)) per
 query head, summed over the GQA group (one query row per step, so the max over rows of the
