@@ -34,6 +34,7 @@ from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
+from kvjax.policies.triattention import TriAttention
 from kvjax.policies.windowkv import WindowKV
 
 POLICIES: dict[str, type] = {
@@ -50,6 +51,7 @@ POLICIES: dict[str, type] = {
     "razor": RazorAttention,
     "duo_attention": DuoAttention,
     "windowkv": WindowKV,    # issue 17: window-granular SnapKV-style eviction
+    "triattention": TriAttention,   # issue 17: calibrated mean-query trig scores (stats=calibrate_triattention(...))
     # merging (issue 18): evict, then fold evicted tokens into the kept ones (ScoringPolicy.merge)
     "cam": CAM,
     "d2o": D2O,
