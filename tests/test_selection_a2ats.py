@@ -83,13 +83,14 @@ def test_a2ats_codes_scores_and_selection_match_float64_spec():
 def test_a2ats_appended_tokens_use_the_same_codebook():
     sel = A2ATS(budget=30, n_init=2, n_local=8, sub_dim=4, n_codes=8, kmeans_iters=3)
     kv, *_ = _filled(96, lengths=[60, 57], pad=[0, 5], seed=34)
-    meta = sel.init_meta(kv, CFG)
+    meta = jax.jit(sel.init_meta, static_argnums=1)(kv, CFG)
+    append = jax.jit(sel.append_meta)
     rng = np.random.default_rng(35)
     pre = rng.standard_normal((B, HKV, 3, D)).astype(np.float32)
     p = jnp.asarray([[60, 61, 62], [-1, 57, 58]], jnp.int32)                    # row 1: a padding token
     from models.rope import apply_rope
     post = apply_rope(jnp.asarray(pre), jnp.maximum(p, 0), CFG)
-    new = sel.append_meta(meta, kv, post, p, jnp.asarray(pre))
+    new = append(meta, kv, post, p, jnp.asarray(pre))
     cb = np.asarray(meta.codebook, np.float64)
     for b, slots in enumerate([[60, 61, 62], [57, 58, 59]]):
         for h in range(HKV):
@@ -102,7 +103,7 @@ def test_a2ats_appended_tokens_use_the_same_codebook():
             else:
                 np.testing.assert_array_equal(got, want)
     # without the pre-RoPE keys the layer's own inverse rotation gives the same codes
-    again = sel.append_meta(meta, kv, post, p)
+    again = append(meta, kv, post, p)
     np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(new.codes))
 
 
@@ -111,8 +112,6 @@ def test_a2ats_budget_covering_the_context_equals_full_cache():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, 128, 150)), list(rng.integers(1, 128, 120))]
     full = generate(params, CFG, prompts, 4, eos_ids=(), bucket=32)
-    big = generate(params, CFG, prompts, 4, eos_ids=(), bucket=32, selection=make_selection("a2ats", budget=4096))
-    assert big.tokens == full.tokens and "dense decode" in big.stats["notes"][-1]
     live = generate(params, CFG, prompts, 4, eos_ids=(), bucket=32,
                     selection=A2ATS(budget=160, n_codes=16, kmeans_iters=2))          # capacity 164
     assert live.tokens == full.tokens and not any("dense decode" in n for n in live.stats["notes"])

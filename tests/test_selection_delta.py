@@ -79,8 +79,6 @@ def test_delta_budget_covering_the_context_equals_full_cache():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, 128, 150)), list(rng.integers(1, 128, 120))]
     full = generate(params, CFG, prompts, 5, eos_ids=(), bucket=32)
-    big = generate(params, CFG, prompts, 5, eos_ids=(), bucket=32, selection=make_selection("delta", budget=4096))
-    assert big.tokens == full.tokens and "dense decode" in big.stats["notes"][-1]
     # a budget that holds every live token (not the capacity): the selection path, same tokens
     live = generate(params, CFG, prompts, 5, eos_ids=(), bucket=32,
                     selection=Delta(budget=160, n_sink=4, n_recent=16, dense_layers=1))   # capacity 165
