@@ -3,6 +3,9 @@ KJV context; KL(full || selected) and perplexity per decode step, and bytes read
 
     PYTHONPATH=. python benchmarks/selection_quality.py --context 2048 --steps 32 --budgets 256,512,1024
     PYTHONPATH=. python benchmarks/selection_quality.py --methods shadowkv --append   # add rows
+    PYTHONPATH=. python benchmarks/selection_quality.py --methods "" --policies dapq,triattention --append
+
+A2ATS's query-aware metric and TriAttention's query statistics are calibrated on 512 tokens of Exodus (not the evaluated Genesis text).
 """
 import argparse
 import json
@@ -12,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.compression import Compression
 from kvjax.eval.text import kjv_text
+from kvjax.policies import Budget, make_policy
 from kvjax.generate import decode_loop, init_engine_cache, prefill
 from kvjax.sampling import Sampling
 from kvjax.selection import make_selection, read_bytes_per_step
@@ -21,11 +26,20 @@ from models.llama import unstack_params
 from models.tokenizer import load_tokenizer
 
 
-def run(params, config, ids, n_ctx, steps, selection):
+def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0):
+    """selection: a query-aware selector over the full cache; policy: an eviction policy run once
+    at the end of the prefill down to `budget` tokens per head (then decode appends)."""
     tokens = jnp.asarray(ids[:n_ctx])[None]
     cap = -(-(n_ctx + steps) // 16) * 16
     cache = init_engine_cache(config, 1, cap, jnp.float32)
-    last, cache, _ = prefill(params, config, tokens, jnp.arange(n_ctx, dtype=jnp.int32)[None], cache, 512)
+    pos = jnp.arange(n_ctx, dtype=jnp.int32)[None]
+    if policy is None:
+        last, cache, _ = prefill(params, config, tokens, pos, cache, 512)
+    else:
+        comp = Compression(policy, Budget(tokens=budget), when="prefill")
+        last, cache, _ = prefill(params, config, tokens, pos, cache, 512, compression=comp,
+                                 n_keep=jnp.asarray([budget], jnp.int32), max_keep=budget)
+        cache = cache.resize(budget + steps)
     forced = jnp.asarray(ids[n_ctx:n_ctx + steps])[None]
     kw = {"selection": selection} if selection is not None else {}
     _, _, cache, _, logp = decode_loop(params, cache, forced[:, 0], jnp.asarray([n_ctx], jnp.int32),
@@ -40,6 +54,8 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--budgets", default="256,512,1024")
     ap.add_argument("--methods", default="quest,tokenselect")
+    ap.add_argument("--policies", default="", help="eviction policies (e.g. dapq,triattention): rows "
+                    "'policy:NAME', evicted once after the prefill to the budget")
     ap.add_argument("--out", default="docs/selection_quality.json")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of --out for other methods / budgets (same context and steps)")
@@ -60,19 +76,42 @@ def main():
     ppl = lambda lp: float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
     rows = [{"method": "full", "budget": a.context, "kl": 0.0, "ppl": ppl(full), "read_ratio": 1.0}]
     print(rows[-1], flush=True)
-    for m in a.methods.split(","):
+    for m in [x for x in a.policies.split(",") if x]:
+        extra = {}
+        if m == "triattention":
+            from kvjax.policies.triattention import calibrate_triattention
+            calib = load_tokenizer("smollm2").encode(kjv_text(book="Exodus", n_chars=4096))[:512]
+            extra = {"stats": calibrate_triattention(params, config, jnp.asarray([calib]))}
         for b in (int(x) for x in a.budgets.split(",")):
-            lp, cache = run(params, config, ids, a.context, a.steps, make_selection(m, budget=b))
+            lp, cache = run(params, config, ids, a.context, a.steps, None, make_policy(m, **extra), b)
+            kl = float(np.mean(np.sum(np.exp(full) * (full - lp), axis=-1)))
+            rows.append({"method": f"policy:{m}", "budget": b, "kl": kl, "ppl": ppl(lp),
+                         "read_ratio": (b + a.steps) / (a.context + a.steps), "cache_bytes": cache.memory_bytes()})
+            print(rows[-1], flush=True)
+            save(a, old, rows)
+    for m in [x for x in a.methods.split(",") if x]:
+        extra = {}
+        if m == "a2ats":
+            from kvjax.selection.a2ats import calibrate_query_metric
+            calib = load_tokenizer("smollm2").encode(kjv_text(book="Exodus", n_chars=4096))[:512]
+            extra = {"metric": calibrate_query_metric(params, config, jnp.asarray([calib]))}
+        for b in (int(x) for x in a.budgets.split(",")):
+            lp, cache = run(params, config, ids, a.context, a.steps, make_selection(m, budget=b, **extra))
             kl = float(np.mean(np.sum(np.exp(full) * (full - lp), axis=-1)))
             rows.append({"method": m, "budget": b, "kl": kl, "ppl": ppl(lp),
                          "read_ratio": read_bytes_per_step(cache)["ratio"],
                          "cache_bytes": cache.memory_bytes()})
             print(rows[-1], flush=True)
-            if a.out:
-                new = {(r["method"], r["budget"]) for r in rows}
-                kept = [r for r in old if (r["method"], r["budget"]) not in new]
-                with open(a.out, "w") as f:
-                    json.dump({"context": a.context, "steps": a.steps, "rows": rows[:1] + kept + rows[1:]}, f, indent=1)
+            save(a, old, rows)
+
+
+def save(a, old, rows):
+    """Write the rows (the full-cache row first, then the kept old rows, then the new ones)."""
+    if a.out:
+        new = {(r["method"], r["budget"]) for r in rows}
+        kept = [r for r in old if (r["method"], r["budget"]) not in new]
+        with open(a.out, "w") as f:
+            json.dump({"context": a.context, "steps": a.steps, "rows": rows[:1] + kept + rows[1:]}, f, indent=1)
 
 
 if __name__ == "__main__":

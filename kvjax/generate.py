@@ -199,6 +199,12 @@ def decode_loop(params, cache, first_token, start_positions, key, state=None, n_
         if compression is not None and compression.when == "decode":
             raise ValueError("selection with decode-time compression is not supported (the selector's metadata "
                              "is built once after prefill)")
+        from kvjax.selection.base import is_wrapped
+        if getattr(selection, "offloaded", False) and not is_wrapped(cache):
+            raise ValueError(f"{type(selection).__name__} with offload=True: wrap the cache before decode_loop "
+                             "(cache = jax.jit(kvjax.selection.wrap, static_argnums=(0, 2))(selection, cache, config); "
+                             "generate does this): host-memory (pinned_host) metadata created inside this jitted "
+                             "loop aborts XLA:CPU with 'PjRtBuffer's memory kind does not match'")
         cache = wrap(selection, cache, config)
     batch = first_token.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -488,6 +494,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     t1 = time.perf_counter()
     start = decode_start(cache, lengths, plan.compression)
     name = attention_name(cache, plan.compression, attention)
+    if selection is not None and getattr(selection, "offloaded", False):
+        from kvjax.selection import wrap       # host-memory metadata must exist before the decode jit
+        cache = jax.jit(wrap, static_argnums=(0, 2))(selection, cache, config)
     with _mesh_context(mesh):
         out, steps, cache, _, _ = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
                                               sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,

@@ -158,3 +158,21 @@ def test_generate_tiny_shadowkv():
     small = generate(params, CFG, prompts, 6, eos_ids=(), bucket=32,
                      selection=ShadowKV(budget=32, rank=8, outlier_chunks=2, local_chunks=2))
     assert all(len(t) == 6 for t in small.tokens) and small.stats["read_bytes_per_step"]["ratio"] < 0.6
+
+
+def test_generate_with_values_on_the_host():
+    """offload=True through generate (values in pinned_host) gives the on-device tokens; the raw
+    decode_loop with an unwrapped cache is a clear error instead of an XLA:CPU abort."""
+    if host_memory_kind() is None:
+        pytest.skip("this backend has no host memory kind")
+    params = init_params(CFG, jax.random.PRNGKey(1), scale=0.3)
+    prompts = [list(np.random.default_rng(0).integers(1, 128, 150))]
+    kw = dict(budget=32, rank=8, outlier_chunks=2, local_chunks=2)
+    dev = generate(params, CFG, prompts, 4, eos_ids=(), bucket=32, selection=ShadowKV(**kw))
+    host = generate(params, CFG, prompts, 4, eos_ids=(), bucket=32, selection=ShadowKV(offload=True, **kw))
+    assert host.tokens == dev.tokens
+    from kvjax.generate import decode_loop, init_engine_cache
+    from kvjax.sampling import Sampling
+    with pytest.raises(ValueError, match="wrap the cache before decode_loop"):
+        decode_loop(params, init_engine_cache(CFG, 1, 64), jnp.asarray([3]), jnp.asarray([0]), jax.random.PRNGKey(0),
+                    config=CFG, sampling=Sampling(), max_new_tokens=2, eos_ids=(), selection=ShadowKV(offload=True, **kw))

@@ -19,6 +19,7 @@ from kvjax.policies.attention_gate import AttentionGate
 from kvjax.policies.cam import CAM
 from kvjax.policies.cskv import CSKV
 from kvjax.policies.d2o import D2O
+from kvjax.policies.dapq import DapQ
 from kvjax.policies.kvcrush import KVCrush
 from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.base import Budget, Observation, ScoringPolicy
@@ -34,6 +35,7 @@ from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
+from kvjax.policies.triattention import TriAttention
 from kvjax.policies.windowkv import WindowKV
 
 POLICIES: dict[str, type] = {
@@ -50,6 +52,8 @@ POLICIES: dict[str, type] = {
     "razor": RazorAttention,
     "duo_attention": DuoAttention,
     "windowkv": WindowKV,    # issue 17: window-granular SnapKV-style eviction
+    "dapq": DapQ,            # issue 17: SnapKV scored by pseudo-queries at future positions
+    "triattention": TriAttention,   # issue 17: calibrated mean-query trig scores (stats=calibrate_triattention(...))
     # merging (issue 18): evict, then fold evicted tokens into the kept ones (ScoringPolicy.merge)
     "cam": CAM,
     "d2o": D2O,

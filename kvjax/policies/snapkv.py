@@ -59,7 +59,10 @@ class SnapKV(ScoringPolicy):
         return Observe(window=self.window)
 
     def score(self, obs: Observation) -> jax.Array:
-        s = window_scores(obs, self.window)                 # [L, B, Hq, S]
+        return self.pooled(window_scores(obs, self.window), obs)
+
+    def pooled(self, s: jax.Array, obs: Observation) -> jax.Array:
+        """Window attention [L, B, Hq, S] -> the kv-head scores (GQA reduce, pool, window kept)."""
         s = group_reduce(s, obs.cache.keys.shape[2], self.reduce)
         # The window's own columns are zeroed before pooling (as kvpress and the paper code score
         # only the prefix), so the tokens just before the window do not borrow their weight.

@@ -89,6 +89,16 @@ class SelectiveCache:
     def meta_bytes(self) -> int:
         return kvcache.tree_bytes(self.meta)
 
+    def hand_over(self):
+        """The selection this layer passes to the layers after it (DELTA's Δ-layers), else None."""
+        return self.state if getattr(self.selector, "hands_over", False) else None
+
+    def receive(self, carry: SelectState) -> "SelectiveCache":
+        """Take the selection of the last Δ-layer before this one (selectors with `receives`)."""
+        if not getattr(self.selector, "receives", False):
+            return self
+        return dataclasses.replace(self, state=carry)
+
     def append(self, keys, values, positions, keys_pre_rope=None) -> "SelectiveCache":
         meta = self.selector.append_meta(self.meta, self.kv, keys, positions, keys_pre_rope)
         return dataclasses.replace(self, kv=self.kv.append(keys, values, positions), meta=meta)
@@ -120,7 +130,9 @@ class SelectiveCache:
                                 fingerprint=jnp.where(need[:, None], fp, state.fingerprint),
                                 age=jnp.where(need, 0, state.age + 1).astype(jnp.int32))
         own = getattr(sel, "attend_selected", None)      # selectors with their own attention (ShadowKV)
-        if own is not None:
+        if getattr(sel, "dense_attention", False):       # DELTA's Δ-layers: select, attend to everything
+            out, _ = self.kv.attend(q, query_positions, observe=observe, backend=backend, rope=rope)
+        elif own is not None:
             out = own(self.meta, self.kv, q, idx, valid, rope)
         else:
             f_idx, f_valid = sel.forced(self.meta, self.kv)
@@ -196,15 +208,21 @@ def check_selection(selector, config) -> None:
                          f"in a model of {config.n_layers} layers")
 
 
+def is_wrapped(cache) -> bool:
+    """The engine cache already has selective layers (`wrap` was applied)."""
+    return isinstance(cache, LayerwiseCache) and any(isinstance(lc, SelectiveCache) for lc in cache.layers)
+
+
 def wrap(selector, cache, config):
     """The engine's per-layer cache with layers >= `selector.dense_layers` made selective (the
     first ones stay dense KVCache); an already selective cache is returned as is."""
     if not isinstance(cache, LayerwiseCache):
         raise TypeError(f"selection wraps the engine's LayerwiseCache, got {type(cache).__name__}")
-    if any(isinstance(lc, SelectiveCache) for lc in cache.layers):
+    if is_wrapped(cache):
         return cache
     check_selection(selector, config)
-    layers = tuple(lc if i < selector.dense_layers else wrap_layer(selector, lc, config)
+    per_layer = getattr(selector, "for_layer", lambda i, config: selector)    # DELTA: a role per layer
+    layers = tuple(lc if i < selector.dense_layers else wrap_layer(per_layer(i, config), lc, config)
                    for i, lc in enumerate(cache.layers))
     return dataclasses.replace(cache, layers=layers)
 
@@ -293,6 +311,33 @@ def live_range(kv: kvcache.KVCache) -> tuple[jax.Array, jax.Array]:
     from kvjax.attention import live_starts
     start = live_starts(kv.positions, kv.lengths)
     return start, kv.lengths.astype(jnp.int32) - start
+
+
+def sink_and_local(kv: kvcache.KVCache, n_sink: int, n_local: int) -> tuple[jax.Array, jax.Array]:
+    """(slots, valid) [b, h, n_sink + n_local]: the first `n_sink` and the last `n_local` live
+    tokens (none twice: a local slot that is also a sink slot is invalid)."""
+    start, n = live_range(kv)
+    init = start[..., None] + jnp.arange(n_sink, dtype=jnp.int32)
+    init_ok = jnp.arange(n_sink) < n[..., None]
+    local = kv.lengths[..., None] - n_local + jnp.arange(n_local, dtype=jnp.int32)
+    local_ok = local >= (start + n_sink)[..., None]
+    return (jnp.clip(jnp.concatenate([init, local], -1), 0, kv.capacity - 1),
+            jnp.concatenate([init_ok, local_ok], -1))
+
+
+def middle_candidates(kv: kvcache.KVCache, n_sink: int, n_local: int) -> jax.Array:
+    """[b, h, capacity] bool: live slots in [start + n_sink, lengths - n_local) (not sink, not local)."""
+    start, _ = live_range(kv)
+    t = jnp.arange(kv.capacity, dtype=jnp.int32)
+    return (t >= (start + n_sink)[..., None]) & (t < kv.lengths[..., None] - n_local) & (kv.positions >= 0)
+
+
+def pre_rope_keys(kv: kvcache.KVCache, config) -> jax.Array:
+    """[b, h, capacity, d] float32: the live post-RoPE keys rotated back to position 0 (0 elsewhere)."""
+    from models.rope import apply_rope
+    live = kv.positions >= 0
+    k_pre = apply_rope(kv.keys.astype(jnp.float32), jnp.where(live, -kv.positions, 0), config)
+    return jnp.where(live[..., None], k_pre, 0.0)
 
 
 def neg_inf_topk(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -12,10 +12,11 @@ Built once from the prefilled cache (`init_meta`), per batch row:
   token appended after the prefill (the decode tail) stay exact too;
 - with `offload=True` the values are copied to host memory (`pinned_host` memory kind where the
   backend has it: GPU and, in jax >= 0.10, CPU; otherwise they stay on the device and
-  `offloaded` says so). Off by default: the layer-level path works on CPU (tested, bit-exact
-  round trip), but inside `generate`'s jitted decode loop XLA:CPU (jax 0.10.2) aborts with
-  "PjRtBuffer's memory kind does not match sharding's memory kind" (device vs pinned_host);
-  not tried on GPU.
+  `offloaded` says so). Off by default. The host buffers must exist before the jitted decode
+  loop: `generate` wraps the cache in its own jit first (tested on CPU, tokens equal to the
+  on-device values); `decode_loop` given an unwrapped cache with an offloading selector raises a
+  ValueError, because creating them inside the loop's jit aborts XLA:CPU (jax 0.10.2) with
+  "PjRtBuffer's memory kind does not match sharding's memory kind". Not tried on GPU.
 
 A decode step scores the remaining (candidate) chunks by softmax_c(q . landmark_c / sqrt(d)) per
 query head, summed over the GQA group (one query row per step, so the max over rows of the
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import cache as kvcache
-from kvjax.selection.base import SelectorBase, neg_inf_topk
+from kvjax.selection.base import SelectorBase, neg_inf_topk, pre_rope_keys
 
 
 @jax.tree_util.register_dataclass
@@ -133,15 +134,12 @@ class ShadowKV(SelectorBase):
                 + b * h * n * meta.u.shape[-1] * meta.u.dtype.itemsize)
 
     def init_meta(self, kv: kvcache.KVCache, config):
-        from models.rope import apply_rope
         b, h, cap, d = kv.keys.shape
         c = self.page_size
         n_chunks = cap // c
         live = kv.positions >= 0                                                  # [b, h, cap]
         k = kv.keys.astype(jnp.float32)
-        k_pre = apply_rope(k, jnp.where(live, -kv.positions, 0), config)
-        k_pre = jnp.where(live[..., None], k_pre, 0.0)
-        a = k_pre.transpose(0, 2, 1, 3).reshape(b, cap, h * d)
+        a = pre_rope_keys(kv, config).transpose(0, 2, 1, 3).reshape(b, cap, h * d)
         r = min(self.rank, h * d, cap)
         uu, s, vt = jnp.linalg.svd(a, full_matrices=False)
         u = uu[..., :r]

@@ -22,7 +22,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kvjax.selection.base import SelectorBase, live_range, neg_inf_topk
+from kvjax.selection.base import SelectorBase, middle_candidates, neg_inf_topk, sink_and_local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +78,7 @@ class TokenSelect(SelectorBase):
 
     def candidates(self, kv) -> jax.Array:
         """[b, h, capacity] bool: live slots in [start + n_init, lengths - n_local)."""
-        start, n = live_range(kv)
-        t = jnp.arange(kv.capacity, dtype=jnp.int32)
-        lo = (start + self.n_init)[..., None]
-        hi = kv.lengths[..., None] - self.n_local
-        return (t >= lo) & (t < hi) & (kv.positions >= 0)
+        return middle_candidates(kv, self.n_init, self.n_local)
 
     def votes(self, kv, q) -> jax.Array:
         """S [b, capacity] = sum over query heads of softmax over candidates (float32; -inf: none)."""
@@ -106,10 +102,4 @@ class TokenSelect(SelectorBase):
 
     def forced(self, meta, kv):
         """The first n_init and the last n_local live tokens (no overlap, none twice)."""
-        start, n = live_range(kv)
-        init = start[..., None] + jnp.arange(self.n_init, dtype=jnp.int32)
-        init_ok = jnp.arange(self.n_init) < n[..., None]
-        local = kv.lengths[..., None] - self.n_local + jnp.arange(self.n_local, dtype=jnp.int32)
-        local_ok = local >= (start + self.n_init)[..., None]
-        return (jnp.clip(jnp.concatenate([init, local], -1), 0, kv.capacity - 1),
-                jnp.concatenate([init_ok, local_ok], -1))
+        return sink_and_local(kv, self.n_init, self.n_local)
