@@ -246,8 +246,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
         layers, outs = [], []
         for i, (lp, lc) in enumerate(zip(layer_params(params), cache.layers)):
             mod = None if attn_mod is None else jax.tree_util.tree_map(lambda a: a[i], attn_mod)
-            x, lc, out = layer_fn(lp, x, lc, i, None if accumulated is None else accumulated[i], mod)
-            layers.append(lc)
+            x, lc, out = layer_fn(lp, x, cache.enter(i), i, None if accumulated is None else accumulated[i], mod)
+            layers.append(cache.leave(i, lc))
             outs.append(out)
         cache = dataclasses.replace(cache, layers=tuple(layers))
         if outs and any(len({o.shape for o in xs}) > 1 for xs in zip(*(jax.tree_util.tree_leaves(o) for o in outs))):

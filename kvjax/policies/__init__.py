@@ -28,6 +28,7 @@ from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.h2o import H2O
 from kvjax.policies.keyformer import Keyformer
 from kvjax.policies.knorm import KNorm
+from kvjax.policies.minicache import MiniCache
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.razor import RazorAttention
 from kvjax.policies.snapkv import SnapKV
@@ -60,6 +61,8 @@ POLICIES: dict[str, type] = {
     "ems": EMS,
     # low-rank channels (issue 18): older tokens as SVD latents, the newest full width
     "cskv": CSKV,
+    # cross-layer merging (issue 18): adjacent deep layers share one direction cache
+    "minicache": MiniCache,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
