@@ -34,13 +34,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax import cache as kvcache
-from kvjax.attention import attention_mask
+from kvjax.attention import attend
 from kvjax.layerwise import LayerwiseCache, fit_kv, fit_layer
-from kvjax.policies.base import Observation, ScoringPolicy
-from kvjax.policies.think import attend_logits
+from kvjax.policies.base import Observation
+from kvjax.policies.transform import CacheTransform
 
 EPS = 1e-12
 
@@ -134,15 +133,10 @@ class MiniLayer:
 
     def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE [B, Hq, T, d] over the restored merged tokens and the recent ones (XLA)."""
-        b, hq, t, d = q.shape
-        hkv = self.mag_k.shape[1]
         k_old, v_old = self.restore()
         keys = jnp.concatenate([k_old, self.recent.keys.astype(jnp.float32)], axis=-2)
         values = jnp.concatenate([v_old, self.recent.values.astype(jnp.float32)], axis=-2)
-        logits = jnp.einsum("bhgtd,bhsd->bhgts", q.reshape(b, hkv, hq // hkv, t, d).astype(jnp.float32),
-                            keys) * d ** -0.5
-        mask = attention_mask(self.positions, query_positions)[:, :, None]
-        return attend_logits(logits, mask, values, observe, q.dtype)
+        return attend(q, keys, values, self.positions, query_positions, observe=observe)
 
     def fit(self, room: int) -> "MiniLayer":
         return dataclasses.replace(self, recent=fit_kv(self.recent, room))
@@ -203,7 +197,7 @@ def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MiniCache(ScoringPolicy):
+class MiniCache(CacheTransform):
     """t: SLERP interpolation weight toward the deeper layer (0.6); retention_ratio: share of the
     tokens kept unmerged per pair, by largest angular distance (0.05; 1 = nothing merged);
     start: the first merged layer as a share of the depth (0.5: the middle-to-deep half)."""
@@ -212,9 +206,6 @@ class MiniCache(ScoringPolicy):
     retention_ratio: float = 0.05
     start: float = 0.5
 
-    prefill_only = True      # one merge after prefill: the merged layout is not compressed again
-    transforms_cache = True  # runs at a 100% budget (kvjax.generate.plan_cache)
-
     def __post_init__(self):
         if not 0 <= self.t <= 1:
             raise ValueError(f"t (SLERP weight) must be in [0, 1], got {self.t}")
@@ -222,18 +213,6 @@ class MiniCache(ScoringPolicy):
             raise ValueError(f"retention_ratio must be in [0, 1], got {self.retention_ratio}")
         if not 0 <= self.start < 1:
             raise ValueError(f"start (first merged layer / depth) must be in [0, 1), got {self.start}")
-
-    def score(self, obs: Observation) -> jax.Array:
-        if not isinstance(obs.cache, kvcache.KVCache):
-            raise ValueError("MiniCache merges layers once, after prefill (Compression when='prefill'); "
-                             "a MiniCache cannot be compressed again")
-        return jnp.zeros(obs.cache.positions.shape, jnp.float32)   # every token is kept
-
-    def max_keep(self, n_keep: int, context: int) -> int:
-        if np.any(np.asarray(n_keep) < context):
-            raise ValueError(f"MiniCache keeps every token (its size is set by retention_ratio), so the budget "
-                             f"must be 100% of the context ({context}), got {int(np.min(n_keep))} tokens")
-        return context
 
     def retained(self, slots: int) -> int:
         return min(slots, int(math.ceil(self.retention_ratio * slots)))
