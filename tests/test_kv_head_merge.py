@@ -62,7 +62,7 @@ def case(seed=0):
 def merged(ck, cv, cache, group, rank):
     bk, bv = calibration_bases(jnp.asarray(ck, jnp.float32), jnp.asarray(cv, jnp.float32), group, rank, rank)
     pol = KVHeadMerge(group=group, rank=rank, bases=_Frozen({"k": bk, "v": bv}))
-    return pol.finalize(cache, Observation(cache=cache, config=CFG), None), bk, bv
+    return jax.jit(lambda c: pol.finalize(c, Observation(cache=c, config=CFG), None))(cache), bk, bv
 
 
 def np_attention(q, qpos, keys, vals, kpos):
@@ -93,9 +93,14 @@ def test_merged_attention_matches_numpy(group, rank):
     rope = lambda x, p: apply_rope(x, p, CFG)
     lc = jax.tree_util.tree_map(lambda x: x[1], out.resize(S + 1))
     kn_post = np.stack([[rope_np(kn[b, h], qpos[b]) for h in range(HKV)] for b in range(B)])
-    lc = lc.append(jnp.asarray(kn_post, jnp.float32), jnp.asarray(vn, jnp.float32), jnp.asarray(qpos, jnp.int32),
-                   keys_pre_rope=jnp.asarray(kn, jnp.float32))
-    got, _ = lc.attend(jnp.asarray(q, jnp.float32), jnp.asarray(qpos, jnp.int32), observe=Observe(), rope=rope)
+
+    @jax.jit
+    def step(lc, kn_post, vn, qpos, kn, q):
+        lc = lc.append(kn_post, vn, qpos, keys_pre_rope=kn)
+        return lc.attend(q, qpos, observe=Observe(), rope=rope)[0]
+
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    got = step(lc, f32(kn_post), f32(vn), jnp.asarray(qpos, jnp.int32), f32(kn), f32(q))
     # reference: every token of a group projected onto U U^T, split back into heads, RoPE at its position
     allk = np.concatenate([kp[1], kn], axis=2)
     allv = np.concatenate([v[1], vn], axis=2)

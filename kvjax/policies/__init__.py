@@ -17,6 +17,7 @@ import pathlib
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.attention_gate import AttentionGate
 from kvjax.policies.cam import CAM
+from kvjax.policies.compresskv import CompressKV
 from kvjax.policies.cskv import CSKV
 from kvjax.policies.d2o import D2O
 from kvjax.policies.kvcrush import KVCrush
@@ -66,12 +67,14 @@ POLICIES: dict[str, type] = {
     "minicache": MiniCache,
     # head merging (issue 18): groups of kv heads -> one head by the SVD of calibration keys/values
     "kv_head_merge": KVHeadMerge,
+    # head-type eviction (issue 18): the layer's semantic retrieval heads choose every head's tokens
+    "compresskv": CompressKV,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
 # pattern (`pattern=` or `pattern_file=`); RazorAttention finds its pattern from the model.
 NEEDS_PATTERN = ("duo_attention",)
-NEEDS_MODEL = ("razor", "kv_head_merge")
+NEEDS_MODEL = ("razor", "kv_head_merge", "compresskv")
 
 
 def load_pattern(path, config=None) -> tuple[tuple[int, ...], ...]:
@@ -125,6 +128,13 @@ def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPoli
         toks = calibration_tokens(kwargs.pop("calibration"), config, kwargs.pop("calib_tokens", 512),
                                   kwargs.pop("seed", 0))
         return KVHeadMerge.from_calibration(params, config, toks, **kwargs)
+    if key == "compresskv":
+        if isinstance(kwargs.get("heads"), list):
+            kwargs["heads"] = tuple(tuple(int(h) for h in row) for row in kwargs["heads"])
+        if "heads" not in kwargs:
+            if params is None or config is None:
+                raise ValueError(f"{name} finds its semantic retrieval heads from the model: pass params= and config=")
+            return CompressKV.from_model(params, config, **kwargs)
     if key in NEEDS_PATTERN and "pattern" not in kwargs:
         raise ValueError(f"{name} needs a per-(layer, kv-head) pattern: pattern=... or pattern_file=PATH.json")
     if key in NEEDS_MODEL and "pattern" not in kwargs:
