@@ -13,7 +13,8 @@ Per layer and group of g kv heads (heads h = j*g .. j*g+g-1), from calibration t
 noting that RoPE forbids a plain fold for keys; here both are applied at attention time instead
 (the queries see exactly the keys c_k U_k^T would give), which is the same arithmetic and keeps
 RoPE exact. Memory: every cached token of a group takes r_k + r_v numbers instead of
-g * (d + dv) (r = d, g = 2: half the heads removed), plus the bases [g*d, r] per layer.
+g * (d + dv) (r = d, g = 2: half the heads removed); the bases [g*d, r] per layer are model
+weights (the paper's folded projections), reported apart (`basis_bytes`), not in `memory_bytes`.
 Decoded tokens are merged the same way as they are appended (the model behaves as a GQA model
 with Hkv/g kv heads). `group = 1, rank = d` reconstructs exactly.
 Differences, said plainly: no LoRA fine-tuning after the conversion (training-free); calibration
@@ -100,7 +101,12 @@ class HeadMergeCache:
         return self.latent_k.shape[-2]
 
     def memory_bytes(self) -> int:
-        return kvcache.tree_bytes(self)
+        """Bytes of the cached tokens (latents, positions, lengths). The bases are model weights
+        (the paper folds them into W_q / W_o): constant in context and batch, see `basis_bytes`."""
+        return kvcache.tree_bytes(self._view())
+
+    def basis_bytes(self) -> int:
+        return kvcache.tree_bytes((self.basis_k, self.basis_v))
 
     def _view(self) -> kvcache.KVCache:
         return kvcache.KVCache(keys=self.latent_k, values=self.latent_v, positions=self.slot_positions,
