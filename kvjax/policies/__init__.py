@@ -15,6 +15,7 @@ import json
 import pathlib
 
 from kvjax.policies.adakv import AdaKV
+from kvjax.policies.alisa import ALISA
 from kvjax.policies.attention_gate import AttentionGate
 from kvjax.policies.cam import CAM
 from kvjax.policies.compresskv import CompressKV
@@ -69,6 +70,8 @@ POLICIES: dict[str, type] = {
     "kv_head_merge": KVHeadMerge,
     # head-type eviction (issue 18): the layer's semantic retrieval heads choose every head's tokens
     "compresskv": CompressKV,
+    # sparse window attention (issue 18): newest tokens + heaviest by the last steps' attention
+    "alisa": ALISA,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
