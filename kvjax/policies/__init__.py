@@ -32,6 +32,7 @@ from kvjax.policies.keyformer import Keyformer
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.kv_head_merge import KVHeadMerge, calibration_tokens
 from kvjax.policies.minicache import MiniCache
+from kvjax.policies.prefixkv import PrefixKV
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.razor import RazorAttention
 from kvjax.policies.snapkv import SnapKV
@@ -72,6 +73,8 @@ POLICIES: dict[str, type] = {
     "compresskv": CompressKV,
     # sparse window attention (issue 18): newest tokens + heaviest by the last steps' attention
     "alisa": ALISA,
+    # layer-adaptive budgets (issue 18): one attention share kept by every layer, found globally
+    "prefixkv": PrefixKV,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
