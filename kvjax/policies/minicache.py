@@ -84,7 +84,7 @@ def _scatter(x: jax.Array, idx: jax.Array, upd: jax.Array) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MiniLayer:
+class MiniLayer(kvcache.OlderRecent):
     """One merged layer: mag_k / mag_v [B, Hkv, S] its per-token magnitudes; ret_k / ret_v
     [B, Hkv, R, d] its retained original keys / values; old_positions [B, Hkv, S] (-1 = empty);
     recent: full-width tokens decoded after the merge; shared: the pair's `PairShared` while the
@@ -98,25 +98,6 @@ class MiniLayer:
     recent: kvcache.KVCache
     shared: Optional[PairShared] = None
 
-    @property
-    def positions(self) -> jax.Array:
-        return jnp.concatenate([self.old_positions, self.recent.positions], axis=-1)
-
-    @property
-    def lengths(self) -> jax.Array:
-        return jnp.sum(self.old_positions >= 0, axis=-1).astype(jnp.int32) + self.recent.lengths
-
-    @property
-    def valid(self) -> jax.Array:
-        return self.positions >= 0
-
-    @property
-    def capacity(self) -> int:
-        return self.old_positions.shape[-1] + self.recent.capacity
-
-    def memory_bytes(self) -> int:
-        return kvcache.tree_bytes(self)
-
     def restore(self) -> tuple[jax.Array, jax.Array]:
         """The merged tokens' keys and values [B, Hkv, S, d] (float32): e * m, retained originals back."""
         if self.shared is None:
@@ -126,10 +107,6 @@ class MiniLayer:
         v = sh.dir_v.astype(jnp.float32) * self.mag_v.astype(jnp.float32)[..., None]
         return (_scatter(k, sh.keep_k, self.ret_k.astype(jnp.float32)),
                 _scatter(v, sh.keep_v, self.ret_v.astype(jnp.float32)))
-
-    def append(self, keys, values, positions, keys_pre_rope=None) -> "MiniLayer":
-        """New tokens (post-RoPE `[B, Hkv, new, d]`) go full width into the recent part."""
-        return dataclasses.replace(self, recent=kvcache.append(self.recent, keys, values, positions))
 
     def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE [B, Hq, T, d] over the restored merged tokens and the recent ones (XLA)."""
