@@ -101,6 +101,36 @@ class KVCache:
                       lengths=self.lengths)
 
 
+class OlderRecent:
+    """Mixin of the caches that hold older tokens in their own form (slot positions `old_positions
+    [..., S_old]`, -1 = empty) and the newest / decoded tokens full width in `recent` (a KVCache):
+    the protocol's positions, lengths, valid, capacity, memory_bytes and append (new tokens go to
+    `recent`). Used by ThinK's pruned, CSKV's low-rank and MiniCache's merged layers."""
+
+    @property
+    def positions(self) -> jax.Array:
+        return jnp.concatenate([self.old_positions, self.recent.positions], axis=-1)
+
+    @property
+    def lengths(self) -> jax.Array:
+        return jnp.sum(self.old_positions >= 0, axis=-1).astype(jnp.int32) + self.recent.lengths
+
+    @property
+    def valid(self) -> jax.Array:
+        return self.positions >= 0
+
+    @property
+    def capacity(self) -> int:
+        return self.old_positions.shape[-1] + self.recent.capacity
+
+    def memory_bytes(self) -> int:
+        return tree_bytes(self)
+
+    def append(self, keys, values, positions, keys_pre_rope=None):
+        """New tokens (post-RoPE `[batch, kv_heads, new, dim]`) go full width into `recent`."""
+        return dataclasses.replace(self, recent=append(self.recent, keys, values, positions))
+
+
 def init_cache(n_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
                dtype=jnp.float32, value_dim: int | None = None) -> KVCache:
     """An empty cache with `capacity` slots per (layer, batch, kv-head)."""

@@ -613,7 +613,8 @@ def plan_cache(padded_len: int, lengths: Sequence[int], max_new_tokens: int, chu
     else:
         n_keep = tuple(compression.budget.kept(n) for n in lengths)
         covered = all(k >= n for k, n in zip(n_keep, lengths))
-    if covered:
+    # a cache transform (MiniCache's cross-layer merge) runs even when the budget keeps every token
+    if covered and not getattr(compression.policy, "transforms_cache", False):
         total = "prompt + new tokens" if decode_tokens else "context"
         longest = max(lengths) + (max_new_tokens if decode_tokens else 0)
         return dataclasses.replace(full, notes=(

@@ -58,6 +58,17 @@ class LayerwiseCache:
     def memory_bytes(self) -> int:
         return kvcache.tree_bytes(self)
 
+    # Additive hook (issue 18, MiniCache): state shared by several layers (a merged pair's one
+    # direction cache) lives once on a subclass; `forward` asks for each layer's cache through
+    # `enter` and hands it back through `leave`, so a layer can be given its shared part.
+    def enter(self, i: int):
+        """Layer i's cache as its attention sees it (default: as stored)."""
+        return self.layers[i]
+
+    def leave(self, i: int, layer):
+        """Layer i's cache after the forward, as it is stored (default: as returned)."""
+        return layer
+
     def resize(self, capacity: int) -> "LayerwiseCache":
         """Uniform: every layer gets exactly `capacity` slots (kvjax.cache.resize). Ragged (eager):
         every layer keeps its live tokens plus `room + capacity - self.capacity` free slots per head."""

@@ -247,12 +247,13 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
         carry = None         # a selection handed from layer to layer (kvjax.selection.delta's Δ-layers)
         for i, (lp, lc) in enumerate(zip(layer_params(params), cache.layers)):
             mod = None if attn_mod is None else jax.tree_util.tree_map(lambda a: a[i], attn_mod)
+            lc = cache.enter(i)
             if carry is not None and hasattr(lc, "receive"):
                 lc = lc.receive(carry)
             x, lc, out = layer_fn(lp, x, lc, i, None if accumulated is None else accumulated[i], mod)
             handed = lc.hand_over() if hasattr(lc, "hand_over") else None
             carry = carry if handed is None else handed
-            layers.append(lc)
+            layers.append(cache.leave(i, lc))
             outs.append(out)
         cache = dataclasses.replace(cache, layers=tuple(layers))
         if outs and any(len({o.shape for o in xs}) > 1 for xs in zip(*(jax.tree_util.tree_leaves(o) for o in outs))):

@@ -15,8 +15,10 @@ import json
 import pathlib
 
 from kvjax.policies.adakv import AdaKV
+from kvjax.policies.alisa import ALISA
 from kvjax.policies.attention_gate import AttentionGate
 from kvjax.policies.cam import CAM
+from kvjax.policies.compresskv import CompressKV
 from kvjax.policies.cskv import CSKV
 from kvjax.policies.d2o import D2O
 from kvjax.policies.dapq import DapQ
@@ -29,6 +31,9 @@ from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.h2o import H2O
 from kvjax.policies.keyformer import Keyformer
 from kvjax.policies.knorm import KNorm
+from kvjax.policies.kv_head_merge import KVHeadMerge, calibration_tokens
+from kvjax.policies.minicache import MiniCache
+from kvjax.policies.prefixkv import PrefixKV
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.razor import RazorAttention
 from kvjax.policies.snapkv import SnapKV
@@ -64,12 +69,22 @@ POLICIES: dict[str, type] = {
     "ems": EMS,
     # low-rank channels (issue 18): older tokens as SVD latents, the newest full width
     "cskv": CSKV,
+    # cross-layer merging (issue 18): adjacent deep layers share one direction cache
+    "minicache": MiniCache,
+    # head merging (issue 18): groups of kv heads -> one head by the SVD of calibration keys/values
+    "kv_head_merge": KVHeadMerge,
+    # head-type eviction (issue 18): the layer's semantic retrieval heads choose every head's tokens
+    "compresskv": CompressKV,
+    # sparse window attention (issue 18): newest tokens + heaviest by the last steps' attention
+    "alisa": ALISA,
+    # layer-adaptive budgets (issue 18): one attention share kept by every layer, found globally
+    "prefixkv": PrefixKV,
 }
 
 # Policies that cannot be built from hyperparameters alone: DuoAttention needs its trained per-head
 # pattern (`pattern=` or `pattern_file=`); RazorAttention finds its pattern from the model.
 NEEDS_PATTERN = ("duo_attention",)
-NEEDS_MODEL = ("razor",)
+NEEDS_MODEL = ("razor", "kv_head_merge", "compresskv")
 
 
 def load_pattern(path, config=None) -> tuple[tuple[int, ...], ...]:
@@ -116,6 +131,20 @@ def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPoli
             raise ValueError("attention_gate needs its trained gates (gates=DIR from `python -m train.attention_gate`) "
                              "and the model (params= and config=)")
         return AttentionGate.from_dir(kwargs.pop("gates"), params, config, **kwargs)
+    if key == "kv_head_merge" and "bases" not in kwargs:
+        if params is None or config is None or "calibration" not in kwargs:
+            raise ValueError("kv_head_merge needs calibration data and the model: calibration='random'|'kjv'|[ids] "
+                             "with params= and config= (e.g. --policy kv_head_merge:calibration=kjv)")
+        toks = calibration_tokens(kwargs.pop("calibration"), config, kwargs.pop("calib_tokens", 512),
+                                  kwargs.pop("seed", 0))
+        return KVHeadMerge.from_calibration(params, config, toks, **kwargs)
+    if key == "compresskv":
+        if isinstance(kwargs.get("heads"), list):
+            kwargs["heads"] = tuple(tuple(int(h) for h in row) for row in kwargs["heads"])
+        if "heads" not in kwargs:
+            if params is None or config is None:
+                raise ValueError(f"{name} finds its semantic retrieval heads from the model: pass params= and config=")
+            return CompressKV.from_model(params, config, **kwargs)
     if key in NEEDS_PATTERN and "pattern" not in kwargs:
         raise ValueError(f"{name} needs a per-(layer, kv-head) pattern: pattern=... or pattern_file=PATH.json")
     if key in NEEDS_MODEL and "pattern" not in kwargs:

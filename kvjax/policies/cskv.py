@@ -38,7 +38,7 @@ from models.rope import apply_rope
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CSKVCache:
+class CSKVCache(kvcache.OlderRecent):
     """Older tokens as low-rank latents, the newest full width (stacked over layers, or one layer).
 
     latent_k [.., B, Hkv, Sp, rk], basis_k [.., B, Hkv, d, rk]  (pre-RoPE keys ~ latent_k basis_k^T)
@@ -51,29 +51,6 @@ class CSKVCache:
     basis_v: jax.Array
     old_positions: jax.Array
     recent: kvcache.KVCache
-
-    @property
-    def positions(self) -> jax.Array:
-        return jnp.concatenate([self.old_positions, self.recent.positions], axis=-1)
-
-    @property
-    def lengths(self) -> jax.Array:
-        return jnp.sum(self.old_positions >= 0, axis=-1).astype(jnp.int32) + self.recent.lengths
-
-    @property
-    def valid(self) -> jax.Array:
-        return self.positions >= 0
-
-    @property
-    def capacity(self) -> int:
-        return self.latent_k.shape[-2] + self.recent.capacity
-
-    def memory_bytes(self) -> int:
-        return kvcache.tree_bytes(self)
-
-    def append(self, keys, values, positions, keys_pre_rope=None) -> "CSKVCache":
-        """New tokens go full width into the recent part (`[B, Hkv, new, d]`)."""
-        return dataclasses.replace(self, recent=kvcache.append(self.recent, keys, values, positions))
 
     def reconstruct(self, rope) -> tuple[jax.Array, jax.Array]:
         """The older tokens' keys (post-RoPE, via `rope(x, positions)`) and values [B, Hkv, Sp, d]."""

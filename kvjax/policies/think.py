@@ -51,7 +51,7 @@ def attend_logits(logits: jax.Array, mask: jax.Array, values: jax.Array, observe
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ThinKCache:
+class ThinKCache(kvcache.OlderRecent):
     """A cache whose older keys have fewer channels (stacked over layers, or one layer's slice).
 
     keys       [L, B, Hkv, Sp, dk]   pruned keys (post-RoPE), kept channels only
@@ -68,28 +68,9 @@ class ThinKCache:
     recent: kvcache.KVCache
 
     @property
-    def positions(self) -> jax.Array:
-        """[..., Sp + Sr] positions of all slots (pruned part first)."""
-        return jnp.concatenate([self.pruned_positions, self.recent.positions], axis=-1)
-
-    @property
-    def lengths(self) -> jax.Array:
-        return jnp.sum(self.pruned_positions >= 0, axis=-1).astype(jnp.int32) + self.recent.lengths
-
-    @property
-    def valid(self) -> jax.Array:
-        return self.positions >= 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[-2] + self.recent.capacity
-
-    def memory_bytes(self) -> int:
-        return kvcache.tree_bytes(self)
-
-    def append(self, keys, values, positions, keys_pre_rope=None) -> "ThinKCache":
-        """New tokens go full width into the recent part (`[B, Hkv, new, d]`)."""
-        return dataclasses.replace(self, recent=kvcache.append(self.recent, keys, values, positions))
+    def old_positions(self) -> jax.Array:
+        """The pruned part's slot positions (`kvcache.OlderRecent`: positions are pruned part first)."""
+        return self.pruned_positions
 
     def attend(self, q: jax.Array, query_positions: jax.Array, *, observe, backend="auto", rope=None):
         """q: post-RoPE [B, Hq, T, d]; pruned keys see q gathered onto their kept channels."""
