@@ -97,6 +97,69 @@ def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
     return (d * q + m).reshape(-1)
 
 
+Q5_0_BLOCK_BYTES = 2 + 4 + QK // 2  # f16 d, 32 high bits, 16 bytes of low nibbles
+QK_K = 256                          # elements per K-quant super-block
+Q4_K_BLOCK_BYTES = 2 + 2 + 12 + QK_K // 2           # f16 d, f16 dmin, 8 x (6-bit scale, 6-bit min), nibbles
+Q6_K_BLOCK_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2   # low nibbles, high 2 bits, int8 scales, f16 d
+
+
+def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
+    """Q5_0 bytes `[n_blocks * 22]` -> float32 `[n_blocks * 32]`: x = d * (q - 16), q in 0..31.
+
+    Element j < 16: low nibble of byte j, element j + 16: its high nibble; bit 4 of element i is
+    bit i of the little-endian uint32 after d."""
+    blocks = _blocks(raw, Q5_0_BLOCK_BYTES, "Q5_0")
+    d = _f16_column(blocks, 0)
+    high = np.ascontiguousarray(blocks[:, 2:6]).view("<u4")                       # [n, 1]
+    bit4 = ((high >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.uint8) << 4   # [n, 32]
+    packed = blocks[:, 6:]
+    q = np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1) | bit4
+    return (d * (q.astype(np.float32) - 16)).reshape(-1)
+
+
+def _k4_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 scale bytes of a Q4_K super-block `[n, 12]` -> 6-bit scales, mins `[n, 8]`.
+
+    Sub-block j < 4: scale = byte j & 63, min = byte j + 4 & 63; j >= 4: the low 4 bits come from
+    the nibbles of byte j + 4 (scale low, min high) and the top 2 bits from bytes j - 4 / j."""
+    b = packed.astype(np.uint8)
+    lo_sc, lo_m = b[:, 0:4] & 63, b[:, 4:8] & 63
+    hi_sc = (b[:, 8:12] & 0x0F) | ((b[:, 0:4] >> 6) << 4)
+    hi_m = (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)
+    return (np.concatenate([lo_sc, hi_sc], 1).astype(np.float32),
+            np.concatenate([lo_m, hi_m], 1).astype(np.float32))
+
+
+def dequantize_q4_k(raw: np.ndarray) -> np.ndarray:
+    """Q4_K bytes `[n * 144]` -> float32 `[n * 256]`: 8 sub-blocks of 32, x = d * sc * q - dmin * m.
+
+    The 128 nibble bytes come in 4 groups of 32: low nibbles are sub-block 2g, high nibbles 2g + 1."""
+    blocks = _blocks(raw, Q4_K_BLOCK_BYTES, "Q4_K")
+    d, dmin = _f16_column(blocks, 0), _f16_column(blocks, 2)
+    sc, m = _k4_scales_mins(blocks[:, 4:16])
+    qs = blocks[:, 16:].reshape(-1, 4, 32)
+    q = np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * m[:, :, None]).reshape(-1)
+
+
+def dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
+    """Q6_K bytes `[n * 210]` -> float32 `[n * 256]`: 16 sub-blocks of 16, x = d * scale * (q - 32).
+
+    Each half of 128 elements: 64 low-nibble bytes (ql) and 32 bytes of 2-bit highs (qh); element
+    32k + l of the half (k = 0..3) takes nibble k // 2 of ql[l + 32 (k % 2)] and bits 2k of qh[l]."""
+    blocks = _blocks(raw, Q6_K_BLOCK_BYTES, "Q6_K")
+    ql = blocks[:, :128].reshape(-1, 2, 2, 32)           # [n, half, k % 2, l]
+    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)        # [n, half, 1, l]
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)   # [n, 16]
+    d = _f16_column(blocks, 208)
+    low = np.stack([ql & np.uint8(0x0F), ql >> np.uint8(4)], axis=2)        # [n, half, k // 2, k % 2, l]
+    low = low.reshape(-1, 2, 4, 32)                                          # k = 2 (k // 2) + k % 2
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & np.uint8(3)   # [n, half, k, l]
+    q = (low | (high << np.uint8(4))).astype(np.float32) - 32                # [n, half, k, l]
+    sc = scales.reshape(-1, 2, 4, 2)[..., None]                              # scale of l // 16 in row k
+    return (d[:, :, None, None, None] * sc * q.reshape(-1, 2, 4, 2, 16)).reshape(-1)
+
+
 def dequantize_f32(raw: np.ndarray) -> np.ndarray:
     """F32 bytes -> float32 (flat)."""
     return _as_bytes(raw).view("<f4").astype(np.float32)
@@ -120,13 +183,14 @@ def dequantize_bf16(raw: np.ndarray) -> np.ndarray:
 def _dequantizers() -> dict[Any, Callable[[np.ndarray], np.ndarray]]:
     from gguf import GGMLQuantizationType as T
     return {T.F32: dequantize_f32, T.F16: dequantize_f16, T.BF16: dequantize_bf16,
-            T.Q8_0: dequantize_q8_0, T.Q4_1: dequantize_q4_1}
+            T.Q8_0: dequantize_q8_0, T.Q4_1: dequantize_q4_1, T.Q5_0: dequantize_q5_0,
+            T.Q4_K: dequantize_q4_k, T.Q6_K: dequantize_q6_k}
 
 
 def dequantize(raw: np.ndarray, qtype, shape: Optional[Iterable[int]] = None) -> np.ndarray:
     """Raw GGUF tensor bytes of ggml type `qtype` -> float32, reshaped to numpy-order `shape`.
 
-    Raises NotImplementedError naming the type for anything but F32/F16/BF16/Q8_0/Q4_1."""
+    Raises NotImplementedError naming the type for anything but F32/F16/BF16/Q8_0/Q4_1/Q5_0/Q4_K/Q6_K."""
     from gguf import GGMLQuantizationType
     qtype = GGMLQuantizationType(qtype)
     fn = _dequantizers().get(qtype)

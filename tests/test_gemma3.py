@@ -233,3 +233,20 @@ def test_cli_model_gemma3_270m_loads_from_env_dir(checkpoint, tmp_path, monkeypa
     monkeypatch.setenv(gemma3.ENV_VAR, str(directory))
     from kvjax.cli import main
     assert main(["generate", "--model", "gemma3-270m", "--prompt", "w5 w6 w7", "--max-new-tokens", "3"]) in (0, None)
+
+
+@pytest.mark.parametrize("qtype, block, f16_at", [("Q5_0", 22, (0,)), ("Q4_K", 144, (0, 2)), ("Q6_K", 210, (208,))])
+def test_gemma_gguf_dequantizers_match_gguf_package(qtype, block, f16_at):
+    """Q5_0 / Q4_K / Q6_K (the Gemma 3 270M Q4_K_M file's types) on random blocks vs `gguf.quants`."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from models.loading import dequantize
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (9, block), dtype=np.uint8)
+    for at in f16_at:        # finite f16 scales (random bits may be inf/nan)
+        raw[:, at:at + 2] = np.frombuffer(rng.uniform(-0.05, 0.05, 9).astype(np.float16).tobytes(),
+                                          np.uint8).reshape(9, 2)
+    qt = GGMLQuantizationType[qtype]
+    ours = dequantize(raw.reshape(-1), qt)
+    np.testing.assert_array_equal(ours, gguf_dequantize(raw.reshape(-1), qt).reshape(-1).astype(np.float32))
