@@ -162,11 +162,11 @@ def test_final_logit_softcap(tmp_path):
     np.testing.assert_allclose(np.asarray(logits[0]), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["xla", "interpret"])
-def test_decode_beyond_window_matches_full_forward(checkpoint, model, attention):
+def test_decode_beyond_window_matches_full_forward(checkpoint, model, attention="interpret"):
     """Prefill 3 tokens, then decode one token at a time to 13 through the engine's per-layer
-    cache: every step's logits equal the full forward's (numpy) at that position. `interpret`
-    runs the decode steps through the Pallas dense kernel (interpreted) over the window's slots."""
+    cache: every step's logits equal the full forward's (numpy) at that position. The decode
+    steps run the Pallas dense kernel (interpreted) over the window's slots (the XLA decode path
+    is `test_generate_greedy_beyond_window`'s)."""
     _, cfg, t = checkpoint
     config, params = model
     params = unstack_params(params)
@@ -250,3 +250,74 @@ def test_gemma_gguf_dequantizers_match_gguf_package(qtype, block, f16_at):
     qt = GGMLQuantizationType[qtype]
     ours = dequantize(raw.reshape(-1), qt)
     np.testing.assert_array_equal(ours, gguf_dequantize(raw.reshape(-1), qt).reshape(-1).astype(np.float32))
+
+
+def write_gemma3_gguf(path, cfg: dict, t: dict[str, np.ndarray]):
+    """A llama.cpp-style "gemma3" GGUF of the HF tensors (F32; norms stored as 1 + w, as llama.cpp's
+    converter writes them) with a small SentencePiece vocabulary (pieces with scores, no merges)."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_sliding_window(cfg["sliding_window"])
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<end_of_turn>", "\u2581", "a", "b", "c", "ab", "bc", "\u2581a"]
+    pieces += [f"p{i}" for i in range(cfg["vocab_size"] - len(pieces))]
+    scores = [0.0] * 5 + [-10.0, -11.0, -12.0, -13.0, -2.0, -1.0, -3.0] + [-20.0] * (cfg["vocab_size"] - 12)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types([3, 3, 3, 2, 3] + [1] * (len(pieces) - 5))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_add_bos_token(True)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, x in t.items():
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", x)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", x + np.float32(1))
+        else:
+            _, _, i, rest = name.split(".", 3)
+            short = names[rest.rsplit(".", 1)[0]]
+            w.add_tensor(f"blk.{i}.{short}.weight", x + np.float32(1) if short.endswith("norm") else x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return pieces
+
+
+def test_gguf_gemma3_logits_and_sentencepiece_tokenizer(tmp_path):
+    """A "gemma3" GGUF (llama.cpp fixes every 6th layer global and the scale head_dim**-0.5, so
+    the 4 layers are all local here) against the float64 forward; its SentencePiece tokenizer
+    merges by piece score: "abc" is a + bc (bc scores higher than ab), not ab + c; " ab" is
+    \u2581 + ab (ab scores higher than \u2581a)."""
+    from models.tokenizer import load_tokenizer
+    cfg = dict(HF_CONFIG, query_pre_attn_scalar=16, layer_types=["sliding_attention"] * 4)
+    t = hf_tensors(cfg, seed=5)
+    pieces = write_gemma3_gguf(tmp_path / "tiny-gemma3.gguf", cfg, t)
+    config, params = load_model(tmp_path / "tiny-gemma3.gguf", progress=False)
+    assert config.local_layers == (0, 1, 2, 3) and config.sliding_window == 5 and config.eos_token_ids == (1, 4)
+    tok = tokens_of(T, seed=6)
+    cache = init_cache(config.n_layers, 1, config.n_kv_heads, T, config.head_dim)
+    logits, _, _ = forward(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(tok[None]),
+                           jnp.arange(T)[None], cache, config)
+    want = reference_logits(t, cfg, tok)
+    np.testing.assert_allclose(np.asarray(logits[0]), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    sp = load_tokenizer(tmp_path / "tiny-gemma3.gguf")
+    ids = sp.encode("abc ab")
+    assert [pieces[i] for i in ids] == ["<bos>", "a", "bc", "\u2581", "ab"]     # ab (-2) before \u2581a (-3)
+    assert sp.decode(ids, skip_special_tokens=True) == "abc ab" and 4 in sp.stop_ids
