@@ -37,7 +37,8 @@ class ModelConfig:
         layers/wv    [L, d_model, n_kv_heads * head_dim]
         layers/wo    [L, n_heads * head_dim, d_model]
         layers/bq, bk, bv  [L, heads * head_dim]  (only when qkv_bias, Qwen2)
-        layers/q_norm, k_norm [L, head_dim]       (only when qk_norm, Qwen3)
+        layers/q_norm, k_norm [L, head_dim]       (only when qk_norm, Qwen3, Gemma 3)
+        layers/post_attn_norm, post_mlp_norm [L, d_model]  (only when post_norms, Gemma 3)
         layers/mlp_norm [L, d_model]
         layers/w_gate, w_up [L, d_model, ffn_dim]
         layers/w_down [L, ffn_dim, d_model]

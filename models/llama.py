@@ -1,5 +1,9 @@
 """Functional Llama-family decoder: `forward(params, tokens, positions, cache, config)`.
 
+Gemma 3 runs through the same function: its options of `ModelConfig` (embedding scale, post-norms,
+GeGLU, query_pre_attn_scalar, soft-capping) are a few branches here, and its interleaved
+sliding-window layers are `models.local_attention`'s (per-layer RoPE base and window).
+
 One pure function serves prefill, chunked prefill and decode: each layer appends the new tokens'
 keys/values to its cache, then the new queries attend over everything the cache holds (the cache
 routes its own attention: dense, quantized, packed, ...). Parameters follow the layout
