@@ -33,14 +33,16 @@ from kvjax.observation import Observe
 NEG_INF = -1e30
 
 
-def attention_mask(slot_positions: jax.Array, query_positions: jax.Array) -> jax.Array:
-    """`[batch, kv_heads, queries, slots]` bool: slot is live and not after the query.
+def attention_mask(slot_positions: jax.Array, query_positions: jax.Array, window=None) -> jax.Array:
+    """`[batch, kv_heads, queries, slots]` bool: slot is live and not after the query (and, with a
+    sliding `window`, less than `window` positions before it).
 
     slot_positions: `[batch, kv_heads, slots]`; query_positions: `[batch, queries]` (-1 = padding,
-    which sees nothing)."""
+    which sees nothing); window: None, an int or a traced int scalar."""
     sp = slot_positions[:, :, None, :]
     qp = query_positions[:, None, :, None]
-    return (sp >= 0) & (sp <= qp)
+    mask = (sp >= 0) & (sp <= qp)
+    return mask if window is None else mask & (sp > qp - window)
 
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
@@ -167,7 +169,7 @@ def _dense_decode(q, keys, values, slot_positions, query_positions, lengths, sca
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, slot_positions: jax.Array,
            query_positions: jax.Array, *, scale: float | None = None,
            observe: Observe = Observe(), lengths: jax.Array | None = None,
-           backend: str = "auto") -> tuple[jax.Array, dict]:
+           backend: str = "auto", window=None) -> tuple[jax.Array, dict]:
     """Grouped-query attention over a cache: XLA reference (float32 softmax), or with `lengths`
     the Pallas kernels (dense decode for one query per row, flash prefill for several; see the
     module docstring).
@@ -182,6 +184,9 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, slot_positions: jax
     values:          [batch, kv_heads, slots, value_dim]
     slot_positions:  [batch, kv_heads, slots] int32 (-1 = empty)
     query_positions: [batch, queries] int32 (-1 = padding)
+    window:          None, or a sliding window (int or traced int scalar; `models.local_attention`):
+                     a query at position p sees slots at positions (p - window, p]. One query per
+                     row hides the other slots and dispatches as usual; several take the XLA path.
     returns out [batch, q_heads, queries, value_dim] (zeros for queries that see no slot) and a
     dict of observations requested by `observe`:
         "window_probs" [batch, q_heads, window, slots], "column_sums" [batch, q_heads, slots].
@@ -194,6 +199,10 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, slot_positions: jax
     same_kv = keys.dtype == values.dtype and keys.shape[-1] == values.shape[-1]
     if lengths is not None and lengths.shape != (b, hkv):
         raise ValueError(f"lengths must be [batch, kv_heads]={(b, hkv)}, got {lengths.shape}")
+    if window is not None:
+        if t > 1:
+            return _attend_xla(q, keys, values, slot_positions, query_positions, scale, observe, window)
+        slot_positions = jnp.where(slot_positions > query_positions[:, :, None] - window, slot_positions, -1)
     if lengths is not None and is_decode_step(q, observe):
         sel = decode_impl("dense_decode", backend)
         if sel is not None and dense_kernel_ok(d, keys.dtype, sel[0]) and same_kv:
@@ -231,22 +240,22 @@ def _flash_prefill(q, keys, values, slot_positions, query_positions, lengths, sc
     return out, obs
 
 
-def _attend_xla(q, keys, values, slot_positions, query_positions, scale, observe):
+def _attend_xla(q, keys, values, slot_positions, query_positions, scale, observe, window=None):
     b, hq, t, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
     qg = q.reshape(b, hkv, g, t, d).astype(jnp.float32)
     logits = jnp.einsum("bhgtd,bhsd->bhgts", qg, keys.astype(jnp.float32)) * scale
-    return attend_logits(logits, values, slot_positions, query_positions, q.dtype, observe)
+    return attend_logits(logits, values, slot_positions, query_positions, q.dtype, observe, window)
 
 
 def attend_logits(logits, values, slot_positions, query_positions, out_dtype,
-                  observe: Observe = Observe()):
+                  observe: Observe = Observe(), window=None):
     """Masked softmax and value sum from precomputed (scaled) logits
     `[batch, kv_heads, group, queries, slots]`; the rest as `attend`."""
     b, hkv, g, t, _ = logits.shape
     hq = hkv * g
-    mask = attention_mask(slot_positions, query_positions)[:, :, None]  # [b, hkv, 1, t, s]
+    mask = attention_mask(slot_positions, query_positions, window)[:, :, None]  # [b, hkv, 1, t, s]
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask, probs, 0.0)  # rows with no live slot become all-zero, not uniform

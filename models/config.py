@@ -1,4 +1,4 @@
-"""Model configurations for the Llama family (SmolLM2, Llama 3, Qwen2/3, Mistral).
+"""Model configurations for the Llama family (SmolLM2, Llama 3, Qwen2/3, Mistral) and Gemma 3.
 
 A config is a frozen dataclass, hashable, so it can be a static argument of `jax.jit`.
 """
@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Optional
+
+
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,8 @@ class ModelConfig:
         layers/wv    [L, d_model, n_kv_heads * head_dim]
         layers/wo    [L, n_heads * head_dim, d_model]
         layers/bq, bk, bv  [L, heads * head_dim]  (only when qkv_bias, Qwen2)
-        layers/q_norm, k_norm [L, head_dim]       (only when qk_norm, Qwen3)
+        layers/q_norm, k_norm [L, head_dim]       (only when qk_norm, Qwen3, Gemma 3)
+        layers/post_attn_norm, post_mlp_norm [L, d_model]  (only when post_norms, Gemma 3)
         layers/mlp_norm [L, d_model]
         layers/w_gate, w_up [L, d_model, ffn_dim]
         layers/w_down [L, ffn_dim, d_model]
@@ -46,6 +50,20 @@ class ModelConfig:
 
     q/k output features are head-major with HF's rotate-half RoPE convention
     (feature i and i + head_dim/2 of a head form one rotation pair).
+
+    Gemma 3 options (all off for the Llama family; see `models.gemma3`):
+        embed_scale:  embeddings multiplied by sqrt(d_model) (in the parameter dtype).
+        mlp_activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
+        post_norms:   RMSNorm on the attention output and on the MLP output before each residual
+                      add (`layers/post_attn_norm`, `layers/post_mlp_norm` [L, d_model]); `mlp_norm`
+                      is then Gemma's pre-feedforward norm.
+        query_pre_attn_scalar: attention scale query_pre_attn_scalar**-0.5 (None: head_dim**-0.5).
+        local_layers, sliding_window: layers whose queries see only the last `sliding_window`
+                      positions (their own included), with RoPE base `rope_local_theta` and no
+                      rope scaling; the other layers are global (`rope_theta`, `rope_scaling`).
+        final_logit_softcap: logits = cap * tanh(logits / cap) (None: none).
+    Norm weights are stored as the factor the normalised input is multiplied by (Gemma's
+    checkpoints store it minus one; `models.gemma3` adds the one when loading).
     """
 
     name: str
@@ -66,8 +84,26 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     attn_gate: str = ""
+    embed_scale: bool = False
+    mlp_activation: str = "silu"
+    post_norms: bool = False
+    query_pre_attn_scalar: Optional[float] = None
+    sliding_window: int = 0
+    local_layers: tuple[int, ...] = ()
+    rope_local_theta: float = 10000.0
+    final_logit_softcap: Optional[float] = None
 
     def __post_init__(self):
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        if self.local_layers and self.sliding_window <= 0:
+            raise ValueError(f"local_layers {self.local_layers} need a positive sliding_window, got {self.sliding_window}")
+        if any(not 0 <= i < self.n_layers for i in self.local_layers):
+            raise ValueError(f"local_layers {self.local_layers} must lie in [0, n_layers={self.n_layers})")
+        if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0:
+            raise ValueError(f"query_pre_attn_scalar must be positive, got {self.query_pre_attn_scalar}")
+        if self.final_logit_softcap is not None and self.final_logit_softcap <= 0:
+            raise ValueError(f"final_logit_softcap must be positive, got {self.final_logit_softcap}")
         if self.attn_gate not in ("", "elementwise", "headwise"):
             raise ValueError(f"attn_gate must be '', 'elementwise' or 'headwise', got {self.attn_gate!r}")
         if self.n_heads % self.n_kv_heads:
@@ -105,7 +141,16 @@ MISTRAL_7B = ModelConfig(
     bos_token_id=1, eos_token_ids=(2,),
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SMOLLM2_135M, LLAMA3_8B, QWEN25_7B, MISTRAL_7B)}
+GEMMA3_270M = ModelConfig(
+    name="gemma3-270m", vocab_size=262144, d_model=640, n_layers=18, n_heads=4, n_kv_heads=1,
+    head_dim=256, ffn_dim=2048, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True, qk_norm=True,
+    max_position=32768, bos_token_id=2, eos_token_ids=(1, 106), embed_scale=True, mlp_activation="gelu_tanh",
+    post_norms=True, query_pre_attn_scalar=256.0, sliding_window=512,
+    local_layers=tuple(i for i in range(18) if (i + 1) % 6), rope_local_theta=10000.0,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SMOLLM2_135M, LLAMA3_8B, QWEN25_7B, MISTRAL_7B,
+                                                       GEMMA3_270M)}
 PRESETS["smollm2"] = SMOLLM2_135M
 
 

@@ -1,5 +1,9 @@
 """Functional Llama-family decoder: `forward(params, tokens, positions, cache, config)`.
 
+Gemma 3 runs through the same function: its options of `ModelConfig` (embedding scale, post-norms,
+GeGLU, query_pre_attn_scalar, soft-capping) are a few branches here, and its interleaved
+sliding-window layers are `models.local_attention`'s (per-layer RoPE base and window).
+
 One pure function serves prefill, chunked prefill and decode: each layer appends the new tokens'
 keys/values to its cache, then the new queries attend over everything the cache holds (the cache
 routes its own attention: dense, quantized, packed, ...). Parameters follow the layout
@@ -22,6 +26,7 @@ before the next layer runs, so no array with a layers axis and a window x slots 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax
@@ -33,7 +38,7 @@ from kvjax.layerwise import LayerwiseCache
 from kvjax.observation import Observe, Observer, reduce_layer
 from models.config import ModelConfig
 from models.gated_attention import apply_gate
-from models.rope import apply_rope
+from models.local_attention import attend_local, layer_rope, layer_window
 
 Params = dict[str, Any]
 
@@ -63,6 +68,9 @@ def project_qkv(lp: Params, h: jax.Array, config: ModelConfig) -> tuple[jax.Arra
     if config.qk_norm:
         q = rms_norm(q, lp["q_norm"], config.norm_eps)
         k = rms_norm(k, lp["k_norm"], config.norm_eps)
+    if config.query_pre_attn_scalar is not None and config.query_pre_attn_scalar != config.head_dim:
+        # attention scales by head_dim**-0.5: fold the rest of query_pre_attn_scalar**-0.5 into q
+        q = (q.astype(jnp.float32) * math.sqrt(config.head_dim / config.query_pre_attn_scalar)).astype(q.dtype)
     return q, k, v
 
 
@@ -87,12 +95,17 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     q, k, v = project_qkv(lp, h, config)
     if observe.qkv:
         out_obs.update(q_pre=q, k_pre=k, v=v)
-    q_rot, k_rot = apply_rope(q, positions, config), apply_rope(k, positions, config)
+    rope = layer_rope(config, layer)
+    q_rot, k_rot = rope(q, positions), rope(k, positions)
     layer_cache = layer_cache.append(k_rot, v, positions, keys_pre_rope=k)
     wants = observer.observe.attention if observer is not None else Observe()
-    rope = lambda x, pos: apply_rope(x, pos, config)
     stateful = getattr(layer_cache, "attend_and_update", None)  # caches that carry decode state (kvjax.selection)
-    if prefill_attention is not None and q_rot.shape[2] > 1:
+    window = layer_window(config, layer)
+    if window is not None:                                 # a sliding-window layer (models.local_attention)
+        if prefill_attention is not None or stateful is not None:
+            raise ValueError("sparse prefill and selection caches are not supported on sliding-window layers")
+        out, attn_obs = attend_local(layer_cache, q_rot, positions, window, observe=wants, backend=backend)
+    elif prefill_attention is not None and q_rot.shape[2] > 1:
         from kvjax.sparse_prefill.attend import attend as sparse_attend
         out, attn_obs = sparse_attend(prefill_attention, q_rot, layer_cache, positions, layer=layer,
                                       observe=wants, backend=backend)
@@ -110,18 +123,29 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
                            hidden, accumulated)
         out_obs.update({("queries_pre" if n == "q_pre" else n): a for n, a in red.items()})
     b, _, t, _ = out.shape
-    x = x + out.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
+    attn = out.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
+    if config.post_norms:                                  # Gemma: norm each branch before its residual add
+        attn = rms_norm(attn, lp["post_attn_norm"], config.norm_eps)
+    x = x + attn
     h = rms_norm(x, lp["mlp_norm"], config.norm_eps)
-    return x + mlp(lp, h), layer_cache, out_obs
+    m = mlp(lp, h, config.mlp_activation)
+    if config.post_norms:
+        m = rms_norm(m, lp["post_mlp_norm"], config.norm_eps)
+    return x + m, layer_cache, out_obs
 
 
-def mlp(lp: Params, h: jax.Array) -> jax.Array:
-    """SwiGLU feed-forward of the normed input h [batch, seq, d_model] (fused gate|up or not)."""
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def mlp(lp: Params, h: jax.Array, activation: str = "silu") -> jax.Array:
+    """Gated feed-forward of the normed input h [batch, seq, d_model] (fused gate|up or not):
+    act(h @ w_gate) * (h @ w_up) @ w_down, act "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)."""
+    act = _ACTIVATIONS[activation]
     if "w_gate_up" in lp:
         gu = h @ lp["w_gate_up"]
         f = gu.shape[-1] // 2
-        return (jax.nn.silu(gu[..., :f]) * gu[..., f:]) @ lp["w_down"]
-    return (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        return (act(gu[..., :f]) * gu[..., f:]) @ lp["w_down"]
+    return (act(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
 
 
 def fuse_projections(params: Params) -> Params:
@@ -235,6 +259,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
                          "instead of Observe(window=/column_sums=)")
     check_inputs(params, tokens, positions, cache, config)
     x = params["embed"][tokens]
+    if config.embed_scale:                                 # Gemma: sqrt(d_model), rounded to the weights' dtype
+        x = x * jnp.asarray(math.sqrt(config.d_model), x.dtype)
     if observer is not None and observer.policy.accumulates and accumulated is None:
         raise ValueError(f"{type(observer.policy).__name__} accumulates a running score: pass accumulated=")
 
@@ -275,6 +301,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
         return x, cache, outs
     head = params["embed"].T if config.tie_embeddings else params["lm_head"]
     logits = (x @ head).astype(jnp.float32)
+    if config.final_logit_softcap is not None:
+        logits = config.final_logit_softcap * jnp.tanh(logits / config.final_logit_softcap)
     return logits, cache, outs
 
 
@@ -297,6 +325,9 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: f
         lp = {n: (scale * jax.random.normal(k, s, jnp.float32)).astype(dtype) for (n, s), k in zip(shapes.items(), keys)}
         lp["attn_norm"] = jnp.ones((d,), dtype)
         lp["mlp_norm"] = jnp.ones((d,), dtype)
+        if config.post_norms:
+            lp["post_attn_norm"] = jnp.ones((d,), dtype)
+            lp["post_mlp_norm"] = jnp.ones((d,), dtype)
         if config.qk_norm:
             lp["q_norm"] = jnp.ones((config.head_dim,), dtype)
             lp["k_norm"] = jnp.ones((config.head_dim,), dtype)

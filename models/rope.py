@@ -28,10 +28,11 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
                     np.where(wavelen < high_wavelen, inv, interpolated))
 
 
-def rope_angles(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape `positions.shape + (head_dim,)` (float32, halves duplicated)."""
-    inv = jnp.asarray(inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling),
-                      jnp.float32)
+def rope_angles(positions: jax.Array, config: ModelConfig, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape `positions.shape + (head_dim,)` (float32, halves duplicated).
+    local: a sliding-window layer's base (`config.rope_local_theta`, no scaling; Gemma 3)."""
+    theta, scaling = (config.rope_local_theta, None) if local else (config.rope_theta, config.rope_scaling)
+    inv = jnp.asarray(inverse_frequencies(config.head_dim, theta, scaling), jnp.float32)
     ang = positions.astype(jnp.float32)[..., None] * inv
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
@@ -42,10 +43,11 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
-    """Rotate `x [batch, heads, seq, head_dim]` by `positions [batch, seq]` (or `[batch, heads, seq]`)."""
+def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig, local: bool = False) -> jax.Array:
+    """Rotate `x [batch, heads, seq, head_dim]` by `positions [batch, seq]` (or `[batch, heads, seq]`);
+    local: with the sliding-window layers' base (see `rope_angles`)."""
     if positions.ndim == 2:
         positions = positions[:, None, :]
-    cos, sin = rope_angles(positions, config)
+    cos, sin = rope_angles(positions, config, local)
     xf = x.astype(jnp.float32)
     return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)

@@ -20,11 +20,12 @@ import pathlib
 import re
 from typing import Optional, Sequence, Union
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 PathLike = Union[str, os.PathLike]
 
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+SPACE = "\u2581"   # SentencePiece's word-boundary mark
 # llama.cpp pre-tokenizer names that are GPT-2 byte-level BPE with individual digits split first.
 DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact")
 PLAIN_GPT2_PRE = ("default", "gpt-2", "gpt2")
@@ -114,17 +115,54 @@ def chat_from_template(template: Optional[str]) -> Optional[ChatML]:
     return ChatML(default_system=m.group(1) if m else None)
 
 
+def sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece BPE vocabulary (which has scores, not merges):
+    SentencePiece joins the adjacent pair whose joined piece scores highest, so every split of a
+    normal piece into two vocabulary pieces is a merge, ranked by the joined piece's score
+    (ties by the pieces' ids)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind != NORMAL or len(tok) < 2:
+            continue
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_bpe(meta) -> Tokenizer:
+    """A SentencePiece BPE model (GGUF tokenizer model "llama", e.g. Gemma 3) with byte fallback:
+    spaces become U+2581 and split words (no dummy prefix unless the file asks for one)."""
+    if len(meta.scores) != len(meta.tokens):
+        raise ValueError("GGUF SentencePiece tokenizer has no scores (tokenizer.ggml.scores)")
+    vocab = {tok: i for i, tok in enumerate(meta.tokens)}
+    unk = meta.tokens[meta.unk_id] if meta.unk_id is not None else None
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(meta.tokens, meta.scores, meta.token_types),
+                              unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tk.normalizer = normalizers.Replace(" ", SPACE)
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
+    tk.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tk
+
+
 def tokenizer_from_gguf(path: PathLike) -> TextTokenizer:
-    """Rebuild the GGUF's tokenizer (GPT-2 byte-level BPE models only)."""
+    """Rebuild the GGUF's tokenizer: GPT-2 byte-level BPE ("gpt2") or SentencePiece BPE ("llama")."""
     from models.loading import load_gguf_tokenizer_metadata
     meta = load_gguf_tokenizer_metadata(path)
-    if meta.model != "gpt2":
-        raise NotImplementedError(f"{path}: tokenizer model {meta.model!r} is not supported (only 'gpt2' BPE)")
+    if meta.model not in ("gpt2", "llama"):
+        raise NotImplementedError(f"{path}: tokenizer model {meta.model!r} is not supported "
+                                  f"(only 'gpt2' BPE and 'llama' SentencePiece BPE)")
     vocab = {tok: i for i, tok in enumerate(meta.tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta.merges]
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tk.pre_tokenizer = _pre_tokenizer(meta.pre)
-    tk.decoder = decoders.ByteLevel()
+    if meta.model == "llama":
+        tk = _sentencepiece_bpe(meta)
+    else:
+        merges = [tuple(m.split(" ", 1)) for m in meta.merges]
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        tk.pre_tokenizer = _pre_tokenizer(meta.pre)
+        tk.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
                for t, kind in zip(meta.tokens, meta.token_types) if kind == CONTROL]
     user = [AddedToken(t, special=False, normalized=False)
@@ -134,6 +172,8 @@ def tokenizer_from_gguf(path: PathLike) -> TextTokenizer:
         tk.add_tokens(user)
     chat = chat_from_template(meta.chat_template)
     stop = [vocab["<|im_end|>"]] if chat is not None and "<|im_end|>" in vocab else []
+    if "<end_of_turn>" in vocab:                 # Gemma's end of a turn
+        stop.append(vocab["<end_of_turn>"])
     if meta.eot_id is not None:
         stop.append(meta.eot_id)
     return TextTokenizer(tk, bos_id=meta.bos_id, eos_id=meta.eos_id, pad_id=meta.pad_id,
@@ -161,11 +201,15 @@ def tokenizer_from_hf(directory: PathLike) -> TextTokenizer:
 
 
 def load_tokenizer(name_or_path: PathLike) -> TextTokenizer:
-    """Tokenizer for a preset name ("smollm2"), a GGUF file, or an HF directory with tokenizer.json."""
+    """Tokenizer for a preset name ("smollm2", "gemma3-270m"), a GGUF file, or an HF directory with tokenizer.json."""
     from models.loading import find_smollm2_gguf
     s = str(name_or_path)
     if s in ("smollm2", "smollm2-135m"):
         return tokenizer_from_gguf(find_smollm2_gguf())
+    from models import gemma3
+    if s.lower() in gemma3.NAMES:
+        found = gemma3.find_checkpoint()
+        return tokenizer_from_gguf(found) if found.suffix == ".gguf" else tokenizer_from_hf(found)
     p = pathlib.Path(s)
     if p.is_file() and p.suffix == ".gguf":
         return tokenizer_from_gguf(p)
