@@ -53,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--needle-per-kind", type=int, default=1, help="needle samples per task kind (0: no needle)")
     ap.add_argument("--needle-tokens", type=int, default=1024)
     ap.add_argument("--out", default="docs/evict_quant/frontier", help="output path without extension")
+    ap.add_argument("--merge", help="comma-separated .json outputs of earlier runs (same text and lengths) to "
+                                    "combine into --out instead of running")
     args = ap.parse_args(argv)
     for name in ("context", "continuation", "needle_tokens"):
         if getattr(args, name) <= 0:
@@ -261,5 +263,35 @@ def plot(rows, path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths, out) -> None:
+    """One table from several runs' JSON (e.g. a sweep split over budgets): rows in order, one full-cache
+    row (the runs must agree on it: same text, lengths and model)."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    nan = lambda r: {k: (math.nan if v is None and k in _nan_row() and isinstance(_nan_row()[k], float) else v)
+                     for k, v in r.items()}
+    rows, fulls = [], []
+    for data in runs:
+        for r in map(nan, data["rows"]):
+            if r["kept"] is not None and math.isnan(r["kl"]) and not r["note"]:
+                continue        # planned but not run (an interrupted sweep)
+            (fulls if r["kind"] == "full" else rows).append(r)
+    if len({(r["kept"], round(r["ppl"], 5)) for r in fulls}) != 1:
+        raise ValueError(f"the runs disagree on the full cache ({[(r['kept'], r['ppl']) for r in fulls]}): "
+                         f"different texts or lengths cannot share one table")
+    fractions = tuple(sorted({f for d in runs for f in d["meta"]["fractions"]}, reverse=True))
+    meta = dict(runs[0]["meta"], fractions=list(fractions), command=" ; ".join(d["meta"]["command"] for d in runs),
+                wall_s=sum(d["meta"]["wall_s"] for d in runs), compile_s=sum(d["meta"]["compile_s"] for d in runs),
+                merged_from=", ".join(map(str, paths)))
+    rows = fulls[:1] + rows
+    out = pathlib.Path(out)
+    _write_json(out, meta, rows)
+    out.with_suffix(".md").write_text(markdown(rows, meta, fractions, out.with_suffix(".png").name))
+    plot(rows, out.with_suffix(".png"), f"{meta['model']}, {meta['text']}: quality vs cache bytes")
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    _args = parse_args()
+    if _args.merge:
+        merge([p for p in _args.merge.split(",") if p.strip()], _args.out)
+    else:
+        run(_args)
