@@ -272,7 +272,8 @@ def merge(paths, out) -> None:
     rows, fulls = [], []
     for data in runs:
         for r in map(nan, data["rows"]):
-            if r["kept"] is not None and math.isnan(r["kl"]) and not r["note"]:
+            if (r["kept"] is not None and math.isnan(r["kl"]) and not r["note"].startswith("error")
+                    and "does not fit" not in r["note"]):
                 continue        # planned but not run (an interrupted sweep)
             (fulls if r["kind"] == "full" else rows).append(r)
     if len({(r["kept"], round(r["ppl"], 5)) for r in fulls}) != 1:
