@@ -247,3 +247,27 @@ def test_generate_every_schedule_and_bad_combinations(params):
         generate(params, CFG, prompts, 4, kv_quant="kivi4", cache_init=KIVI4)
     with pytest.raises(ValueError, match="give a compression"):
         fidelity.prefill_context(params, CFG, jnp.ones((1, 20), jnp.int32), None, 2, kv_quant=KIVI4)
+
+
+def test_residuals_take_the_engine_cache_dtype(params, context):
+    """A bf16 model: the evicted KIVI cache's fp residuals are bf16, like plain KIVI's through
+    `make_cache_init` (generate passes its cache dtype); an explicit `dtype=` option wins; memory_bytes counts 2-byte residuals (hand count of the difference)."""
+    from kvjax.generate import generate, init_engine_cache
+    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, params)
+    comp = Compression(make_policy("snapkv", window=8), Budget(ratio=0.5))
+    out = generate(p16, CFG, [list(range(1, 71))], 4, compression=comp, cache_init=KIVI4, bucket=1)
+    plain = init_engine_cache(CFG, 1, 64, jnp.bfloat16, KIVI4)
+    assert plain.layers[0].k_resid.dtype == jnp.bfloat16
+    for lc in out.cache.layers:
+        assert lc.kivi.k_resid.dtype == lc.kivi.v_resid.dtype == jnp.bfloat16
+    ctx = context[:1]
+    dtypes = {}
+    for key, kw in (("engine bf16", dict(kv_quant=KIVI4)),
+                    ("option f32", dict(kv_quant=make_cache_init("kivi4", group=G, residual=R, dtype=jnp.float32)))):
+        pre = fidelity.prefill_context(p16, CFG, ctx, comp, 4, **kw)
+        layer = pre.cache.layers[0]
+        dtypes[key] = (layer.kivi.k_resid.dtype, layer.kivi.v_resid.dtype, pre.cache.memory_bytes())
+    assert dtypes["engine bf16"][:2] == (jnp.bfloat16, jnp.bfloat16)
+    assert dtypes["option f32"][:2] == (jnp.float32, jnp.float32)
+    saved = CFG.n_layers * CFG.n_kv_heads * 2 * R * CFG.head_dim * 2      # K tail + V window, 4 -> 2 bytes
+    assert dtypes["option f32"][2] - dtypes["engine bf16"][2] == saved

@@ -313,15 +313,17 @@ def prefill_locret(params, config: ModelConfig, tokens, heads: dict, policy, max
 
 
 def prefill_quantized(params, config: ModelConfig, tokens, cache_init: Callable, max_new_tokens: int = 1,
-                      runner: Optional[Runner] = None) -> Prefilled:
+                      runner: Optional[Runner] = None, cache_dtype=None) -> Prefilled:
     """Prefill `tokens [batch, T]` into a quantized cache `cache_init(config, batch, T + max_new_tokens)`
-    (e.g. `kvjax.quant.make_cache_init("kivi2")`): the whole context is kept (full token budget)."""
+    (e.g. `kvjax.quant.make_cache_init("kivi2")`): the whole context is kept (full token budget).
+    cache_dtype: of the cache's fp parts (default: the parameters' dtype, as in generate)."""
     runner = runner or Runner()
     tokens = check_tokens(tokens)
     b, t = tokens.shape
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    cache = init_engine_cache(config, b, t + max_new_tokens, cache_init=cache_init)
+    cache = init_engine_cache(config, b, t + max_new_tokens,
+                              params["embed"].dtype if cache_dtype is None else cache_dtype, cache_init)
     t0 = time.perf_counter()
     logits, cache, _ = prefill(_layers(params), config, tokens, _positions(tokens), cache)
     logits = jax.block_until_ready(logits)

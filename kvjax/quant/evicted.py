@@ -191,12 +191,14 @@ quantize_layer_jit = jax.jit(quantize_layer, static_argnames=("kcfg", "capacity"
 class EvictQuant:
     """A checked eviction x quantization plan: `compression` (ragged layouts switched to padded)
     and the KIVI config of the storage; `quantize(cache)` converts the engine's dense per-layer
-    cache after prefill."""
+    cache after prefill. dtype: of the fp residuals (an explicit `dtype=` option of the cache);
+    None = the engine's cache dtype (the dense layers' dtype: bf16 for a bf16 model), as
+    `make_cache_init` gives plain KIVI."""
 
     compression: object
     kcfg: kivi.KIVIConfig
     name: str
-    dtype: object = jnp.float32
+    dtype: object = None
 
     def quantize(self, cache):
         """A uniform LayerwiseCache of dense KVCache layers -> the same of EvictedKIVICache layers
@@ -206,7 +208,8 @@ class EvictQuant:
             kinds = sorted({type(lc).__name__ for lc in getattr(cache, "layers", (cache,))})
             raise ValueError(f"{self.name} stores the kept tokens of dense per-layer caches; the policy built {kinds}")
         cap = kivi.quantized_capacity(cache.capacity, self.kcfg.group)
-        layers = tuple(quantize_layer_jit(lc, self.kcfg, cap, self.dtype) for lc in cache.layers)
+        dtype = self.dtype if self.dtype is not None else cache.layers[0].keys.dtype
+        layers = tuple(quantize_layer_jit(lc, self.kcfg, cap, dtype) for lc in cache.layers)
         return LayerwiseCache(layers=layers, capacity=cap, uniform=True)
 
 
@@ -232,7 +235,7 @@ def check_combination(compression, cache_init) -> EvictQuant:
         compression = dataclasses.replace(compression, policy=dataclasses.replace(policy, ragged=False))
     kcfg = kivi.KIVIConfig(kw.get("k_bits") or kw["bits"], kw.get("v_bits") or kw["bits"], kw["group"],
                            kw["residual"])
-    return EvictQuant(compression=compression, kcfg=kcfg, name=name, dtype=kw.get("dtype", jnp.float32))
+    return EvictQuant(compression=compression, kcfg=kcfg, name=name, dtype=kw.get("dtype"))
 
 
 def check_cache_init(cache_init) -> tuple[str, dict]:

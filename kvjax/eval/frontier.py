@@ -1,0 +1,150 @@
+"""Quality at equal bytes: eviction, quantization and their combinations on one byte axis.
+
+    fam = parse_family("snapkv+kivi4:residual=32")       # or "snapkv", "kivi2", ...
+    keep = tokens_for_bytes(config, fam, 0.10 * full_bytes(config, 2000), 2000)   # None: does not fit
+    pre, logits, cache = run_family(params, config, fam, keep, context, targets)
+
+A family is a scoring policy (dense bf16 cache of `keep` tokens), a quantized cache of the registry
+holding the whole context, or a policy whose kept tokens a KIVI cache stores
+(`kvjax.quant.evicted`). Its context bytes are those of the cache the engine allocates for the
+context alone (`memory_bytes()` of the real layout, computed from shapes: codes, statistics, fp
+residual windows in the cache dtype, counters, per-slot positions), so the byte fraction of a row
+is `context_bytes / full_bytes` with the dense cache of the same dtype as denominator. The room
+for continuation tokens is excluded from both (rows report the allocated cache separately).
+`tokens_for_bytes` picks the largest token budget whose context bytes fit a byte budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import tree_bytes
+from kvjax.compression import Compression
+from kvjax.eval import fidelity
+from kvjax.eval.harness import COMBINE, build_policy, parse_policy, quant_cache_init
+from kvjax.generate import init_engine_cache
+from kvjax.policies.base import Budget
+from models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """name: the spec ("snapkv", "kivi4", "snapkv+kivi4:residual=32"); policy / quant: its parts
+    (policy registry spec, quantized cache spec), either may be None but not both."""
+
+    name: str
+    policy: Optional[str] = None
+    quant: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        return "combination" if self.policy and self.quant else ("quantization" if self.quant else "eviction")
+
+
+def parse_family(spec: str, params=None, config: Optional[ModelConfig] = None) -> Family:
+    """'snapkv' | 'kivi4[:opt=v]' | 'snapkv[:opt=v]+kivi4[:opt=v]' -> Family; ValueError naming the
+    reason for unknown names and for combinations that cannot work (checked here, before any run)."""
+    from kvjax.quant import QUANT_CACHES
+    spec = spec.strip()
+    if COMBINE in spec:
+        policy, quant = (p.strip() for p in spec.split(COMBINE, 1))
+        parse_policy(policy)
+        plan = _plan(Family(spec, policy, quant), Budget(ratio=0.5), params, config)
+        if config is not None:
+            plan.kcfg.validate(config.head_dim)
+        return Family(spec, policy, quant)
+    if spec.split(":")[0].strip() in QUANT_CACHES:
+        cache_init = quant_cache_init(spec)
+        if config is not None:   # bad option values (bits, group) fail here
+            jax.eval_shape(lambda: init_engine_cache(_one_layer(config), 1, 8, jnp.float32, cache_init))
+        return Family(spec, quant=spec)
+    parse_policy(spec)
+    return Family(spec, policy=spec)
+
+
+def parse_fractions(spec: str) -> tuple[float, ...]:
+    """'0.25,0.1,0.05' -> byte fractions of the full cache, each in (0, 1]; ValueError otherwise."""
+    out = []
+    for item in spec.split(","):
+        if item.strip():
+            try:
+                f = float(item)
+            except ValueError:
+                raise ValueError(f"bad byte fraction {item.strip()!r}: expected a number in (0, 1]") from None
+            if not 0 < f <= 1:
+                raise ValueError(f"byte fraction {f} is not in (0, 1]")
+            out.append(f)
+    if not out:
+        raise ValueError(f"no byte fractions in {spec!r}")
+    return tuple(out)
+
+
+def _one_layer(config: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(config, n_layers=1)
+
+
+def full_bytes(config: ModelConfig, context: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of the engine's dense cache holding `context` tokens (every layer)."""
+    shapes = jax.eval_shape(lambda: init_engine_cache(_one_layer(config), 1, context, dtype))
+    return config.n_layers * tree_bytes(shapes)
+
+
+def context_bytes(config: ModelConfig, family: Family, keep: int, context: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of `family`'s cache for a `context`-token prompt with `keep` tokens per head kept (a
+    quantized cache alone keeps all `context`), batch 1, every layer (layers are uniform)."""
+    one = _one_layer(config)
+    if family.quant is None:
+        shapes = jax.eval_shape(lambda: init_engine_cache(one, 1, keep, dtype))
+    elif family.policy is None:
+        shapes = jax.eval_shape(lambda: init_engine_cache(one, 1, context, dtype, quant_cache_init(family.quant)))
+    else:
+        plan = _plan(family, Budget(tokens=keep))
+        dense = jax.eval_shape(lambda: init_engine_cache(one, 1, keep, dtype))
+        shapes = jax.eval_shape(plan.quantize, dense)
+    return config.n_layers * tree_bytes(shapes)
+
+
+def _plan(family: Family, budget: Budget, params=None, config=None):
+    from kvjax.quant.evicted import check_combination
+    return check_combination(Compression(build_policy(family.policy, params, config), budget),
+                             quant_cache_init(family.quant))
+
+
+def tokens_for_bytes(config: ModelConfig, family: Family, target: float, context: int,
+                     dtype=jnp.bfloat16) -> Optional[int]:
+    """The largest kept-token count (< context) whose `context_bytes` is at most `target` bytes;
+    None if not even one token fits. A quantized cache alone: `context` if it fits, else None."""
+    if family.policy is None:
+        return context if context_bytes(config, family, context, context, dtype) <= target else None
+    fits = lambda k: context_bytes(config, family, k, context, dtype) <= target
+    if not fits(1):
+        return None
+    lo, hi = 1, context - 1           # fits(lo); bytes grow with keep
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def run_family(params, config: ModelConfig, family: Optional[Family], keep: Optional[int], context, targets,
+               runner: Optional[fidelity.Runner] = None, dtype=jnp.bfloat16):
+    """Prefill `context [batch, T]` with `family` at `keep` tokens per head (None family: the full
+    cache), then feed `targets [batch, C]` in one forward over the cache of `dtype`.
+    returns (Prefilled, log-probs [batch, C, vocab], cache after the continuation)."""
+    runner = runner or fidelity.Runner()
+    n_new = targets.shape[1]
+    if family is None:
+        pre = fidelity.prefill_context(params, config, context, None, n_new, runner=runner, cache_dtype=dtype)
+    elif family.policy is None:
+        pre = fidelity.prefill_quantized(params, config, context, quant_cache_init(family.quant), n_new,
+                                         runner=runner, cache_dtype=dtype)
+    else:
+        comp = Compression(build_policy(family.policy, params, config), Budget(tokens=keep))
+        quant = quant_cache_init(family.quant) if family.quant else None
+        pre = fidelity.prefill_context(params, config, context, comp, n_new, runner=runner, cache_dtype=dtype,
+                                       kv_quant=quant)
+    logits, _, cache = fidelity.continuation_logits(params, config, pre, targets, stepwise=False, runner=runner)
+    return pre, logits, cache

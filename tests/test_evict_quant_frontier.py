@@ -1,0 +1,70 @@
+"""Equal-byte budgets of kvjax.eval.frontier: byte counts against a hand count of each layout
+(bf16 fp parts), the token budget is the largest that fits, and clear errors for bad input."""
+from __future__ import annotations
+
+import pytest
+
+from kvjax.eval.frontier import (context_bytes, full_bytes, parse_family, parse_fractions,
+                                 tokens_for_bytes)
+from models.config import ModelConfig
+
+CFG = ModelConfig(name="tiny", vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
+                  ffn_dim=64, rope_theta=10000.0)
+G, R, T = 8, 16, 300
+
+
+def dense_bytes(keep):
+    """bf16 K and V + int32 position per slot, int32 length per head."""
+    return CFG.n_layers * CFG.n_kv_heads * (keep * (2 * CFG.head_dim * 2 + 4) + 4)
+
+
+def kivi_evicted_bytes(keep, bits):
+    """KIVI codes, fp16 scale+min (keys per channel per G tokens, values per G channels per token),
+    bf16 K tail + V window of R tokens, 4 int32 counters, an int32 position per slot."""
+    cq, d = -(-keep // G) * G, CFG.head_dim
+    per_head = 2 * cq * d * bits // 8 + 2 * 2 * (cq // G) * d + 2 * 2 * cq * (d // G) + 2 * R * d * 2 + 4 * 4 + cq * 4
+    return CFG.n_layers * CFG.n_kv_heads * per_head
+
+
+@pytest.mark.parametrize("spec,count", [("snapkv", dense_bytes),
+                                        (f"snapkv+kivi4:group={G}:residual={R}", lambda k: kivi_evicted_bytes(k, 4)),
+                                        (f"h2o+kivi2:group={G}:residual={R}", lambda k: kivi_evicted_bytes(k, 2))])
+def test_bytes_and_largest_token_budget(spec, count):
+    fam = parse_family(spec, config=CFG)
+    assert full_bytes(CFG, T) == dense_bytes(T)
+    for keep in (1, 37, 120):
+        assert context_bytes(CFG, fam, keep, T) == count(keep)
+    for frac in (0.25, 0.1):
+        target = frac * dense_bytes(T)
+        keep = tokens_for_bytes(CFG, fam, target, T)
+        assert count(keep) <= target < count(keep + 1)
+    assert tokens_for_bytes(CFG, fam, 0.5 * count(1), T) is None          # not one token fits
+
+
+def test_quantized_cache_alone_is_one_point():
+    fam = parse_family(f"kivi2:group={G}:residual={R}", config=CFG)
+    own = context_bytes(CFG, fam, T, T)
+    assert own < 0.5 * full_bytes(CFG, T)
+    assert tokens_for_bytes(CFG, fam, own, T) == T and tokens_for_bytes(CFG, fam, own - 1, T) is None
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("think+kivi4", "ThinK builds its own cache layout"),
+    ("snapkv+gear4", "eviction x gear4 is not supported"),
+    ("snapkv+kivi4:group=8:residual=16:sink=1", "sink tokens is not supported"),
+    (f"snapkv+kivi4:bits=3:group={G}:residual={R}", "KIVI k_bits=3 is not supported"),
+    ("kivi4:group=5", "group size 5 must be positive and divide head_dim=16"),
+    ("snapkv+nope", "unknown quantized cache 'nope'"),
+    ("nope", "unknown policy 'nope'"),
+])
+def test_bad_families_name_the_reason(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_family(spec, config=CFG)
+
+
+@pytest.mark.parametrize("spec,match", [("0", "not in"), ("1.5", "not in"), ("x", "bad byte fraction"),
+                                        (",", "no byte fractions")])
+def test_bad_fractions(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_fractions(spec)
+    assert parse_fractions("0.25, 0.1,0.05") == (0.25, 0.1, 0.05)
