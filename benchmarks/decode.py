@@ -54,20 +54,21 @@ PHASE1 = {"bf16": 1, "kivi4": 4, "kivi2": 4, "sparse": 5, "page": 4}
 
 def sweeps(b):
     """Configs per kind: the first PHASE1[kind] in phase 1, the rest in the phase-2 sweep.
-    KIVI: "stacked" (shift unpack, the default) vs "stacked_mask" (shift-free unpack in plain bit
-    ops) vs "stacked_asm" (the same in inline PTX prmt/and) vs "dequant". Sparse: default vs
+    KIVI: "stacked_asm" (the default: shift-free unpack in inline PTX prmt/and) vs "stacked"
+    (shift unpack) vs "stacked_mask" (shift-free unpack in plain bit ops) vs "dequant"; phase 2
+    sweeps the default's launch parameters (warps, pipeline stages, groups per tile, splits). Sparse: default vs
     fused (in-kernel query prep) vs fused with one split (no combine op); `count0` rows run the
     same call with every selection empty: the fixed cost (launch, XLA ops, partial writes)."""
-    kivi = [{}, dict(variant="stacked_mask"), dict(variant="stacked_asm"), dict(variant="dequant")]
+    kivi = [{}, dict(variant="stacked"), dict(variant="stacked_mask"), dict(variant="dequant")]
+    launch = [dict(num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3, 4)
+              if (w, s) != (4, 2)]
+    launch += [dict(tile_groups=t) for t in (8, 16)] + [dict(tile_groups=8, num_warps=8)]
+    launch += [dict(num_splits=splits_for(b, w)) for w in (1, 2, 8)]
     return {
         "bf16": [{}, dict(block_k=128, num_stages=2), dict(num_splits=splits_for(b, 4)),
                  dict(block_k=32, num_stages=4)],
-        "kivi4": kivi + [dict(variant="stacked_asm", num_splits=splits_for(b, 4)),
-                         dict(variant="stacked_asm", num_warps=8),
-                         dict(variant="stacked_asm", tile_groups=8),
-                         dict(num_splits=splits_for(b, 4))],
-        "kivi2": kivi + [dict(variant="stacked_asm", num_splits=splits_for(b, 4)),
-                         dict(variant="stacked_asm", num_warps=8)],
+        "kivi4": kivi + launch,
+        "kivi2": kivi + launch,
         "sparse": [{}, dict(fused=True), dict(fused=True, num_splits=1), dict(count0=True),
                    dict(count0=True, fused=True, num_splits=1),
                    dict(num_splits=splits_for(b, 8)), dict(fused=True, num_splits=splits_for(b, 8)),

@@ -412,18 +412,20 @@ def kivi_decode(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_resid, v_
                 k_len, v_len, lengths, starts=None, *, bits: int, group_size: int,
                 v_bits: int | None = None, scale: float | None = None,
                 num_splits: int | None = None, tile_groups: int | None = None,
-                variant: str = "stacked", num_warps: int = 4, num_stages: int = 2,
+                variant: str = "stacked_asm", num_warps: int = 4, num_stages: int = 2,
                 interpret: bool = False) -> jax.Array:
     """Fused KIVI decode; same contract as `pallas_kernels.reference.kivi_decode`
     (bits: key bits; v_bits: value bits, default = bits).
 
-    variant "stacked" (default; faster on the H200, 2026-12-05: KIVI-4 8x32K 289 vs 315 us, KIVI-2 460
-    vs 536 us, equal within 1% at 32x32K -- BENCHMARKS.md): scales folded into stacked query/probability
-    copies (module docstring); tile_groups = groups stacked per tile (default: enough for 16 dot rows).
-    variant "stacked_mask" / "stacked_asm" (issue 13): the stacked kernel with the shift-free unpack
-    (`UNPACKS`): fields masked in place under the fp16 exponent byte 0x64, 2**-(f*bits) applied to
-    each field's f32 dot output; "stacked_asm" does it in inline PTX (prmt.b32 + and.b32, 2 values per instruction)
-    and runs "stacked_mask"'s plain bit operations in interpret mode (same results bit for bit).
+    variant "stacked_asm" (default; H200 2026-12-05: KIVI-4 276.6 us at 8x32K vs 301.1 for "stacked"
+    and 285.7 for our bf16 kernel, 927.3 vs 1105.3 at 32x32K; KIVI-2 425.4 vs 450.3 -- BENCHMARKS.md):
+    the stacked kernel (module docstring) with the shift-free unpack (`UNPACKS`): fields masked in
+    place under the fp16 exponent byte 0x64, 2**-(f*bits) applied to each field's f32 dot output,
+    the masking done in inline PTX (prmt.b32 + and.b32, 2 values per instruction); in interpret
+    mode it runs "stacked_mask"'s plain bit operations (same results bit for bit).
+    variant "stacked" / "stacked_mask": the same kernel with the shift unpack / the mask unpack in
+    plain bit operations (kept for the A/B in benchmarks/decode.py).
+    tile_groups = groups stacked per tile (default: enough for 16 dot rows).
     variant "dequant": per tile of tile_groups key groups (default 128 tokens), each bit
     field -> fp16 [tile, P] in registers (magic-number unpack, one fp16 multiply-add with the
     broadcast scale/min rows), one dot with the un-stacked GQA tile (>= 16 rows) per field.
