@@ -122,6 +122,8 @@ def check_generate_args(args) -> None:
             check_cache_init(init)
             name = parse_policy(args.policy)[0]
             check_policy_class(POLICIES[name.lower().replace("-", "_")])
+    if getattr(args, "quantized_prefill", False) and (not args.kv_quant or args.policy):
+        raise ValueError("--quantized-prefill applies to --kv-quant kivi* without --policy")
     mesh_kwargs(args)   # --mesh: malformed, or more devices than there are
     if getattr(args, "mesh", None) and args.policy and is_locret(args.policy):
         raise ValueError("--mesh is not supported with --policy locret (its own prefill loop runs on one device)")
@@ -176,6 +178,7 @@ def cmd_generate(args) -> int:
                                seed=args.seed, progress=True,
                                compression=compression_from_args(args, params, config), attention=args.attention,
                                cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None,
+                               **({"quantized_prefill": True} if args.quantized_prefill else {}),
                                **mesh_kwargs(args),
                                **({"selection": selection} if selection is not None else {}),
                                **({"prefill_attention": sparse_prefill} if sparse_prefill is not None else {}))
@@ -435,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "batch over data, heads over model")
     gen.add_argument("--kv-quant", default=None,
                      help="quantized KV cache from kvjax.quant (e.g. kivi2, kivi4, kivi2:residual=64)")
+    gen.add_argument("--quantized-prefill", action="store_true",
+                     help="--kv-quant kivi*: append each prefill chunk quantized (peak = the quantized cache) "
+                     "instead of prefilling in full precision beside it (KIVI's rule, the default)")
     _engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

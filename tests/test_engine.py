@@ -152,3 +152,20 @@ def test_kivi_decode_loop_writes_codes_in_place(params):
     rebuilt = [l.strip() for l in body
                if re.search(r"= " + re.escape(codes) + r"(\{[^}]*\})? (copy|concatenate|dynamic-update-slice)\(", l)]
     assert rebuilt == [], f"codes-sized buffers rebuilt per step: {rebuilt[:3]}"
+
+
+def test_quantized_prefill_keeps_peak_at_the_quantized_cache(params):
+    """generate(kv_quant="kivi4") prefills through a full-precision cache beside the quantized one
+    (KIVI's rule; the peak counts both); quantized_prefill=True appends each chunk quantized, so the
+    peak is the quantized cache alone."""
+    prompts = [list(range(3, 99)), list(range(5, 85))]
+    run = lambda **kw: generate(params, CFG, prompts, 4, chunk_size=32, cache_dtype=jnp.float32,
+                                kv_quant="kivi4", eos_ids=(), **kw)
+    dense_first, quantized = run(), run(quantized_prefill=True)
+    # same capacity here (prefill = decode slots): the peak is exactly the quantized cache
+    assert quantized.stats["cache_capacity"] == dense_first.stats["cache_capacity"]
+    assert quantized.stats["peak_cache_bytes"] == quantized.stats["cache_bytes"]
+    assert dense_first.stats["peak_cache_bytes"] > 1.5 * dense_first.stats["cache_bytes"]
+    assert all(len(t) == 4 for t in quantized.tokens)
+    with pytest.raises(ValueError, match="quantized_prefill applies"):
+        generate(params, CFG, prompts, 4, quantized_prefill=True)

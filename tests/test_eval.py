@@ -256,6 +256,8 @@ def test_bad_inputs_raise_clear_errors(capsys):
     assert "unknown quantized cache" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--policy", "knorm", "--budget", "0.5", "--kv-quant", "mikv"]) == 2
     assert "eviction x mikv is not supported" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--quantized-prefill"]) == 2
+    assert "--quantized-prefill applies to --kv-quant" in capsys.readouterr().err
     with pytest.raises(ValueError, match="need"):
         fidelity.split_text(AsciiTokenizer(), "short text", 100, 10)
 
