@@ -89,6 +89,14 @@ def test_compress_matches_numpy_gqa():
     # memory: allocated at the budget, K slots per head
     per_head = K * (2 * D * 4 + 4) + 4
     assert got.memory_bytes() == L * B * HKV * per_head < cache.memory_bytes()
+    # merge off: the same anchors, their own keys / values (eviction only)
+    plain = run(ElasticCache(merge_evicted=False), cache, cols, K)
+    np.testing.assert_array_equal(np.asarray(plain.positions), np.asarray(got.positions))
+    p = np.asarray(plain.positions)
+    for layer in range(L):
+        for b in range(B):
+            slots = p[layer, b, 0] + (3 if b == 1 else 0)                 # row 1 is left-padded by 3
+            np.testing.assert_array_equal(np.asarray(plain.keys[layer, b]), keys[layer, b][:, slots].astype(np.float32))
 
 
 def test_full_budget_is_the_full_cache():
@@ -118,3 +126,5 @@ def test_generate_tiny_model_keeps_the_budget():
 def test_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError, match=">= 0"):
         ElasticCache(**kwargs)
+    with pytest.raises(ValueError, match="True or False"):
+        ElasticCache(merge_evicted="false")                          # a CLI typo is not silently truthy

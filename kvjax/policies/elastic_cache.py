@@ -50,17 +50,25 @@ def nearest_anchor(positions: jax.Array, anchors: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ElasticCache(ScoringPolicy):
-    """sink: first tokens always kept (start_size 4); protect_last: newest tokens always kept (1)."""
+    """sink: first tokens always kept (start_size 4); protect_last: newest tokens always kept (1);
+    merge_evicted: False keeps the same anchors and drops the evicted tokens (eviction only, the
+    ablation that isolates what the merge does)."""
 
     sink: int = 4
     protect_last: int = 1
+    merge_evicted: bool = True
 
     accumulates = True
-    merges = True
+
+    @property
+    def merges(self) -> bool:
+        return self.merge_evicted
 
     def __post_init__(self):
         if self.sink < 0 or self.protect_last < 0:
             raise ValueError(f"sink and protect_last must be >= 0, got {self.sink}, {self.protect_last}")
+        if not isinstance(self.merge_evicted, bool):
+            raise ValueError(f"merge_evicted must be True or False, got {self.merge_evicted!r}")
 
     def accumulate(self, obs: Observation) -> jax.Array:
         """Attention each slot received, averaged over ALL query heads of the layer and given to
