@@ -1,8 +1,8 @@
 """Elastic Cache: importance (attention received, mean over all query heads of the layer), sinks and
 the last token protected, evicted tokens averaged into their nearest anchor by position. `compress`
 vs a float64 numpy loop of the official rule (liuzuyan/ElasticCache `kv_cache.py`) on a GQA cache
-with a left-padded row; a 100% budget reproduces the full cache; bytes at the budget; generate on a
-tiny model; bad input."""
+with a left-padded row; a 100% budget reproduces the full cache; bytes at the budget; the engine's
+prefill on a tiny model; bad input."""
 from __future__ import annotations
 
 import jax
@@ -110,16 +110,19 @@ def test_full_budget_is_the_full_cache():
     assert n == S
 
 
-def test_generate_tiny_model_keeps_the_budget():
-    from kvjax.generate import generate
+def test_engine_prefill_tiny_model_keeps_the_budget():
+    """The engine's prefill (attention accumulated inside the forward, then compress + merge) on a
+    tiny model: every head holds the budget, sinks and the last prompt token included."""
+    from kvjax.eval.fidelity import prefill_context
     from models.llama import init_params
     params = init_params(CFG, jax.random.PRNGKey(0))
-    prompts = [list(range(1, 33)), list(range(5, 25))]
-    out = generate(params, CFG, prompts, 3, compression=Compression(make_policy("elastic_cache"), Budget(ratio=0.5)))
-    assert all(len(t) == 3 for t in out.tokens)
-    pos = np.asarray(out.cache.positions)
-    assert (pos[:, 0] >= 0).sum(-1).max() <= 16 + 3           # budget 16 of 32 + the decoded tokens
-    assert ((pos[:, 0] >= 0) & (pos[:, 0] < 4)).sum(-1).min() == 4   # sinks kept in every head
+    pre = prefill_context(params, CFG, jnp.arange(1, 33, dtype=jnp.int32)[None],
+                          Compression(make_policy("elastic_cache"), Budget(ratio=0.5)))
+    pos = np.asarray(pre.cache.positions)                      # [L, B, Hkv, slots]
+    assert ((pos >= 0).sum(-1) == 16).all()                    # 16 of 32 tokens per head
+    assert ((pos >= 0) & (pos < 4)).sum(-1).min() == 4 and (pos == 31).any(-1).all()
+    cap = pos.shape[-1]                                        # the budget + decode room, not the context
+    assert cap <= 17 and pre.cache.memory_bytes() == L * HKV * (cap * (2 * D * 4 + 4) + 4)
 
 
 @pytest.mark.parametrize("kwargs", [dict(sink=-1), dict(protect_last=-2)])
