@@ -108,3 +108,138 @@ def test_bad_input():
         CompressKV(heads=((0, 7), (1, 2))).score(obs)
     with pytest.raises(ValueError, match="3 layers"):
         CompressKV(heads=((0,), (1,), (2,))).score(obs)
+
+
+# --- error-aware layer budgets ---------------------------------------------------------------------
+
+def np_allocation(importance, total, lo, hi):
+    """The spec's allocation, float64 loops: b = clip(lo + round(imp (total - lo L)), lo, hi), then +1
+    to layers below hi in decreasing importance (-1 above lo in increasing), pass after pass."""
+    imp = np.asarray(importance, np.float64) / np.sum(importance)
+    n = len(imp)
+    b = np.clip(lo + np.round(imp * (total - lo * n)), lo, hi).astype(int)
+    while b.sum() != total:
+        diff = total - b.sum()
+        order = sorted(range(n), key=lambda i: (-imp[i], i)) if diff > 0 else sorted(range(n), key=lambda i: (imp[i], i))
+        moved = False
+        for i in order:
+            if b.sum() == total:
+                break
+            if diff > 0 and b[i] < hi:
+                b[i] += 1
+                moved = True
+            elif diff < 0 and b[i] > lo:
+                b[i] -= 1
+                moved = True
+        if not moved:
+            break
+    return b
+
+
+@pytest.mark.parametrize("imp", [[0.1, 0.2, 0.3, 0.4, 0.0, 0.05],          # rounding, a zero layer
+                                 [0.9, 0.02, 0.02, 0.02, 0.02, 0.02],      # the cap 3C binds
+                                 [1 / 6] * 6])                             # ties: +-1 in layer order
+def test_error_aware_budgets_match_numpy(imp):
+    from kvjax.policies.compresskv import error_aware_budgets
+    n_keep = np.array([40, 100])
+    got = np.asarray(error_aware_budgets(jnp.asarray(imp, jnp.float32), jnp.asarray(n_keep)))
+    for b, c in enumerate(n_keep):
+        ref = np_allocation(imp, 6 * c, min(32, c), 3 * c)
+        np.testing.assert_array_equal(got[:, b], ref)
+        assert got[:, b].sum() == 6 * c
+
+
+def np_layer_errors(params, config, heads, context, continuation, budget, w=8):
+    """Per-layer sum over continuation queries of ||o_proj(attn_kept) - o_proj(attn_full)|| / ||o_proj(attn_full)||,
+    float64 numpy forward (RoPE as complex pairs), kept = the layer's CompressKV selection + the continuation."""
+    lay = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
+    toks = np.asarray(list(context) + list(continuation))
+    n, t = len(context), len(toks)
+    hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
+    rms = lambda x, g: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.norm_eps) * g
+    freqs = config.rope_theta ** (-np.arange(0, d, 2) / d)
+
+    def rope(x):
+        z = (x[..., :d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * np.arange(t)[:, None, None] * freqs)
+        return np.concatenate([z.real, z.imag], -1)
+
+    x = np.asarray(params["embed"], np.float64)[toks]
+    errs = []
+    for l in range(config.n_layers):
+        h = rms(x, lay["attn_norm"][l])
+        q = rope((h @ lay["wq"][l]).reshape(t, hq, d))
+        k = rope((h @ lay["wk"][l]).reshape(t, hkv, d))
+        v = (h @ lay["wv"][l]).reshape(t, hkv, d)
+        kv = np.arange(hq) // (hq // hkv)
+        s = np.einsum("qhd,khd->hqk", q, k[:, kv]) / np.sqrt(d)               # [Hq, T, T]
+        mask = np.tril(np.ones((t, t), bool))
+        def sm(a, m):
+            a = np.where(m, a, -np.inf)
+            with np.errstate(invalid="ignore"):                              # context rows left with no key: unused
+                e = np.exp(a - a.max(-1, keepdims=True))
+                return e / e.sum(-1, keepdims=True)
+        win = sm(s[:, n - w:n, :n], mask[n - w:n, :n])                         # [Hq, w, n]
+        score = np.mean([win[hd].sum(0) for hd in heads[l]], axis=0)
+        score[n - w:] = 0.0
+        pad = np.concatenate([np.zeros(2), score, np.zeros(2)])
+        pooled = np.array([pad[j:j + 5].sum() / 5 for j in range(n)])
+        pooled[n - w:] = np.inf
+        kept = np.zeros(t, bool)
+        kept[np.argsort(-pooled, kind="stable")[:budget]] = True
+        kept[n:] = True
+        full = sm(s, mask)
+        comp = sm(s, mask & kept[None, :])
+        out = lambda p: np.einsum("hqk,khd->qhd", p, v[:, kv]).reshape(t, hq * d) @ lay["wo"][l]
+        of, oc = out(full)[n:], out(comp)[n:]
+        errs.append(np.sum(np.linalg.norm(oc - of, axis=-1) / (np.linalg.norm(of, axis=-1) + 1e-5)))
+        x = x + out(full)
+        h = rms(x, lay["mlp_norm"][l])
+        g = h @ lay["w_gate"][l]
+        x = x + (g / (1 + np.exp(-g)) * (h @ lay["w_up"][l])) @ lay["w_down"][l]
+    return np.asarray(errs)
+
+
+def test_layer_importance_matches_numpy_and_budgets_shrink_memory():
+    """Offline layer errors on a tiny GQA model vs the float64 reference; then `compress` with the
+    layer shares gives a per-layer cache holding exactly the allocated budgets (sum = L x C)."""
+    from kvjax.layerwise import LayerwiseCache
+    from kvjax.policies.compresskv import layer_importance
+    from models.llama import init_params
+    params = init_params(CFG, jax.random.PRNGKey(1), scale=0.3, stacked=True)
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 64, 24).tolist(), rng.integers(0, 64, 4).tolist()) for _ in range(2)]   # same shape: one compile
+    pol = CompressKV(heads=HEADS)
+    got = layer_importance(params, CFG, pol, samples, 12)
+    ref = sum(np_layer_errors(params, CFG, HEADS, c, x, 12) for c, x in samples)
+    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-4)
+    assert abs(got[0] - got[1]) > 1e-3                                  # the layers really differ
+    imp = (0.75, 0.25)
+    pol = CompressKV(heads=HEADS, importance=imp, min_tokens=4)
+    probs, pos, cache = case(2)
+    scores = jnp.asarray(np.where(pos >= 0, np.stack([np_scores(probs, pos, l) for l in (0, 1)]), -np.inf), jnp.float32)
+    k = 8
+    budgets = [np_allocation(imp, 2 * c, 4, 3 * c) for c in (k, k)]     # both rows: uniform budget 8
+    new, _ = jax.jit(lambda c, s: compress(pol, CFG, c, s, jnp.full((B,), k, jnp.int32), pol.max_keep(k, S), S))(
+        cache, scores)
+    assert isinstance(new, LayerwiseCache)
+    new = new.resize(S)                                                  # the engine's eager resize: live + room
+    for layer, lc in enumerate(new.layers):
+        live = np.asarray(lc.positions >= 0).sum(-1)
+        assert (live == budgets[0][layer]).all()                           # every head of layer l keeps b_l
+    assert budgets[0].tolist() == [10, 6] and budgets[0].sum() == 2 * k
+    assert [lc.keys.shape[-2] for lc in new.layers] == [10, 6]            # each layer allocates its own budget
+    assert new.memory_bytes() == 2 * B * HKV * (2 * k * (2 * D * 4 + 4) // 2 + 4)
+
+
+def test_bad_layer_budget_input():
+    with pytest.raises(ValueError, match="importance"):
+        CompressKV(heads=HEADS, importance=(0.5,))
+    with pytest.raises(ValueError, match="importance"):
+        CompressKV(heads=HEADS, importance=(0.5, -0.1))
+    with pytest.raises(ValueError, match="min_tokens"):
+        CompressKV(heads=HEADS, min_tokens=0)
+    from kvjax.policies.compresskv import layer_importance
+    with pytest.raises(ValueError, match="calibration samples"):
+        layer_importance({}, CFG, CompressKV(heads=HEADS), [], 12)
+    with pytest.raises(ValueError, match="longer than the budget"):
+        layer_importance({}, CFG, CompressKV(heads=HEADS), [([1] * 8, [2])], 12)

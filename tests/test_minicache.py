@@ -4,6 +4,7 @@ spec's formula; retention at its limit (every token retained) reproduces the ful
 full-cache generation; bytes shrink by the shared direction; bad input."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -92,6 +93,33 @@ def test_merged_cache_matches_numpy_and_attention_gqa():
             vals = np.concatenate([rv[1][b, h][live[b, h]], vn[b, h]])
             w = np.exp(keys @ q[b, hq, 0] / np.sqrt(D))
             np.testing.assert_allclose(np.asarray(got)[b, hq, 0], w @ vals / w.sum(), rtol=1e-4, atol=1e-5)
+
+
+def np_rope(x, pos, theta=10000.0):
+    """x [..., S, d] rotated by positions [..., S] as complex pairs (i, i + d/2), float64."""
+    d = x.shape[-1]
+    z = (x[..., :d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * pos[..., None] * theta ** (-np.arange(0, d, 2) / d))
+    return np.concatenate([z.real, z.imag], -1)
+
+
+def test_post_rope_merge_is_the_rotated_pre_rope_merge():
+    """Both layers of a pair rotate a token by the same angle, so merging the cached (post-RoPE) keys
+    equals RoPE applied to the merge of the pre-RoPE keys (float64 reference): same retention set,
+    same restored keys. Which layers merge: the middle-to-deep half, (L/2, L/2+1), ... ."""
+    assert merged_pairs(30, 0.5) == tuple((a, a + 1) for a in range(15, 29, 2))    # SmolLM2: layer 29 alone
+    assert merged_pairs(4, 0.5) == ((2, 3),)
+    cache, k, v, pos = stack(2)
+    p = np.where(pos >= 0, pos, 0)
+    rot = dataclasses.replace(cache, keys=jnp.asarray(np_rope(k, p), jnp.float32))
+    pol = MiniCache(retention_ratio=0.3)
+    a, b = finalize(pol, cache), finalize(pol, rot)
+    np.testing.assert_array_equal(np.asarray(a.shared[0].keep_k), np.asarray(b.shared[0].keep_k))
+    live = pos[2] >= 0
+    ref = np_merge(k[2], k[3], live, 0.6, 3)
+    for i in (2, 3):
+        got, _ = b.enter(i).restore()
+        want = np_rope(ref[i - 2], p[i])
+        np.testing.assert_allclose(np.asarray(got)[live], want[live], rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_bytes_shrink_by_the_shared_direction():

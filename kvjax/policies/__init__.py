@@ -21,6 +21,7 @@ from kvjax.policies.cam import CAM
 from kvjax.policies.compresskv import CompressKV
 from kvjax.policies.cskv import CSKV
 from kvjax.policies.d2o import D2O
+from kvjax.policies.elastic_cache import ElasticCache
 from kvjax.policies.dapq import DapQ
 from kvjax.policies.kvcrush import KVCrush
 from kvjax.policies.kvmerger import KVMerger
@@ -63,6 +64,7 @@ POLICIES: dict[str, type] = {
     "cam": CAM,
     "d2o": D2O,
     "kvmerger": KVMerger,
+    "elastic_cache": ElasticCache,   # importance-driven merge into the nearest kept anchor
     # learned (issue 16): trained in-context eviction gates, `attention_gate:gates=DIR`
     "attention_gate": AttentionGate,
     "kvcrush": KVCrush,
