@@ -299,3 +299,13 @@ def test_harness_razor_locret_and_quantized_rows(params, tmp_path):
     assert q4["kept"] == q2["kept"] == 64 and 0 < q4["kl"] < q2["kl"]
     assert q2["cache_bytes"] < q4["cache_bytes"]
     assert "| kivi2:group=8:residual=8 | 1 | quant |" in (tmp_path / "results.md").read_text()
+
+
+def test_policy_spec_values_are_typed():
+    """Command-line option values become Python values: lower-case booleans are booleans (as the
+    string "false" they would be silently truthy), numbers are numbers, other words stay strings."""
+    from kvjax.eval.harness import parse_policy
+    name, kw = parse_policy("snapkv:window=32:pool=max:flag=false:other=True:eps=1e-3:x=none")
+    assert name == "snapkv"
+    assert kw == {"window": 32, "pool": "max", "flag": False, "other": True, "eps": 1e-3, "x": None}
+    assert kw["flag"] is False

@@ -150,10 +150,13 @@ def _split_spec(spec: str) -> tuple[str, dict]:
         if "=" not in item:
             raise ValueError(f"bad policy option {item!r} in {spec!r}: expected key=value")
         k, v = item.split("=", 1)
+        v = v.strip()
+        # lower-case booleans are common on a command line; as strings they would be truthy
+        v = {"true": "True", "false": "False", "none": "None"}.get(v.lower(), v)
         try:
-            kwargs[k.strip()] = ast.literal_eval(v.strip())
+            kwargs[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
-            kwargs[k.strip()] = v.strip()
+            kwargs[k.strip()] = v
     return name, kwargs
 
 
