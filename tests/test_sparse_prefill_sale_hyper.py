@@ -252,17 +252,21 @@ def np_hyper_mask(hy, q, k, starts, lengths, planes, draws):
                         group = min(ins // gsz, (c1 - c0 - 1) // gsz)
                         sampled = [c0 + int(np.floor(u * (c1 - c0))) for u in draws[bi, h]]
                         m[i, j] |= j in order[group * gsz:(group + 1) * gsz] or j in sampled
+        for j in range(st, min(st + hy.sink, ln)):     # sink tokens: their blocks at every query block
+            m[:, j // bs] = True
         return m
     return np_head_union(hy, q, k, starts, lengths, head)
 
 
 HYPER_CASES = [
-    (HyperAttention(lsh_num_projs=3, lsh_block=32, sample_size=16, min_seq_len=32, block_size=16), MID, 21, "sparse"),
-    (HyperAttention(lsh_num_projs=7, lsh_block=32, sample_size=0, min_seq_len=32, block_size=16), MID, 22, "sparse"),
+    (HyperAttention(lsh_num_projs=3, lsh_block=32, sample_size=16, min_seq_len=32, block_size=16, sink=0), MID, 21,
+     "sparse"),
+    (HyperAttention(lsh_num_projs=7, lsh_block=32, sample_size=0, min_seq_len=32, block_size=16, sink=20), MID, 22,
+     "sparse"),                                  # sink of 20 tokens: 2 blocks at starts 0, 2 at starts 9
 ]
 
 
-@pytest.mark.parametrize("hy,shape,seed,expect", HYPER_CASES, ids=["r3-sampled", "r7-lsh-only"])
+@pytest.mark.parametrize("hy,shape,seed,expect", HYPER_CASES, ids=["r3-sampled-nosink", "r7-lsh-only-sink20"])
 def test_hyper_block_mask_matches_float64_spec(hy, shape, seed, expect):
     q, k, _, starts, lengths = _inputs(seed, **shape)
     mask, live = _block_mask(hy, q, k, starts, lengths)
@@ -304,15 +308,38 @@ def test_hyper_exact_below_min_len_and_sparse_attention():
     setting runs through the interpreted GPU kernel to the float64 attention over its mask."""
     hy = HyperAttention(block_size=16)
     _attend_check(hy, SMALL, 24, "xla", lambda m, q, k, st, ln: np.asarray(_block_mask(m, q, k, st, ln)[1]))
-    sparse = HyperAttention(lsh_num_projs=3, lsh_block=16, sample_size=16, min_seq_len=16, block_size=16)
+    sparse = HyperAttention(lsh_num_projs=3, lsh_block=16, sample_size=16, min_seq_len=16, block_size=16, sink=16)
     planes, draws = sparse.draws(0, SMALL["d"], SMALL["b"], SMALL["hq"])
     _attend_check(sparse, SMALL, 21, "interpret",
                   lambda m, q, k, st, ln: np_hyper_mask(m, q, k, st, ln, planes, draws))
 
 
+def test_hyper_sink_reduces_attention_error():
+    """Inputs with an attention sink (the first live key aligned with the mean query, as trained
+    models have): listing the sink block cuts the attention-output error of the sparse selection vs
+    dense float64 attention by more than half (measured: 0.66 -> 0.10 relative error, 226 -> 235 of 318 blocks), at a density
+    rise of at most one block per query block."""
+    q, k, v, starts, lengths = _inputs(23, **MID)
+    first = np.asarray(starts)[:, 0]
+    q = q.at[..., 2].add(2.0)                                                        # a shared query direction
+    k = k.at[jnp.arange(2), :, first, 2].add(12.0)                                  # ~half of each row's mass
+    st, ln = np.asarray(starts), np.asarray(lengths)
+    dense = np_attention(q, k, v, st, ln, np.ones((2, 2, 5, 19), bool), 16)
+    errs, listed = [], []
+    for sink in (0, 16):
+        hy = HyperAttention(lsh_num_projs=3, lsh_block=32, sample_size=16, min_seq_len=32, block_size=16, sink=sink)
+        mask, live = (np.asarray(x) for x in _block_mask(hy, q, k, starts, lengths))
+        out = np_attention(q, k, v, st, ln, mask, 16)
+        errs.append(np.linalg.norm(out - dense) / np.linalg.norm(dense))
+        listed.append(mask.sum())
+    assert errs[1] < 0.5 * errs[0], errs
+    assert listed[0] < listed[1] <= listed[0] + 2 * 2 * 5 and listed[1] < 0.9 * live.sum(), (listed, live.sum())
+
+
 def test_hyper_errors():
     for spec, msg in [("hyper:lsh_num_projs=0", "lsh_num_projs"), ("hyper:lsh_block=16", "lsh_block >= block_size"),
-                      ("hyper:sample_size=-1", "sample_size >= 0"), ("hyper:bogus=1", "bogus")]:
+                      ("hyper:sample_size=-1", "sample_size >= 0"), ("hyper:sink=-1", "sink >= 0"),
+                      ("hyper:bogus=1", "bogus")]:
         with pytest.raises(ValueError, match=msg):
             make_sparse_prefill(spec)
-    assert make_sparse_prefill("block_sparse:hyper") == HyperAttention(7, 256, 256, 4096, 64, 0)
+    assert make_sparse_prefill("block_sparse:hyper") == HyperAttention(7, 256, 256, 4096, 64, 0, 64)
