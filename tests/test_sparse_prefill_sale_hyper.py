@@ -5,7 +5,9 @@ attention they drive, and their errors.
 Geometry, inputs and the masked float64 attention come from test_sparse_prefill (odd chunk
 lengths, unaligned query offsets, left padding).
 """
+import dataclasses
 import functools
+import json
 
 import numpy as np
 import jax
@@ -66,9 +68,10 @@ def np_int8(x):
     return np.clip(np.round(x / sc[:, None]), -127, 127), sc
 
 
-def np_sale_scores(q, k, qslots, starts, length, sale, scale):
+def np_sale_scores(q, k, qslots, starts, length, sale, scale, tau=None):
     """float64 spec of SALE for one query head: (estimate [T, S], exact sink+local threshold [T],
-    pair wanted [T, S]); q [T, d], k [S, d]."""
+    pair wanted [T, S]); q [T, d], k [S, d]; tau: the head's tau_h (default sale.tau)."""
+    tau = sale.tau if tau is None else tau
     s = k.shape[0]
     live = [j for j in range(s) if starts <= j < length]
     k_s = k - k[live].mean(0)
@@ -87,18 +90,20 @@ def np_sale_scores(q, k, qslots, starts, length, sale, scale):
         near = seen[(seen < starts + sale.sink) | (seen > qs - sale.local)]
         z = k_s[near] @ q[i] * scale
         m = z.max()
-        thr[i] = m + np.log(sale.tau * np.exp(z - m).sum())
-        want[i, seen] = np.exp(est[i, seen] - m) / np.exp(z - m).sum() > sale.tau      # relative score
+        thr[i] = m + np.log(tau * np.exp(z - m).sum())
+        want[i, seen] = np.exp(est[i, seen] - m) / np.exp(z - m).sum() > tau           # relative score
     return est, thr, want
 
 
 def np_sale_mask(sale, q, k, starts, lengths):
     bs = sale.block_size
+    hq = q.shape[1]
+    taus = iter([sale.tau if sale.taus is None else sale.taus[0][h] for _ in range(q.shape[0]) for h in range(hq)])
 
     def head(qh, kh, st, ln, live, firsts):
         t, nqb, nkb = qh.shape[0], *live.shape
         qslots = [ln - t + i for i in range(t)]
-        _, _, want = np_sale_scores(qh, kh, qslots, st, ln, sale, qh.shape[1] ** -0.5)
+        _, _, want = np_sale_scores(qh, kh, qslots, st, ln, sale, qh.shape[1] ** -0.5, next(taus))
         m = np.zeros((nqb, nkb), bool)
         for i, j in zip(*np.nonzero(want)):
             m[i // bs, j // bs] = True
@@ -111,14 +116,16 @@ def np_sale_mask(sale, q, k, starts, lengths):
     return np_head_union(sale, q, k, starts, lengths, head)
 
 
+HEAD_TAUS = ((0.2, 0.004, 0.05, 0.01, 0.1, 0.02),)     # [layer 0][6 query heads]
 SALE_CASES = [
+    (SALE(tau=0.05, sink=4, local=20, min_seq_len=16, block_size=16, taus=HEAD_TAUS), MID, 3, "sparse"),
     (SALE(tau=0.05, sink=4, local=20, min_seq_len=16, block_size=16), MID, 3, "sparse"),     # density ~0.58
     (SALE(tau=0.01, sink=4, local=20, min_seq_len=16, block_size=16), MID, 3, "sparse"),     # ~0.84
     (SALE(tau=0.05, sink=4, local=20, min_seq_len=300, block_size=16), MID, 5, "dense"),    # context <= 300
 ]
 
 
-@pytest.mark.parametrize("sale,shape,seed,expect", SALE_CASES, ids=["mid", "mid-tau0.01", "dense-fallback"])
+@pytest.mark.parametrize("sale,shape,seed,expect", SALE_CASES, ids=["per-head-tau", "mid", "mid-tau0.01", "dense-fallback"])
 def test_sale_block_mask_matches_float64_spec(sale, shape, seed, expect):
     q, k, _, starts, lengths = local_inputs(seed, **shape)
     mask, live = _block_mask(sale, q, k, starts, lengths)
@@ -155,6 +162,49 @@ def test_sale_int8_estimate_and_threshold():
     np.testing.assert_allclose(np.asarray(sc), rs, rtol=1e-6)
 
 
+def test_sale_per_head_tau_and_calibration():
+    """Per-head tau: each head's mask is its own threshold's (float64 spec, one kv head per query
+    head), not the global one's; calibrate_taus gives every head about the budget fraction of the
+    blocks outside sink + local, its threshold at the float64 block score of that rank."""
+    from kvjax.sparse_prefill.base import Geometry, sink_local
+    from kvjax.sparse_prefill.sale import calibrate_taus
+    shape = dict(MID, hq=3, hkv=3, b=1, starts=[[0, 0, 0]], lengths=[[290, 290, 290]])
+    q, k, _, starts, lengths = local_inputs(6, **shape)
+    sale = SALE(sink=4, local=20, min_seq_len=16, block_size=16)
+    taus = ((0.3, 0.01, 0.002),)
+    per_head = np.asarray(_block_mask(dataclasses.replace(sale, taus=taus), q, k, starts, lengths)[0])
+    for h, tau in enumerate(taus[0]):
+        glob = np.asarray(_block_mask(dataclasses.replace(sale, tau=tau), q, k, starts, lengths)[0])
+        np.testing.assert_array_equal(per_head[:, h], glob[:, h])
+    ref = np_sale_mask(dataclasses.replace(sale, taus=taus), q, k, np.asarray(starts), np.asarray(lengths))
+    np.testing.assert_array_equal(per_head, ref)
+    counts = per_head.sum((0, 2, 3))
+    assert counts[0] < counts[1] < counts[2], counts                 # a lower tau lists more blocks
+
+    geo = Geometry(t=shape["t"], s=shape["s"], block_size=16, starts=starts, lengths=lengths)
+    budget = 0.3
+    tau_h = np.asarray(calibrate_taus(sale, q, k, geo, 0.25, budget), np.float64)
+    free = np.asarray(geo.live_blocks() & ~sink_local(geo, sale.sink, sale.local))[0]     # [h, nqb, nkb]
+    n_free = free.sum((1, 2))
+    calibrated = dataclasses.replace(sale, taus=(tuple(float(x) for x in tau_h),))
+    selected = np.asarray(_block_mask(calibrated, q, k, starts, lengths)[0])[0]
+    for h in range(3):                                                # float64 block scores of the spec
+        qslots = [290 - 70 + i for i in range(70)]
+        qn, kn = np.asarray(q[0, h], np.float64), np.asarray(k[0, h], np.float64)
+        est, thr, _ = np_sale_scores(qn, kn, qslots, 0, 290, sale, 0.25, tau=1.0)    # thr = m + log l
+        rel = np.full((5, 19), -np.inf)
+        for i in range(70):
+            for j in range(290):
+                if j <= qslots[i]:
+                    rel[i // 16, j // 16] = max(rel[i // 16, j // 16], est[i, j] - thr[i])
+        sc = np.sort(rel[free[h]])[::-1]
+        kk = int(np.floor(budget * n_free[h]))
+        np.testing.assert_allclose(np.log(tau_h[h]), sc[kk], rtol=1e-4, atol=1e-4 * np.abs(sc[kk]))
+        passed = (selected[h][free[h]]).sum()                          # the method's own selection
+        assert kk - 1 <= passed <= kk, (h, passed, kk)
+    assert len(set(np.round(tau_h, 6))) == 3                          # heads differ
+
+
 def test_sale_attend_matches_masked_float64_attention():
     """The interpreted GPU kernel over SALE's lists = float64 attention restricted to the spec's mask
     (SMALL: 37-query chunk, unaligned offsets, left padding)."""
@@ -181,6 +231,13 @@ def test_sale_errors():
                       ("sale:bogus=1", "bogus")]:
         with pytest.raises(ValueError, match=msg):
             make_sparse_prefill(spec)
+    for bad in (((0.1, 0.2), (0.1,)), ((0.1, 1.0),)):
+        with pytest.raises(ValueError, match="taus must be"):
+            SALE(taus=bad)
+    from kvjax.sparse_prefill import check_sparse_prefill
+    from types import SimpleNamespace
+    with pytest.raises(ValueError, match=r"taus must be \[layers=2\]\[q_heads=3\]"):
+        check_sparse_prefill(SALE(taus=((0.1, 0.1, 0.1),)), SimpleNamespace(n_layers=2, n_heads=3))
     assert make_sparse_prefill("block_sparse:sale") == SALE(tau=0.004, sink=64, local=128, min_seq_len=1024,
                                                             block_size=64)
 
