@@ -7,7 +7,9 @@ For that the wrapper (i) turns every row into a sorted, duplicate-free list padd
 sentinel `n_key_blocks` (`normalize`), and (ii) computes, per query tile, the positions where
 the three loops start and stop (`loop_bounds`): four int32 per (batch, kv-head, tile). Blocks
 entirely before `starts` or after the tile's last query are dropped there, so a listed dead
-block costs nothing.
+block costs nothing. The vertical (column-gather) form adds per-row single key columns:
+`normalize_columns` sorts them, drops dead ones and those inside a listed block (attended once),
+and `column_bounds` counts, per tile, the leading columns at or before its last query.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ whole (no mask arithmetic), diagonal blocks (masked, causal element-wise: the qu
 lengths - T need not be block-aligned). Online softmax in base 2, float32 running max /
 denominator / accumulator; bf16/fp16 inputs use tensor-core dots with float32 accumulation,
 float32 inputs IEEE fp32 dots. Query tiles run latest first (longest lists first).
+Vertical form (optional column lists, MInference's vertical lines): after the blocks, the row's
+remaining columns are walked `column_block` at a time, the K/V rows gathered by slot (a Triton
+gather load from the head's cache) and masked causally element-wise.
 
 Shapes: q [batch, q_heads, T, head_dim]; keys, values [batch, kv_heads, S, head_dim];
 starts, lengths [batch, kv_heads]; block_indices [batch, kv_heads, ceil(T / block_size), m];
