@@ -26,12 +26,18 @@ def normalize(block_indices: jax.Array, block_counts: jax.Array, n_key_blocks: i
     pos = jnp.arange(m)
     idx = block_indices.astype(jnp.int32)
     valid = (pos < block_counts[..., None]) & (idx >= 0) & (idx < n_key_blocks)
-    idx = jnp.sort(jnp.where(valid, idx, n_key_blocks), axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(idx[..., :1], bool), idx[..., 1:] == idx[..., :-1]], -1)
-    idx = jnp.sort(jnp.where(dup, n_key_blocks, idx), axis=-1)
-    if width > m:
-        idx = jnp.pad(idx, ((0, 0),) * 3 + ((0, width - m),), constant_values=n_key_blocks)
-    return idx
+    return sorted_set(jnp.where(valid, idx, n_key_blocks), n_key_blocks, width)
+
+
+def sorted_set(x: jax.Array, sentinel: int, width: int) -> jax.Array:
+    """Rows of x [..., m] (dropped entries already = sentinel, the largest value) -> [..., width]
+    sorted ascending, each value once, padded with the sentinel (width >= m)."""
+    x = jnp.sort(x, axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(x[..., :1], bool), x[..., 1:] == x[..., :-1]], -1)
+    x = jnp.sort(jnp.where(dup, sentinel, x), axis=-1)
+    if width > x.shape[-1]:
+        x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, width - x.shape[-1]),), constant_values=sentinel)
+    return x
 
 
 def loop_bounds(idx: jax.Array, starts: jax.Array, lengths: jax.Array, t_len: int,
@@ -85,12 +91,7 @@ def normalize_columns(column_indices: jax.Array, column_counts: jax.Array, idx: 
     in_block = jnp.take_along_axis(listed_blocks(idx, nkb), jnp.clip(col // block_size, 0, nkb - 1), axis=-1)
     valid = ((jnp.arange(m) < column_counts[..., None]) & (col >= starts[..., None, None])
              & (col < lengths[..., None, None]) & (col < cap) & ~in_block)
-    col = jnp.sort(jnp.where(valid, col, cap), axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(col[..., :1], bool), col[..., 1:] == col[..., :-1]], -1)
-    col = jnp.sort(jnp.where(dup, cap, col), axis=-1)
-    if width > m:
-        col = jnp.pad(col, ((0, 0),) * 3 + ((0, width - m),), constant_values=cap)
-    return col
+    return sorted_set(jnp.where(valid, col, cap), cap, width)
 
 
 def column_bounds(cols: jax.Array, lengths: jax.Array, t_len: int, block_size: int,
