@@ -2,10 +2,12 @@
 kernel) and the kernel at fixed densities, next to dense flash, cuDNN, torch SDPA and torch copy_.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/sparse_prefill.py 2>&1 | tee log
-    PYTHONPATH=. python benchmarks/sparse_prefill.py --tiny        # CPU smoke test (interpret mode)
+    PYTHONPATH=. python benchmarks/sparse_prefill.py --smoke       # CPU smoke test (tiny, interpret mode)
 
 Plain causal prefill of T tokens (batch 1, starts 0, lengths T), Llama-3-8B attention (32 query
-heads, 8 kv heads, head_dim 128), bf16, T in --lengths (default 32768, 65536). Rows:
+heads, 8 kv heads, head_dim 128), bf16, T in --lengths (default 8192, 32768), block-sparse
+densities --densities (default 0.25, 0.1). --smoke (alias --tiny): 4 / 2 heads, d 32, block 16,
+float32, T 96 and 160, every kernel interpreted on CPU. Rows:
 * `copy` -- torch `Tensor.copy_` of a 1 GiB bf16 buffer: the memory-bandwidth ceiling (GB/s), once.
 * `flash` -- our dense `pallas_kernels.gpu.flash_prefill` (default tiles).
 * `cudnn` -- `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
@@ -15,6 +17,10 @@ heads, 8 kv heads, head_dim 128), bf16, T in --lengths (default 32768, 65536). R
   of density D (fraction of the causal blocks listed: every diagonal block plus a uniform random
   subset of the earlier ones; D = 1 is the full causal list). `ratio` = time / (D x flash time):
   the issue's target is <= 1.15.
+* `bsp+cols@D` -- the same lists plus the vertical column-gather form: --columns single key
+  columns (MInference's vertical lines; default 1000, 8 with --smoke) drawn uniformly from the
+  causal range, listed for every query block (the kernel skips those inside listed blocks).
+  `cols_over_bsp` = its time / the `bsp@D` time.
 * `lists@D` (with --lists) -- the list preparation inside the wrapper alone (`block_lists.normalize`
   + `loop_bounds`: sort, dedup, loop positions), the per-call overhead beyond the kernel.
 * `<method>` -- a `kvjax.sparse_prefill` method on the same q/k/v: `build_ms` = its block-mask
@@ -38,7 +44,7 @@ import statistics
 import sys
 import time
 
-TINY = "--tiny" in sys.argv
+TINY = "--tiny" in sys.argv or "--smoke" in sys.argv
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
@@ -103,7 +109,7 @@ def random_lists(rng, t, density):
     return jnp.asarray(idx[None]), jnp.asarray(counts[None]), real
 
 
-def check(out, q, k, v, st, ln, idx=None, cnt=None):
+def check(out, q, k, v, st, ln, idx=None, cnt=None, cols=None, ccnt=None):
     """Relative L2 error vs the reference on kv head 0's query heads and the last <= 512 queries."""
     t = q.shape[2]
     w = min(t, 512) // BS * BS or t
@@ -114,8 +120,10 @@ def check(out, q, k, v, st, ln, idx=None, cnt=None):
         want = reference.flash_prefill(qs, ks, vs, st1, ln1)
     else:
         nqb = idx.shape[2]
+        cw = {} if cols is None else dict(column_indices=cols[:, :1, nqb - w // BS:],
+                                          column_counts=ccnt[:, :1, nqb - w // BS:])
         want = reference.block_sparse_prefill(qs, ks, vs, st1, ln1, idx[:, :1, nqb - w // BS:],
-                                              cnt[:, :1, nqb - w // BS:], block_size=BS)
+                                              cnt[:, :1, nqb - w // BS:], block_size=BS, **cw)
     got, want = np.asarray(out[:, :g, t - w:], np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
@@ -207,7 +215,16 @@ def bench_methods(t, q, k, v, st, ln, reps, flash_s, cudnn_s):
             emit(dict(T=t, row=spec, error=f"{type(e).__name__}: {str(e)[:300]}"))
 
 
-def bench(t, densities, reps, rng, lists=False):
+def random_columns(rng, t, n):
+    """[1, HKV, nb, n] column lists: n slots per kv head drawn from [0, t), the same for every
+    query block (the kernel masks the causal ones away per row)."""
+    nb = -(-t // BS)
+    cols = np.sort(rng.choice(t, size=(HKV, min(n, t)), replace=True), -1).astype(np.int32)
+    cols = np.broadcast_to(cols[None, :, None, :], (1, HKV, nb, cols.shape[-1]))
+    return jnp.asarray(cols), jnp.full((1, HKV, nb), cols.shape[-1], jnp.int32)
+
+
+def bench(t, densities, reps, rng, lists=False, n_columns=0):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
     q = jax.random.normal(kq, (1, HQ, t, D), DTYPE)
     k = jax.random.normal(kk, (1, HKV, t, D), DTYPE)
@@ -243,6 +260,14 @@ def bench(t, densities, reps, rng, lists=False):
         emit(dict(T=t, row=f"bsp@{dens}", density=real, ms=s * 1e3, relerr=err,
                   ratio_to_density_x_flash=s / (real * sec),
                   **({"speedup_vs_cudnn": cudnn_s / s} if cudnn_s else {})))
+        if n_columns:
+            cols, ccnt = random_columns(rng, t, n_columns)
+            fc = lambda q: block_sparse_prefill(q, k, v, st, ln, idx, cnt, block_size=BS, column_indices=cols,
+                                                column_counts=ccnt, **interp)
+            err = check(fc(q), q, k, v, st, ln, idx, cnt, cols, ccnt)
+            sc = timed(fc, q, reps)
+            emit(dict(T=t, row=f"bsp+cols@{dens}", density=real, columns=int(cols.shape[-1]), ms=sc * 1e3,
+                      relerr=err, cols_over_bsp=sc / s))
         if not lists:
             continue
         width = 1 << max(0, (idx.shape[-1] - 1).bit_length())
@@ -254,9 +279,11 @@ def bench(t, densities, reps, rng, lists=False):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--lengths", default="96,160" if TINY else "32768,65536")
-    ap.add_argument("--densities", default="0.3,0.2,0.1")
+    ap.add_argument("--tiny", "--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    ap.add_argument("--lengths", default="96,160" if TINY else "8192,32768")
+    ap.add_argument("--densities", default="0.25,0.1")
+    ap.add_argument("--columns", type=int, default=8 if TINY else 1000,
+                    help="vertical columns per kv head for the bsp+cols rows (0: none)")
     ap.add_argument("--lists", action="store_true", help="also time the list preparation alone")
     ap.add_argument("--reps", type=int, default=1 if TINY else 3)
     a = ap.parse_args()
@@ -264,7 +291,7 @@ def main():
     rng = np.random.default_rng(0)
     copy_row()
     for t in (int(x) for x in a.lengths.split(",")):
-        bench(t, [float(x) for x in a.densities.split(",")], a.reps, rng, a.lists)
+        bench(t, [float(x) for x in a.densities.split(",")], a.reps, rng, a.lists, a.columns)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ SETTINGS = (
     ("sale", "block_sparse:sale"),                                              # tau 0.004, sink 64, local 128
     ("sale", "block_sparse:sale:tau=0.02"),
     ("hyper", "block_sparse:hyper"),                                            # min_seq_len 4096: exact at 2K
-    ("hyper", "block_sparse:hyper:min_seq_len=512"),
+    ("hyper", "block_sparse:hyper:min_seq_len=512"),                          # + sink block (64 tokens)
+    ("hyper", "block_sparse:hyper:min_seq_len=512,sink=0"),                   # the official selection, no sink
+    ("hyper", "block_sparse:hyper:min_seq_len=256"),                          # sparser, + sink block
 )
 
 

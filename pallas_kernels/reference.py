@@ -408,7 +408,8 @@ def _prefill(q, keys, values, starts, lengths, g, scale, allowed):
     return o.reshape(b, hkv * g, t_len, d).astype(q.dtype)
 
 
-def check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts, block_size):
+def check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts, block_size,
+                       column_indices=None, column_counts=None):
     """Shape checks of `block_sparse_prefill`; returns the group size g."""
     g = check_prefill(q, keys, values, starts, lengths)
     if not isinstance(block_size, int) or block_size <= 0:
@@ -422,8 +423,18 @@ def check_block_sparse(q, keys, values, starts, lengths, block_indices, block_co
     if block_counts.shape != (b, hkv, n_qb):
         raise ValueError(f"block_counts must be [batch, kv_heads, n_query_blocks]={(b, hkv, n_qb)}, "
                          f"got {block_counts.shape}")
-    for name, x in (("block_indices", block_indices), ("block_counts", block_counts)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
+    if (column_indices is None) != (column_counts is None):
+        raise ValueError("column_indices and column_counts go together (both or neither)")
+    if column_indices is not None:
+        if column_indices.ndim != 4 or column_indices.shape[:3] != (b, hkv, n_qb):
+            raise ValueError(f"column_indices must be [batch, kv_heads, n_query_blocks, max_columns]="
+                             f"{(b, hkv, n_qb, '*')}, got {column_indices.shape}")
+        if column_counts.shape != (b, hkv, n_qb):
+            raise ValueError(f"column_counts must be [batch, kv_heads, n_query_blocks]={(b, hkv, n_qb)}, "
+                             f"got {column_counts.shape}")
+    for name, x in (("block_indices", block_indices), ("block_counts", block_counts),
+                    ("column_indices", column_indices), ("column_counts", column_counts)):
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must be integer, got {x.dtype}")
     return g
 
@@ -438,10 +449,25 @@ def block_list_mask(block_indices, block_counts, n_key_blocks: int) -> jax.Array
     return hit.any(axis=-2)
 
 
+def column_list_mask(column_indices, column_counts, n_slots: int) -> jax.Array:
+    """[batch, kv_heads, n_qb, max_columns] lists + counts -> [batch, kv_heads, n_qb, n_slots]
+    bool: slot s is listed among the first `counts` entries (entries outside [0, n_slots) are
+    ignored; duplicates are harmless)."""
+    b, h, n_qb, m = column_indices.shape
+    valid = ((jnp.arange(m) < column_counts[..., None]) & (column_indices >= 0)
+             & (column_indices < n_slots))
+    grid = jnp.ix_(jnp.arange(b), jnp.arange(h), jnp.arange(n_qb), jnp.arange(m))[:3]
+    hit = jnp.zeros((b, h, n_qb, n_slots + 1), bool)
+    return hit.at[(*grid, jnp.where(valid, column_indices, n_slots))].set(True)[..., :n_slots]
+
+
 def block_sparse_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.Array,
                          lengths: jax.Array, block_indices: jax.Array, block_counts: jax.Array, *,
-                         block_size: int, scale: float | None = None) -> jax.Array:
-    """`flash_prefill` restricted to listed key blocks (block-sparse causal chunked prefill).
+                         block_size: int, scale: float | None = None,
+                         column_indices: jax.Array | None = None,
+                         column_counts: jax.Array | None = None) -> jax.Array:
+    """`flash_prefill` restricted to listed key blocks (block-sparse causal chunked prefill),
+    optionally plus listed single key columns (MInference's vertical lines, gathered).
 
     q, keys, values, starts, lengths: as `flash_prefill` (the chunk's T queries sit at slots
     lengths - T .. lengths - 1 of the cache: a query offset for chunked prefill over a cache).
@@ -452,15 +478,21 @@ def block_sparse_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, start
     block_counts: [batch, kv_heads, ceil(T / block_size)] int32: the first counts entries of a
              row are used; entries past it, negative or >= ceil(S / block_size) are ignored, and
              a repeated block counts once (a set).
-    Query i of a head sees slot s iff block s // block_size is listed for query block
-    i // block_size AND the dense rule holds (starts <= s <= lengths - T + i): the causal mask
-    on the diagonal block is applied element-wise. A query that sees nothing yields zeros.
-    returns [batch, q_heads, T, head_dim] in q.dtype. Materialises [batch, q_heads, T, S]."""
-    g = check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts, block_size)
+    column_indices, column_counts (optional, together): [batch, kv_heads, ceil(T / block_size),
+             max_columns] cache slots and their counts, the same set semantics per slot (entries
+             outside [0, S) ignored; a column inside a listed block counts once).
+    Query i of a head sees slot s iff (block s // block_size is listed for query block
+    i // block_size OR s is a listed column of it) AND the dense rule holds (starts <= s <=
+    lengths - T + i): the causal mask is applied element-wise. A query that sees nothing yields
+    zeros. returns [batch, q_heads, T, head_dim] in q.dtype. Materialises [batch, q_heads, T, S]."""
+    g = check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts, block_size,
+                           column_indices, column_counts)
     t_len, cap = q.shape[2], keys.shape[2]
     nkb = -(-cap // block_size)
     bm = block_list_mask(block_indices, block_counts, nkb)               # [b, h, nqb, nkb]
     qb = jnp.arange(t_len) // block_size
     kb = jnp.arange(cap) // block_size
     allowed = bm[:, :, qb][:, :, :, kb]                                   # [b, h, T, S]
+    if column_indices is not None:
+        allowed = allowed | column_list_mask(column_indices, column_counts, cap)[:, :, qb]
     return _prefill(q, keys, values, starts, lengths, g, scale, allowed)

@@ -20,8 +20,8 @@ from pallas_kernels.tpu.block_sparse_prefill import block_sparse_prefill as tpu_
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def oracle(q, k, v, starts, lengths, idx, counts, bs):
-    """float64, one query row at a time."""
+def oracle(q, k, v, starts, lengths, idx, counts, bs, cols=None, col_counts=None):
+    """float64, one query row at a time (cols / col_counts: the listed single columns)."""
     b, hq, t_len, d = q.shape
     hkv, cap = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -32,8 +32,9 @@ def oracle(q, k, v, starts, lengths, idx, counts, bs):
             for t in range(t_len):
                 row = idx[i, kv, t // bs, :counts[i, kv, t // bs]]
                 listed = set(int(x) for x in row)
+                columns = set() if cols is None else set(int(x) for x in cols[i, kv, t // bs, :col_counts[i, kv, t // bs]])
                 last = min(int(lengths[i, kv]) - t_len + t, int(lengths[i, kv]) - 1)
-                slots = [s for s in range(max(int(starts[i, kv]), 0), last + 1) if s // bs in listed]
+                slots = [s for s in range(max(int(starts[i, kv]), 0), last + 1) if s // bs in listed or s in columns]
                 if not slots:
                     continue
                 s = k[i, kv, slots] @ q[i, h, t] / np.sqrt(d)
@@ -46,9 +47,11 @@ def _f64(x):
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
-def make_case(seed, g, t_len, cap, d, bs, dtype, starts, lengths, m=6, density=0.5):
+def make_case(seed, g, t_len, cap, d, bs, dtype, starts, lengths, m=6, density=0.5, n_cols=0):
     """Random q/k/v (batch 2, kv heads 2; NaN in dead slots) and random lists: entries past the
-    count, duplicates, negative and out-of-range indices included."""
+    count, duplicates, negative and out-of-range indices included. n_cols > 0: column lists of
+    n_cols entries too (the same kinds of entries, plus columns inside listed blocks and slots
+    after the row's queries), appended to the arguments."""
     rng = np.random.default_rng(seed)
     b, hkv = 2, 2
     starts, lengths = np.asarray(starts, np.int32), np.asarray(lengths, np.int32)
@@ -62,12 +65,21 @@ def make_case(seed, g, t_len, cap, d, bs, dtype, starts, lengths, m=6, density=0
     counts[0, 0, 0] = 0                                                # an empty list
     idx[1, :, :, 0] = np.arange(nqb)[None, :]                          # a diagonal block listed
     counts[1] = np.maximum(counts[1], 1)
-    want = oracle(_f64(q), k, v, starts, lengths, idx, counts, bs)
+    cols = col_counts = None
+    if n_cols:
+        cols = rng.integers(-2, cap + 2, (b, hkv, nqb, n_cols)).astype(np.int32)
+        cols[..., 1] = cols[..., 0]                                    # a duplicate
+        cols[..., 2] = np.clip(idx[..., 0], 0, nkb - 1) * bs + 1       # inside a (maybe) listed block
+        col_counts = rng.integers(0, n_cols + 1, (b, hkv, nqb)).astype(np.int32)
+        col_counts[0, 1, 0] = n_cols
+    want = oracle(_f64(q), k, v, starts, lengths, idx, counts, bs, cols, col_counts)
     slot = np.arange(cap)[None, None, :]
     dead = (slot < starts[..., None]) | (slot >= lengths[..., None])
     k[dead], v[dead] = np.nan, np.nan
     args = (q, jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(starts), jnp.asarray(lengths),
             jnp.asarray(idx), jnp.asarray(counts))
+    if n_cols:
+        args += (jnp.asarray(cols), jnp.asarray(col_counts))
     return args, want
 
 
@@ -130,6 +142,45 @@ def test_tpu_kernel_matches_oracle():
                                rtol=TOL[dtype], atol=TOL[dtype])
 
 
+def _columns(fn, args, bs, **kw):
+    return fn(*args[:7], column_indices=args[7], column_counts=args[8], block_size=bs, **kw)
+
+
+def _all_columns(args, bs):
+    """Empty block lists, every slot listed as a column (reversed, -1 and S around): the dense result."""
+    q, k, v, st, ln, idx, cnt, cols, ccnt = args
+    cap = k.shape[2]
+    every = jnp.broadcast_to(jnp.arange(cap + 2)[::-1] - 1, cols.shape[:3] + (cap + 2,)).astype(jnp.int32)
+    return (q, k, v, st, ln, idx, jnp.zeros_like(cnt), every, jnp.full(ccnt.shape, cap + 2, jnp.int32))
+
+
+@pytest.mark.parametrize("case,n_cols", [(CASES[2], 23), (CASES[3], 15)], ids=["g4-T45-S190-b32", "g8-T9-S13"])
+def test_vertical_columns_gpu_kernel_and_reference(case, n_cols):
+    """The column-gather form (MInference's vertical lines): blocks + random single columns vs
+    the oracle (odd T, offsets, a partial last block, GQA 4 / 8); columns alone (empty block
+    lists) covering every slot = the dense flash prefill (S + 2 = n_cols: the same compiled kernel)."""
+    g, t_len, cap, d, bs, dtype, starts, lengths = case
+    args, want = make_case(g * 7 + cap, g, t_len, cap, d, bs, dtype, starts, lengths, m=4, n_cols=n_cols)
+    gpu = functools.partial(gpu_bsp, block_rows=64, column_block=16, interpret=True)
+    _check(_columns(gpu, args, bs), want, dtype)
+    _check(_columns(_ref, args, bs), want, dtype)
+    blocks_only = oracle(*map(_f64, args[:5]), *map(np.asarray, args[5:7]), bs)
+    assert np.linalg.norm(want - blocks_only) > 0.1 * np.linalg.norm(want)     # the columns matter
+    if cap + 2 == n_cols:
+        every = _all_columns(args, bs)
+        dense = _f64(reference.flash_prefill(*every[:5]))
+        np.testing.assert_allclose(_f64(_columns(gpu, every, bs)), dense, rtol=TOL[dtype], atol=TOL[dtype])
+        np.testing.assert_allclose(_f64(_columns(_ref, every, bs)), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_vertical_columns_tpu_kernel():
+    """TPU kernel (interpret): GQA 3 with an offset, bf16, blocks + columns (one-row DMA gathers)."""
+    g, t_len, cap, d, bs, dtype, starts, lengths = CASES[1]
+    args, want = make_case(6, g, t_len, cap, d, bs, dtype, starts, lengths, m=4, n_cols=19)
+    tpu = functools.partial(tpu_bsp, block_rows=64, column_block=8, interpret=True)
+    _check(_columns(tpu, args, bs), want, dtype)
+
+
 def test_dispatch_and_errors():
     args, want = make_case(3, 2, 20, 32, 16, 16, jnp.float32, [[0, 0], [0, 0]], [[32, 32], [20, 20]])
     got = pallas_kernels.block_sparse_prefill(*args, block_size=16, num_warps=4)   # cpu: reference
@@ -149,6 +200,20 @@ def test_dispatch_and_errors():
         reference.block_sparse_prefill(q, k, v, st, ln, idx.astype(jnp.float32), cnt, block_size=16)
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         reference.block_sparse_prefill(q, k, v, st, ln, idx, cnt, block_size=0)
+    with pytest.raises(ValueError, match="column_indices and column_counts go together"):
+        reference.block_sparse_prefill(q, k, v, st, ln, idx, cnt, block_size=16, column_indices=idx)
+    with pytest.raises(ValueError, match="column_indices must be"):
+        reference.block_sparse_prefill(q, k, v, st, ln, idx, cnt, block_size=16, column_indices=idx[:, :1],
+                                       column_counts=cnt)
+    with pytest.raises(ValueError, match="column_counts must be integer"):
+        reference.block_sparse_prefill(q, k, v, st, ln, idx, cnt, block_size=16, column_indices=idx,
+                                       column_counts=cnt.astype(jnp.float32))
+    with pytest.raises(ValueError, match="column_block must be a power of two"):
+        gpu_bsp(q, k, v, st, ln, idx, cnt, block_size=16, column_indices=idx, column_counts=cnt, column_block=24,
+                interpret=True)
+    with pytest.raises(ValueError, match="column_block must be a multiple of 8"):
+        tpu_bsp(q, k, v, st, ln, idx, cnt, block_size=16, column_indices=idx, column_counts=cnt, column_block=12,
+                interpret=True)
     empty = gpu_bsp(q[:, :, :0], k, v, st, ln, idx[:, :, :0], cnt[:, :, :0], block_size=16, interpret=True)
     assert empty.shape == (2, 4, 0, 16)
 
@@ -159,11 +224,13 @@ def test_kernels_lower():
     k = jnp.zeros((1, 2, 1000, 128), jnp.bfloat16)
     st = jnp.zeros((1, 2), jnp.int32)
     idx, cnt = jnp.zeros((1, 2, 3, 5), jnp.int32), jnp.ones((1, 2, 3), jnp.int32)
-    fn = lambda *a: tpu_bsp(*a, block_size=128)
-    text = jax.jit(fn).trace(q, k, k, st, st + 900, idx, cnt).lower(lowering_platforms=("tpu",)).as_text()
-    assert "tpu_custom_call" in text
+    cols, ccnt = jnp.zeros((1, 2, 3, 40), jnp.int32), jnp.ones((1, 2, 3), jnp.int32)
+    for fn in (lambda *a: tpu_bsp(*a, block_size=128),
+               lambda *a: tpu_bsp(*a, block_size=128, column_indices=cols, column_counts=ccnt)):
+        text = jax.jit(fn).trace(q, k, k, st, st + 900, idx, cnt).lower(lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in text
     try:
-        fn = lambda *a: gpu_bsp(*a, block_size=128)
+        fn = lambda *a: gpu_bsp(*a, block_size=128, column_indices=cols, column_counts=ccnt)
         text = jax.jit(fn).trace(q, k, k, st, st + 900, idx, cnt).lower(lowering_platforms=("cuda",)).as_text()
     except Exception as e:  # jax >= 0.11 needs a (possibly abstract) GPU device to lower for cuda
         if "No supported GPU devices found" in str(e):

@@ -13,7 +13,8 @@ prefill chunk through the kernel with it. Decode is unchanged (dense).
     minference    MInference vertical-slash (last-64-query estimate) or A-shape, per-head patterns
     a_shape       MInference's A-shape on every head (init=128, local=1024 by default)
     streaming     sink + local blocks on streaming heads (DuoAttention pattern_file), dense elsewhere
-    sale          SALE: int8 score estimate vs the sink + local relative-score threshold (tau)
+    sale          SALE: int8 score estimate vs the sink + local relative-score threshold (tau, or
+                  per-head tau_file= from sale.calibrate_taus)
     hyper         HyperAttention: causal halving, sortLSH block groups + sampled blocks (dense below 4096)
 """
 from __future__ import annotations
@@ -73,6 +74,10 @@ def check_sparse_prefill(method, config) -> None:
         if len(pattern) != config.n_layers or any(len(row) != heads for row in pattern):
             raise ValueError(f"{type(method).__name__} pattern must be [layers={config.n_layers}][heads={heads}], "
                              f"got {len(pattern)} layers x {sorted({len(r) for r in pattern})} heads")
+    taus = getattr(method, "taus", None)
+    if taus is not None and (len(taus) != config.n_layers or any(len(row) != config.n_heads for row in taus)):
+        raise ValueError(f"SALE taus must be [layers={config.n_layers}][q_heads={config.n_heads}], "
+                         f"got {len(taus)} layers x {sorted({len(r) for r in taus})} heads")
 
 
 __all__ = ["FlexPrefill", "HyperAttention", "MInference", "SALE", "StreamingPrefill", "make_sparse_prefill", "check_sparse_prefill", "METHODS"]

@@ -15,7 +15,13 @@ estimate is the Pallas target), per query head:
    e_ij > m_i + log(tau * l_i) (the logit form the kernel uses, no exp); a (query block, key
    block) is computed when some pair in it is wanted, and the sink + local blocks always are.
 
-Defaults: tau 0.004 (the README example; SALE calibrates tau per head offline, not done here),
+Per-head threshold: SALE calibrates tau_h offline per head (`kv_retrieve_calib.py`, a budget
+level such as 0.4). `taus` ([layers][q_heads], or `tau_file=` a JSON {"tau": ...}) replaces the
+global tau; `calibrate_taus` picks a layer's tau_h from a calibration chunk so that about the
+budget fraction of the blocks outside sink + local pass. `block_scores` is the rule's per-block
+statistic: max over the block's pairs of e_ij - m_i - log l_i, compared with log tau_h.
+
+Defaults: tau 0.004 (the README example, used for every head when no table is given),
 local window 128 (asserted by the official code), query block 64. SALE's key blocks are 32
 tokens; the kernel here takes equal query / key blocks of `block_size` = 64, and the rule is a
 max over the block, so a 64-key block is kept exactly when one of its two 32-key halves is.
@@ -26,6 +32,8 @@ GQA: the query heads' masks are unioned per kv head (the kernel shares one list)
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +50,51 @@ class SALE:
     local: int = 128
     min_seq_len: int = 1024
     block_size: int = 64
+    taus: Optional[tuple[tuple[float, ...], ...]] = None     # [layers][q_heads] per-head tau_h (else tau)
 
     def __post_init__(self):
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"SALE tau must be in (0, 1), got {self.tau}")
+        if self.taus is not None:
+            flat = [x for row in self.taus for x in row]
+            if len({len(row) for row in self.taus}) != 1 or not all(0.0 < x < 1.0 for x in flat):
+                raise ValueError("SALE taus must be a [layers][q_heads] table of values in (0, 1)")
         if self.sink < 0 or self.local < 1 or self.min_seq_len < 0:
             raise ValueError(f"SALE needs sink >= 0, local >= 1, min_seq_len >= 0, got sink={self.sink} "
                              f"local={self.local} min_seq_len={self.min_seq_len}")
 
     @classmethod
-    def from_args(cls, **kw) -> "SALE":
-        return cls(**{k: float(v) if k == "tau" else int(v) for k, v in kw.items()})
+    def from_args(cls, tau_file: Optional[str] = None, **kw) -> "SALE":
+        """Spec arguments; tau_file: JSON {"tau": [[tau_h per query head] per layer]} (`calibrate_taus`)."""
+        kw = {k: float(v) if k == "tau" else int(v) for k, v in kw.items()}
+        if tau_file is not None:
+            with open(tau_file) as f:
+                kw["taus"] = tuple(tuple(float(x) for x in row) for row in json.load(f)["tau"])
+        return cls(**kw)
+
+    def layer_taus(self, layer, q_heads: int) -> jax.Array:
+        """[q_heads] float32 tau_h of `layer` (traced index allowed): the per-head table or the global tau."""
+        if self.taus is None:
+            return jnp.full((q_heads,), self.tau, jnp.float32)
+        table = jnp.asarray(self.taus, jnp.float32)
+        if table.shape[1] != q_heads:
+            raise ValueError(f"SALE taus have {table.shape[1]} heads per layer, the model {q_heads} query heads")
+        return table[layer]
 
     def select(self, q: jax.Array, keys: jax.Array, geo: Geometry, layer, scale: float) -> jax.Array:
-        """[b, hq, nqb, nkb] bool block mask per query head."""
+        """[b, hq, nqb, nkb] bool block mask per query head: block score > log tau_h, sink + local
+        blocks, every block below min_seq_len."""
+        g = q.shape[1] // keys.shape[1]
+        log_tau = jnp.log(self.layer_taus(layer, q.shape[1]))
+        mask = self.block_scores(q, keys, geo, scale) > log_tau[None, :, None, None]
+        mask = mask | repeat_heads(sink_local(geo, self.sink, self.local), g)
+        dense = repeat_heads(geo.lengths - geo.starts, g) <= self.min_seq_len
+        return mask | dense[..., None, None]
+
+    def block_scores(self, q: jax.Array, keys: jax.Array, geo: Geometry, scale: float) -> jax.Array:
+        """Log relative score of every block: max over its causal (query i, key j) pairs of
+        e_ij - m_i - log l_i (the pair is wanted at tau when this exceeds log tau; -inf: no causal
+        pair). q [b, hq, T, d], keys [b, hkv, S, d] -> [b, hq, nqb, nkb] float32."""
         b, hq, t, d = q.shape
         g = hq // keys.shape[1]
         bs, nqb, nkb, s = geo.block_size, geo.nqb, geo.nkb, keys.shape[2]
@@ -77,8 +116,8 @@ class SALE:
         blocks = lambda x: jnp.moveaxis(padt(x).reshape(b, hq, nqb, bs, *x.shape[3:]), 2, 0)
         xs = (blocks(qf), blocks(cq), blocks(sq), blocks(qslot), blocks(q_ok))
 
-        def wanted_keys(args):
-            """One query block -> [b, hq, S] bool: keys some row of the block wants."""
+        def key_scores(args):
+            """One query block -> [b, hq, S]: max over its rows of e_ij - m_i - log l_i."""
             qb, cqb, sqb, qs, ok = args
             est = jnp.einsum("bhtd,bhsd->bhts", cqb.astype(jnp.int32), ck.astype(jnp.int32))
             est = (est.astype(jnp.float32) * sqb[..., None] * sk[..., None, :] + qmk[..., None, :]) * scale
@@ -89,15 +128,36 @@ class SALE:
             m = jnp.max(jnp.where(ref, exact, -jnp.inf), axis=-1, keepdims=True)
             m = jnp.where(jnp.isfinite(m), m, 0.0)
             l = jnp.sum(jnp.where(ref, jnp.exp(exact - m), 0.0), axis=-1, keepdims=True)
-            thr = m + jnp.log(self.tau * jnp.maximum(l, 1e-30))
-            return (causal & ok[..., None] & (est > thr)).any(axis=-2)
+            rel = est - m - jnp.log(jnp.maximum(l, 1e-30))
+            return jnp.max(jnp.where(causal & ok[..., None], rel, -jnp.inf), axis=-2)
 
-        want = jax.lax.map(wanted_keys, xs)                                         # [nqb, b, hq, S]
-        want = jnp.pad(jnp.moveaxis(want, 0, 2), ((0, 0), (0, 0), (0, 0), (0, nkb * bs - s)))
-        mask = want.reshape(b, hq, nqb, nkb, bs).any(-1)
-        mask = mask | repeat_heads(sink_local(geo, self.sink, self.local), g)
-        dense = lengths - starts <= self.min_seq_len
-        return mask | dense[..., None, None]
+        sc = jax.lax.map(key_scores, xs)                                            # [nqb, b, hq, S]
+        sc = jnp.pad(jnp.moveaxis(sc, 0, 2), ((0, 0), (0, 0), (0, 0), (0, nkb * bs - s)), constant_values=-jnp.inf)
+        return sc.reshape(b, hq, nqb, nkb, bs).max(-1)
+
+
+def calibrate_taus(sale: SALE, q: jax.Array, keys: jax.Array, geo: Geometry, scale: float,
+                   budget: float) -> jax.Array:
+    """Per-head tau for one layer from a calibration chunk (SALE calibrates tau_h offline per head
+    to a budget level, e.g. 0.4): tau_h = exp of the budget-quantile from the top of head h's
+    block scores over the live blocks outside sink + local, so that about `budget` of those blocks
+    pass the threshold (ties and several batch rows: the fraction is <= budget). Returns [hq]
+    float32 (clipped into SALE's (0, 1) range)."""
+    if not 0.0 < budget < 1.0:
+        raise ValueError(f"SALE calibration budget must be in (0, 1), got {budget}")
+    g = q.shape[1] // keys.shape[1]
+    sc = sale.block_scores(q, keys, geo, scale)                                    # [b, hq, nqb, nkb]
+    free = repeat_heads(geo.live_blocks() & ~sink_local(geo, sale.sink, sale.local), g)
+    sc = jnp.where(free, sc, -jnp.inf)
+    flat = jnp.moveaxis(sc, 1, 0).reshape(sc.shape[1], -1)                         # [hq, b*nqb*nkb]
+    n_free = jnp.moveaxis(free, 1, 0).reshape(sc.shape[1], -1).sum(-1)
+    k = jnp.floor(budget * n_free).astype(jnp.int32)                               # blocks allowed
+    srt = -jnp.sort(-flat, axis=-1)                                                # descending
+    kth = jnp.take_along_axis(srt, jnp.clip(k, 0, flat.shape[1] - 1)[:, None], axis=-1)[:, 0]
+    kth = jnp.where(jnp.isfinite(kth), kth, 0.0)
+    tau = jnp.exp(kth + 1e-5 * jnp.maximum(jnp.abs(kth), 1.0))                     # > log tau: top k only (the
+    # margin keeps the k-th block out through the float32 exp / log round trip)
+    return jnp.clip(tau, 1e-30, 1.0 - 1e-7)
 
 
 def masked_mean(x: jax.Array, ok: jax.Array) -> jax.Array:

@@ -16,6 +16,9 @@ whole (no mask arithmetic), diagonal blocks (masked, causal element-wise: the qu
 lengths - T need not be block-aligned). Online softmax in base 2, float32 running max /
 denominator / accumulator; bf16/fp16 inputs use tensor-core dots with float32 accumulation,
 float32 inputs IEEE fp32 dots. Query tiles run latest first (longest lists first).
+Vertical form (optional column lists, MInference's vertical lines): after the blocks, the row's
+remaining columns are walked `column_block` at a time, the K/V rows gathered by slot (a Triton
+gather load from the head's cache) and masked causally element-wise.
 
 Shapes: q [batch, q_heads, T, head_dim]; keys, values [batch, kv_heads, S, head_dim];
 starts, lengths [batch, kv_heads]; block_indices [batch, kv_heads, ceil(T / block_size), m];
@@ -38,8 +41,9 @@ from pallas_kernels.gpu import common
 NEG_INF = common.NEG_INF
 
 
-def _kernel(q_ref, k_ref, v_ref, idx_ref, lim_ref, rng_ref, o_ref, *, t_len: int, n_tiles: int,
-            bs: int, cap: int, qk_scale: float, precision):
+def _kernel(q_ref, k_ref, v_ref, idx_ref, lim_ref, rng_ref, *refs, t_len: int, n_tiles: int,
+            bs: int, cap: int, qk_scale: float, precision, col_block: int):
+    col_ref, ncol_ref, o_ref = refs if col_block else (None, None, refs[0])
     ti = n_tiles - 1 - pl.program_id(2)
     first = rng_ref[0]
     length = rng_ref[1]
@@ -80,7 +84,30 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, lim_ref, rng_ref, o_ref, *, t_len: int
     p0, p1, p2, p3 = lim_ref[0], lim_ref[1], lim_ref[2], lim_ref[3]
     carry = lax.fori_loop(p0, p1, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(p1, p2, functools.partial(step, masked=False), carry)
-    o, _, l = lax.fori_loop(p2, p3, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(p2, p3, functools.partial(step, masked=True), carry)
+
+    def column_step(c, carry):
+        """col_block gathered key columns (sorted, sentinel cap past the row's count)."""
+        o, m, l = carry
+        cols = col_ref[pl.ds(c * col_block, col_block)]
+        at = jnp.minimum(cols, cap - 1)
+        kb = k_ref[at, :]
+        vb = v_ref[at, :]
+        s = plgpu.dot(q, kb, trans_b=True, precision=precision) * qk_scale
+        col = cols < length                                        # normalised: >= starts, unlisted
+        valid = col[None, :] & (cols[None, :] <= row_last[:, None])
+        s = jnp.where(valid, s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        pr = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
+        vb = jnp.where(col[:, None], vb, jnp.zeros_like(vb))
+        alpha = jnp.exp2(m - m_new)
+        l = alpha * l + pr.sum(axis=1)
+        o = alpha[:, None] * o + plgpu.dot(pr.astype(vb.dtype), vb, precision=precision)
+        return o, m_new, l
+
+    if col_block:
+        carry = lax.fori_loop(0, pl.cdiv(ncol_ref[0], col_block), column_step, carry)
+    o, _, l = carry
     o = jnp.where(l[:, None] > 0, o / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
     o_ref[...] = o.reshape(gp, tq, d).astype(o_ref.dtype)
 
@@ -100,22 +127,29 @@ def default_config(dtype, head_dim: int, block_size: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_rows", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "column_block", "interpret"))
 def block_sparse_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.Array,
                          lengths: jax.Array, block_indices: jax.Array, block_counts: jax.Array, *,
-                         block_size: int, scale: float | None = None, block_rows: int | None = None,
-                         num_warps: int | None = None, num_stages: int | None = None,
+                         block_size: int, scale: float | None = None,
+                         column_indices: jax.Array | None = None, column_counts: jax.Array | None = None,
+                         block_rows: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None, column_block: int = 64,
                          interpret: bool = False) -> jax.Array:
     """Block-sparse causal chunked prefill; same contract as `reference.block_sparse_prefill`.
 
     block_size: tokens per query block and per key block (power of two >= 16).
+    column_indices / column_counts: the vertical (column-gather) form; the row's columns not
+    inside a listed block are walked after its blocks, `column_block` (power of two >= 16) at a
+    time, each K/V row gathered by its slot (`block_lists.normalize_columns`).
     block_rows: query rows per program (query heads x tokens; default `default_config`); the
     token count per tile is block_rows / gp, clamped to [16, block_size]. The cache is never
     copied when S >= block_size (a partial last block is read shifted back in bounds)."""
     g = reference.check_block_sparse(q, keys, values, starts, lengths, block_indices, block_counts,
-                                     block_size)
+                                     block_size, column_indices, column_counts)
     b, hkv, cap, d = keys.shape
     t_len = q.shape[2]
+    if column_indices is not None and not _pow2_at_least_16(column_block):
+        raise ValueError(f"column_block must be a power of two >= 16 for the GPU kernel, got {column_block}")
     if not _pow2_at_least_16(d):
         raise ValueError(f"head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
     if not _pow2_at_least_16(block_size):
@@ -150,9 +184,19 @@ def block_sparse_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, start
     qp = qp.reshape(b, hkv * gp, t_pad, d)
     rng = jnp.stack([first, length], -1)
     prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if keys.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, t_len=t_len, n_tiles=n_tiles, bs=block_size, cap=cap,
-                               qk_scale=scale * math.log2(math.e), precision=prec)
     per = block_size // tq
+    extra_specs, extra = [], ()
+    if column_indices is not None:
+        cb = column_block
+        width_c = -(-max(column_indices.shape[-1], 1) // cb) * cb
+        cols = block_lists.normalize_columns(column_indices, column_counts, idx, first, length, block_size,
+                                             cap, width_c)
+        extra = (cols, block_lists.column_bounds(cols, length, t_len, block_size, tq))
+        extra_specs = [pl.BlockSpec((None, None, None, width_c), lambda h, i, j: (i, h, (n_tiles - 1 - j) // per, 0)),
+                       pl.BlockSpec((None, None, 1), lambda h, i, j: (i, h, n_tiles - 1 - j))]
+    kernel = functools.partial(_kernel, t_len=t_len, n_tiles=n_tiles, bs=block_size, cap=cap,
+                               qk_scale=scale * math.log2(math.e), precision=prec,
+                               col_block=column_block if column_indices is not None else 0)
     q_map = lambda h, i, j: (i, h, n_tiles - 1 - j, 0)
     out = pl.pallas_call(
         kernel,
@@ -164,12 +208,13 @@ def block_sparse_prefill(q: jax.Array, keys: jax.Array, values: jax.Array, start
             pl.BlockSpec((None, None, None, width), lambda h, i, j: (i, h, (n_tiles - 1 - j) // per, 0)),
             pl.BlockSpec((None, None, None, 4), lambda h, i, j: (i, h, n_tiles - 1 - j, 0)),
             pl.BlockSpec((None, None, 2), lambda h, i, j: (i, h, 0)),
+            *extra_specs,
         ],
         out_specs=pl.BlockSpec((None, gp, tq, d), q_map),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="kvjax_block_sparse_prefill",
-    )(qp, keys, values, idx, lims, rng)
+    )(qp, keys, values, idx, lims, rng, *extra)
     out = out.reshape(b, hkv, gp, t_pad, d)[:, :, :g, :t_len]
     return out.reshape(b, hkv * g, t_len, d)
