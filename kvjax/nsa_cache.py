@@ -208,3 +208,15 @@ def nsa_cache_init(cfg: NSAConfig, nsa: dict):
     init.check_engine = check_engine
     return init
 
+
+
+def load_engine(path, config: ModelConfig, params):
+    """An NSA export (`models.nsa_weights.save_nsa`, `python -m train.nsa`) for `kvjax.generate`:
+    -> (params: the export's backbone in `params`' dtype when it has one, else `params`;
+    cache_init: `nsa_cache_init` of its config and weights). Errors of `load_nsa` (another model)."""
+    from models.nsa_weights import load_nsa
+    cfg, nsa, backbone = load_nsa(path, config)
+    if backbone is not None:
+        dtype = params["embed"].dtype
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), backbone)
+    return params, nsa_cache_init(cfg, nsa)

@@ -131,10 +131,11 @@ def test_engine_teacher_forced_equals_full_forward(model):
                                atol=2e-5 * float(jnp.abs(ck_full).max()))
 
 
-def test_engine_generate_memory_and_errors(model):
+def test_engine_generate_memory_and_errors(model, tmp_path):
     """`kvjax.generate` with the NSA cache: greedy tokens = argmax of the full forward over prompt +
     generated tokens; cache_bytes counts K/V, compressed K/V, positions and lengths (the layout's
-    formula) and not the NSA weights; combinations NSA does not support raise."""
+    formula) and not the NSA weights; combinations NSA does not support raise; an export loads
+    (`load_engine`, the CLI's --nsa) into the same cache_init."""
     from kvjax.compression import Budget, Compression
     from kvjax.generate import generate
     from kvjax.nsa_cache import nsa_cache_init
@@ -159,3 +160,19 @@ def test_engine_generate_memory_and_errors(model):
                  compression=Compression(make_policy("knorm"), Budget(tokens=4)))
     with pytest.raises(ValueError, match="cover layers"):
         generate(params, CFG, prompts, 2, cache_init=nsa_cache_init(NSA, {0: nsa[1]}))
+    # an export (models.nsa_weights) through the CLI's loader: the same weights in the cache
+    from kvjax.cli import build_parser, check_generate_args
+    from kvjax.nsa_cache import load_engine
+    from models.nsa_weights import save_nsa
+    save_nsa(tmp_path / "nsa", nsa, NSA, CFG)
+    same, init = load_engine(tmp_path / "nsa", CFG, params)
+    assert same is params
+    cache = init(CFG, 1, 40)
+    np.testing.assert_array_equal(np.asarray(cache.weights[1]["cmp_wk"]), np.asarray(nsa[1]["cmp_wk"]))
+    assert cache.weights[0] is None and cache.layers[1].ck.shape == (1, 2, NSA.n_compressed(40), 16)
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--nsa", str(tmp_path / "nsa"), "--kv-quant",
+                                      "kivi4"])
+    with pytest.raises(ValueError, match="--nsa runs NSA attention alone: --kv-quant"):
+        check_generate_args(args)
+    with pytest.raises(FileNotFoundError, match="not an NSA export"):
+        check_generate_args(build_parser().parse_args(["generate", "--prompt", "hi", "--nsa", str(tmp_path)]))
