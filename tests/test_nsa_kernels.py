@@ -142,3 +142,57 @@ def test_selection_backward_matches_grad_of_reference(impl):
     for name, a, b in zip("qkv", got, want):
         err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         assert err < 1e-5, (name, err)
+
+
+def test_block_outer_forward_matches_reference(g=3):
+    """FSA's block-outer forward (worklist of per-block token chunks, one [block_q, block] dot per
+    head, online merge over a token's blocks) vs the jnp reference at an odd length (53: the last
+    key block partial, chunks padded), GQA group 3 (SmolLM2's), 2 kv heads, batch 2, top-3 with
+    counts < 3 and -1 entries; the lse against the reference's log-sum-exp; the window bound
+    (window 20 over `window_blocks`) against the [T, T] window mask."""
+    from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
+    T, hkv, d, scale = 53, 2, 16, 0.3
+    r = np.random.default_rng(g)
+    q, k, v = (jnp.asarray(r.normal(size=(2, h, T, d)), jnp.float32) for h in (hkv * g, hkv, hkv))
+    idx, counts = select_blocks(jnp.asarray(r.random(size=(2, hkv, T, 4)), jnp.float32), jnp.arange(T), CFG)
+    assert (np.asarray(counts) < 3).any() and (np.asarray(idx) == -1).any()
+    got, lse = nsa_select_block_outer(q, k, v, idx, counts, block_size=16, scale=scale, block_q=16,
+                                      interpret=True, return_lse=True)
+    want = np.asarray(selected_attention(q, k, v, idx, 16, scale))
+    assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-5
+    # lse (base 2) = log2 sum over the selected causal keys of exp(scale * q.k)
+    from models.nsa import selected_mask, _grouped_logits
+    logits = np.asarray(_grouped_logits(q, k, scale), np.float64).reshape(2, hkv * g, T, T)
+    mask = np.repeat(np.asarray(selected_mask(idx, T, 16, jnp.arange(T))), g, axis=1)
+    want_lse = np.log2(np.where(mask, np.exp(logits), 0.0).sum(-1))
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-5 * np.abs(want_lse).max())
+    widx, wcnt = window_blocks(T, 20, 16)
+    widx = jnp.broadcast_to(jnp.asarray(widx), (2, hkv) + widx.shape)
+    wcnt = jnp.broadcast_to(jnp.asarray(wcnt), (2, hkv, T))
+    got = nsa_select_block_outer(q, k, v, widx, wcnt, block_size=16, scale=scale, block_q=16, interpret=True,
+                                 window=20)
+    want = np.asarray(masked_attention(q, k, v, window_mask(T, 20)[None, None], scale)[0])
+    assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_block_worklist_inverts_selection():
+    """Every live (token, slot) pair sits in a chunk of its block, in the row `pos` names; chunk
+    counts stay within the static bound; dead slots (past counts, -1) are nowhere."""
+    from pallas_kernels.gpu.nsa_select_fsa import block_worklist
+    r = np.random.default_rng(0)
+    t, n, nb, bq = 29, 3, 5, 4
+    idx = np.stack([r.permutation(nb)[:n] for _ in range(t)]).astype(np.int32)
+    idx[3, 2] = -1
+    counts = r.integers(0, n + 1, size=t).astype(np.int32)
+    blocks, toks, pos = (np.asarray(x) for x in block_worklist(jnp.asarray(idx), jnp.asarray(counts), nb, bq))
+    seen = set()
+    for s in range(t):
+        for j in range(n):
+            live = j < counts[s] and idx[s, j] >= 0
+            assert (pos[s, j] >= 0) == live
+            if live:
+                c, i = divmod(int(pos[s, j]), bq)
+                assert blocks[c] == idx[s, j] and toks[c, i] == s
+                seen.add((c, i))
+    assert seen == {(c, i) for c in range(len(blocks)) for i in range(bq) if toks[c, i] >= 0}
+    assert ((toks >= 0).any(1) <= (blocks >= 0)).all()
