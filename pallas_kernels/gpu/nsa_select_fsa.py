@@ -90,16 +90,15 @@ def merge_partials(o, m, l):
     return out, jnp.where(ok, mx + jnp.log2(jnp.where(ok, sm, 1.0)), 0.0)
 
 
-def _kernel(blk_ref, tok_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block: int, groups: int, window: int):
-    j = blk_ref[0]
+def _kernel(meta_ref, tok_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block: int, groups: int):
+    j, window = meta_ref[0], meta_ref[1]                        # key block (-1: none); window (0: none)
     start = pl.multiple_of(jnp.maximum(j, 0) * block, block)
     kb = k_ref[pl.ds(start, block), :]
     vb = v_ref[pl.ds(start, block), :]
     tok = tok_ref[...]                                                              # [block_q] positions
     kpos = start + lax.iota(jnp.int32, block)
     mask = (kpos[None, :] <= tok[:, None]) & (tok[:, None] >= 0) & (j >= 0)
-    if window:                                                  # sliding window: keys after position - window
-        mask = mask & (kpos[None, :] > tok[:, None] - window)
+    mask = mask & ((window == 0) | (kpos[None, :] > tok[:, None] - window))   # the sliding window's bound
     for gg in range(groups):                                    # g < 8 heads: each a full [block_q, block] dot
         s = jnp.where(mask, plgpu.dot(q_ref[gg], kb, trans_b=True), common.NEG_INF)
         m = s.max(axis=1)
@@ -110,13 +109,14 @@ def _kernel(blk_ref, tok_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_q", "num_warps", "num_stages",
-                                             "interpret", "return_lse", "window"))
+                                             "interpret", "return_lse"))
 def nsa_select_block_outer(q, k, v, indices, counts, *, block_size: int = 64, scale: float | None = None,
                            block_q: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
                            return_lse: bool = False, window: int = 0):
     """Selected-block attention forward, block-outer (FSA); the contract of `nsa_select`
     (block_size, block_q and head_dim powers of two >= 16). return_lse: also the base-2
-    log-sum-exp [batch, q_heads, seq] float32; window > 0: the sliding-window branch's bound."""
+    log-sum-exp [batch, q_heads, seq] float32; window > 0: the sliding-window branch's bound (a
+    runtime scalar: the selection and window branches share one compiled kernel)."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
     for name, val in (("head_dim", d), ("block_size", block_size), ("block_q", block_q)):
@@ -139,9 +139,9 @@ def nsa_select_block_outer(q, k, v, indices, counts, *, block_size: int = 64, sc
     chunk = lambda *blk: pl.BlockSpec((None, None, None) + blk, lambda i, h, s: (i, h, s) + (0,) * len(blk))
     full = pl.BlockSpec((None, None, tp, d), lambda i, h, s: (i, h, 0, 0))
     o, m, l = pl.pallas_call(
-        functools.partial(_kernel, block=block_size, groups=g, window=window),
+        functools.partial(_kernel, block=block_size, groups=g),
         grid=(b, hkv, c),
-        in_specs=[chunk(1), chunk(block_q), chunk(g, block_q, d), full, full],
+        in_specs=[chunk(2), chunk(block_q), chunk(g, block_q, d), full, full],
         out_specs=[chunk(g, block_q, d), chunk(g, block_q), chunk(g, block_q)],
         out_shape=[jax.ShapeDtypeStruct((b, hkv, c, g, block_q, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, hkv, c, g, block_q), jnp.float32),
@@ -149,7 +149,8 @@ def nsa_select_block_outer(q, k, v, indices, counts, *, block_size: int = 64, sc
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="kvjax_nsa_select_block_outer",
-    )(chunk_block[..., None], chunk_tok, q_tiles, k, v)
+    )(jnp.stack([chunk_block, jnp.broadcast_to(jnp.asarray(window, jnp.int32), chunk_block.shape)], -1),
+      chunk_tok, q_tiles, k, v)
     # partials of (token, slot) -> [b, hkv, g, t, n, ...] (a dead slot reads row 0 with l forced 0)
     flat = lambda x: jnp.moveaxis(x, 3, 2).reshape((b, hkv, g, c * block_q) + x.shape[5:])
     at = jnp.maximum(pos, 0).reshape(b, hkv, 1, t * n)
