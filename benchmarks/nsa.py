@@ -10,12 +10,14 @@ token and kv head, distinct, the query's own block included). The selection is s
 `--corr` (64) consecutive tokens of a tile (neighbouring queries pick the same blocks, as in
 trained NSA; --corr 1 = independent random picks per token, the worst case for the block-outer
 dK/dV kernel, which then visits almost every query tile).
-Measured in the same run: the selection kernel forward (token-outer; on GPU also FSA's block-outer
-`nsa_select_fsa.nsa_select_block_outer`, with its relative difference to the token-outer output) and forward+backward
+Measured in the same run: the selection kernel forward (token-outer; on GPU also FSA's
+block-outer `nsa_select_fsa.nsa_select_block_outer` and its relative difference to the
+token-outer output) and forward+backward
 (custom_vjp: dq token-outer + dK/dV block-outer), jax.nn.dot_product_attention (causal; cuDNN
 where available, else XLA) forward and forward+backward, torch SDPA (causal, cuDNN/flash, if
-torch+CUDA are present) forward and forward+backward, and the torch `copy_` bandwidth. Only the
-selection branch is timed (the compressed branch and the sliding window are not in this script).
+torch+CUDA are present) forward and forward+backward, and the torch `copy_` bandwidth; on GPU
+also the compressed branch with its selection importance (`nsa_compress.nsa_compressed`). The
+sliding window is not in this script.
 Prints a row per length and rewrites $OUT/nsa.json (or ./nsa_bench.json) after every row.
 Ratios: dense / nsa (> 1: NSA faster).
 """
@@ -144,6 +146,16 @@ def main():
             ref, got = (np.asarray(f(q, k, v, idx, cnt), np.float32) for f in (sel, bo))
             row["block_outer_rel_diff"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
             row["token_over_block_outer"] = row["nsa_select_ms"] / row["nsa_select_block_outer_ms"]
+            # the compressed branch (output + selection importance, nsa_compress) over T/16 - 1 keys
+            from pallas_kernels.gpu.nsa_compress import nsa_compressed
+            l, st = (8, 4) if a.tiny else (32, 16)
+            nc = (T - l) // st + 1
+            ck, cv = (jax.random.normal(jax.random.fold_in(key, 5 + i), (1, hkv, nc, d), dtype) for i in range(2))
+            kw = dict(kernel_size=l, kernel_stride=st, block_size=block, interpret=interpret)
+            if a.tiny:
+                kw.update(block_q=16, blocks_per_tile=1)
+            cmp = jax.jit(lambda q, ck, cv: nsa_compressed(q, ck, cv, **kw))
+            row["nsa_compressed_ms"] = timeit(cmp, q, ck, cv, reps=reps)
         do = jax.random.normal(jax.random.fold_in(key, 3), q.shape, dtype)
         sel_fb = jax.jit(lambda q, k, v, i, c: jax.vjp(
             lambda q, k, v: nsa_select_trainable(q, k, v, i, c, block, None, 64, interpret), q, k, v)[1](do))
