@@ -56,9 +56,11 @@ def test_selection_kernels_lower():
     except Exception as e:  # jax >= 0.11 needs a GPU device to lower for cuda
         if "No supported GPU devices found" not in str(e):
             raise
-    text = jax.jit(lambda *a: tpu_select(*a, block_size=64)).trace(q, k, k, idx, counts).lower(
-        lowering_platforms=("tpu",)).as_text()
-    assert "tpu_custom_call" in text
+    from pallas_kernels.tpu.nsa_select_fsa import nsa_select_block_outer as tpu_block_outer
+    for fn in (tpu_select, tpu_block_outer):
+        text = jax.jit(lambda *a: fn(*a, block_size=64)).trace(q, k, k, idx, counts).lower(
+            lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in text
     # FSA's block-outer forward and the compressed-branch kernel (GPU)
     from pallas_kernels.gpu.nsa_compress import nsa_compressed
     from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
@@ -156,13 +158,17 @@ def test_selection_backward_matches_grad_of_reference(impl):
         assert err < 1e-5, (name, err)
 
 
-def test_block_outer_forward_matches_reference(g=3):
-    """FSA's block-outer forward (worklist of per-block token chunks, one [block_q, block] dot per
-    head, online merge over a token's blocks) vs the jnp reference at an odd length (53: the last
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_block_outer_forward_matches_reference(impl, g=3):
+    """FSA's block-outer forward, GPU and TPU kernels (worklist of per-block token chunks, one
+    [block_q, block] dot per head, online merge over a token's blocks) vs the jnp reference at an odd length (53: the last
     key block partial, chunks padded), GQA group 3 (SmolLM2's), 2 kv heads, top-3 with
     counts < 3 and -1 entries; the lse against the reference's log-sum-exp; the window bound
     (window 20 over `window_blocks`) against the [T, T] window mask."""
-    from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
+    if impl == "gpu":
+        from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
+    else:
+        from pallas_kernels.tpu.nsa_select_fsa import nsa_select_block_outer
     T, hkv, d, scale = 53, 2, 16, 0.3
     r = np.random.default_rng(g)
     q, k, v = (jnp.asarray(r.normal(size=(1, h, T, d)), jnp.float32) for h in (hkv * g, hkv, hkv))
@@ -172,11 +178,11 @@ def test_block_outer_forward_matches_reference(g=3):
                                       interpret=True, return_lse=True, window=0)
     want = np.asarray(selected_attention(q, k, v, idx, 16, scale))
     assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-5
-    # lse (base 2) = log2 sum over the selected causal keys of exp(scale * q.k)
+    # lse (base 2 on GPU, natural on TPU) = log sum over the selected causal keys of exp(scale * q.k)
     from models.nsa import selected_mask, _grouped_logits
     logits = np.asarray(_grouped_logits(q, k, scale), np.float64).reshape(1, hkv * g, T, T)
     mask = np.repeat(np.asarray(selected_mask(idx, T, 16, jnp.arange(T))), g, axis=1)
-    want_lse = np.log2(np.where(mask, np.exp(logits), 0.0).sum(-1))
+    want_lse = np.log2(np.where(mask, np.exp(logits), 0.0).sum(-1)) * (1.0 if impl == "gpu" else np.log(2.0))
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-5 * np.abs(want_lse).max())
     widx, wcnt = window_blocks(T, 20, 16)
     widx = np.pad(widx, ((0, 0), (0, 3 - widx.shape[1])), constant_values=-1)    # the selection's shapes: one compile

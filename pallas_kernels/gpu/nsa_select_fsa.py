@@ -90,6 +90,44 @@ def merge_partials(o, m, l):
     return out, jnp.where(ok, mx + jnp.log2(jnp.where(ok, sm, 1.0)), 0.0)
 
 
+def pad_keys(x, block_size: int):
+    """[b, h, t, D] -> [b, h, ceil(t / block_size) * block_size, D] (zero rows after the sequence)."""
+    extra = -x.shape[2] % block_size
+    return jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) if extra else x
+
+
+def worklists(q, indices, counts, n_blocks: int, block_q: int, q_scale: float, dtype):
+    """The block-outer work of all (batch, kv head)s: (chunk_block [b, hkv, C], chunk_tok [b, hkv,
+    C, block_q], pos [b, hkv, t, n] (`block_worklist`), q_tiles [b, hkv, C, g, block_q, D]: the
+    chunks' query rows * q_scale in `dtype`)."""
+    b, hkv, t, n = indices.shape
+    g, d = q.shape[1] // hkv, q.shape[3]
+    cnt = jnp.clip(counts.astype(jnp.int32), 0, n)
+    work = jax.vmap(jax.vmap(lambda i, c: block_worklist(i, c, n_blocks, block_q)))
+    chunk_block, chunk_tok, pos = work(indices.astype(jnp.int32), cnt)
+    c = chunk_block.shape[-1]
+    qg = (q.reshape(b, hkv, g, t, d).astype(jnp.float32) * q_scale).astype(dtype)
+    rows = jnp.maximum(chunk_tok, 0).reshape(b, hkv, 1, c * block_q, 1)
+    q_tiles = jnp.take_along_axis(qg, rows, axis=3).reshape(b, hkv, g, c, block_q, d).transpose(0, 1, 3, 2, 4, 5)
+    return chunk_block, chunk_tok, pos, q_tiles
+
+
+def merge_chunks(o, m, l, pos):
+    """The kernels' chunk partials o [b, hkv, C, g, block_q, D], m / l [b, hkv, C, g, block_q]
+    (base 2) -> every token's slots (pos [b, hkv, t, n]; a dead slot counts l = 0), merged:
+    (out [b, hkv * g, t, D] float32, lse [b, hkv * g, t] base 2)."""
+    b, hkv, c, g, bq, d = o.shape
+    t, n = pos.shape[2:]
+    flat = lambda x: jnp.moveaxis(x, 3, 2).reshape((b, hkv, g, c * bq) + x.shape[5:])
+    at = jnp.maximum(pos, 0).reshape(b, hkv, 1, t * n)
+    dead = (pos < 0).reshape(b, hkv, 1, t, n)
+    o_p = jnp.take_along_axis(flat(o), at[..., None], axis=3).reshape(b, hkv, g, t, n, d)
+    m_p = jnp.take_along_axis(flat(m), at, axis=3).reshape(b, hkv, g, t, n)
+    l_p = jnp.where(dead, 0.0, jnp.take_along_axis(flat(l), at, axis=3).reshape(b, hkv, g, t, n))
+    out, lse = merge_partials(o_p, m_p, l_p)
+    return out.reshape(b, hkv * g, t, d), lse.reshape(b, hkv * g, t)
+
+
 def _kernel(meta_ref, tok_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block: int, groups: int):
     j, window = meta_ref[0], meta_ref[1]                        # key block (-1: none); window (0: none)
     start = pl.multiple_of(jnp.maximum(j, 0) * block, block)
@@ -123,19 +161,11 @@ def nsa_select_block_outer(q, k, v, indices, counts, *, block_size: int = 64, sc
         if val & (val - 1) or val < 16:
             raise ValueError(f"{name} must be a power of two >= 16 for the GPU kernel, got {val}")
     scale = d ** -0.5 if scale is None else scale
-    n = indices.shape[-1]
-    nb = -(-t // block_size)
-    tp = nb * block_size
-    if tp > t:
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-    cnt = jnp.clip(counts.astype(jnp.int32), 0, n)
-    work = jax.vmap(jax.vmap(lambda i, c: block_worklist(i, c, nb, block_q)))
-    chunk_block, chunk_tok, pos = work(indices.astype(jnp.int32), cnt)              # [b, hkv, C], [.., C, bq], [.., t, n]
+    k, v = pad_keys(k, block_size), pad_keys(v, block_size)
+    tp = k.shape[2]
+    chunk_block, chunk_tok, pos, q_tiles = worklists(q, indices, counts, tp // block_size, block_q,
+                                                     scale * common.LOG2E, k.dtype)
     c = chunk_block.shape[-1]
-    qg = (q.reshape(b, hkv, g, t, d).astype(jnp.float32) * (scale * common.LOG2E)).astype(k.dtype)
-    rows = jnp.maximum(chunk_tok, 0).reshape(b, hkv, 1, c * block_q, 1)
-    q_tiles = jnp.take_along_axis(qg, rows, axis=3).reshape(b, hkv, g, c, block_q, d).transpose(0, 1, 3, 2, 4, 5)
     chunk = lambda *blk: pl.BlockSpec((None, None, None) + blk, lambda i, h, s: (i, h, s) + (0,) * len(blk))
     full = pl.BlockSpec((None, None, tp, d), lambda i, h, s: (i, h, 0, 0))
     o, m, l = pl.pallas_call(
@@ -151,13 +181,5 @@ def nsa_select_block_outer(q, k, v, indices, counts, *, block_size: int = 64, sc
         name="kvjax_nsa_select_block_outer",
     )(jnp.stack([chunk_block, jnp.broadcast_to(jnp.asarray(window, jnp.int32), chunk_block.shape)], -1),
       chunk_tok, q_tiles, k, v)
-    # partials of (token, slot) -> [b, hkv, g, t, n, ...] (a dead slot reads row 0 with l forced 0)
-    flat = lambda x: jnp.moveaxis(x, 3, 2).reshape((b, hkv, g, c * block_q) + x.shape[5:])
-    at = jnp.maximum(pos, 0).reshape(b, hkv, 1, t * n)
-    dead = (pos < 0).reshape(b, hkv, 1, t, n)
-    o_p = jnp.take_along_axis(flat(o), at[..., None], axis=3).reshape(b, hkv, g, t, n, d)
-    m_p = jnp.take_along_axis(flat(m), at, axis=3).reshape(b, hkv, g, t, n)
-    l_p = jnp.where(dead, 0.0, jnp.take_along_axis(flat(l), at, axis=3).reshape(b, hkv, g, t, n))
-    out, lse = merge_partials(o_p, m_p, l_p)
-    out = out.reshape(b, hkv * g, t, d).astype(q.dtype)
-    return (out, lse.reshape(b, hkv * g, t)) if return_lse else out
+    out, lse = merge_chunks(o, m, l, pos)
+    return (out.astype(q.dtype), lse) if return_lse else out.astype(q.dtype)
