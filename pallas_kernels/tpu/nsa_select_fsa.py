@@ -24,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.gpu.nsa_select import check_select
 from pallas_kernels.gpu.nsa_select_fsa import merge_chunks, pad_keys, worklists
 from pallas_kernels.tpu.common import interpret_params
+from pallas_kernels.tpu.nsa_select_bwd import check_tpu_blocks
 
 NEG_INF = -1e30
 LOG2E = math.log2(math.e)
@@ -55,9 +56,7 @@ def nsa_select_block_outer(q, k, v, indices, counts, *, block_size: int = 64, sc
     log-sum-exp [batch, q_heads, seq] float32; window > 0: the sliding-window bound (runtime scalar)."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
-    if block_size % 8 or block_q % 8:
-        raise ValueError(f"block_size ({block_size}) and block_q ({block_q}) must be multiples of 8 for the TPU "
-                         f"kernel")
+    check_tpu_blocks(block_size, block_q)
     scale = d ** -0.5 if scale is None else scale
     k, v = pad_keys(k, block_size), pad_keys(v, block_size)
     chunk_block, chunk_tok, pos, q_tiles = worklists(q, indices, counts, k.shape[2] // block_size, block_q, scale,
