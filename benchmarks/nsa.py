@@ -2,18 +2,22 @@
 forward and forward+backward.
 
     PYTHONPATH=. python3 benchmarks/nsa.py              # H200: Llama-3-8B attention shapes, 16K-64K
-    PYTHONPATH=. python3 benchmarks/nsa.py --tiny       # CPU smoke (interpret mode, tiny shapes)
+    PYTHONPATH=. python3 benchmarks/nsa.py --tiny       # CPU smoke (interpret mode, tiny shapes; = --smoke)
+    PYTHONPATH=. python3 benchmarks/nsa.py --hq 24 --hkv 8    # GQA 3 (SmolLM2's group)
 
 Shapes: batch 1, 32 q / 8 kv heads, head_dim 128, bf16; NSA defaults (block 64, top-16 blocks per
 token and kv head, distinct, the query's own block included). The selection is shared by the
 `--corr` (64) consecutive tokens of a tile (neighbouring queries pick the same blocks, as in
 trained NSA; --corr 1 = independent random picks per token, the worst case for the block-outer
 dK/dV kernel, which then visits almost every query tile).
-Measured in the same run: the selection kernel forward (token-outer) and forward+backward
+Measured in the same run: the selection kernel forward (token-outer; on GPU also FSA's
+block-outer `nsa_select_fsa.nsa_select_block_outer` and its relative difference to the
+token-outer output) and forward+backward
 (custom_vjp: dq token-outer + dK/dV block-outer), jax.nn.dot_product_attention (causal; cuDNN
 where available, else XLA) forward and forward+backward, torch SDPA (causal, cuDNN/flash, if
-torch+CUDA are present) forward and forward+backward, and the torch `copy_` bandwidth. Only the
-selection branch is timed (the compressed branch and the sliding window are not in this script).
+torch+CUDA are present) forward and forward+backward, and the torch `copy_` bandwidth; on GPU
+also the compressed branch with its selection importance (`nsa_compress.nsa_compressed`). The
+sliding window is not in this script.
 Prints a row per length and rewrites $OUT/nsa.json (or ./nsa_bench.json) after every row.
 Ratios: dense / nsa (> 1: NSA faster).
 """
@@ -102,14 +106,17 @@ def dense_rows(qt, kt, vt, impl):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tiny", "--smoke", action="store_true")
+    ap.add_argument("--hq", type=int, default=32, help="query heads (GQA group = hq / hkv)")
+    ap.add_argument("--hkv", type=int, default=8, help="kv heads")
     ap.add_argument("--lengths", default="16384,32768,65536")
     ap.add_argument("--corr", type=int, default=64, help="consecutive tokens sharing one selection")
     a = ap.parse_args()
     if a.tiny:
         lengths, hq, hkv, d, block, n, dtype = [64, 96], 4, 2, 16, 16, 3, jnp.float32
     else:
-        lengths, hq, hkv, d, block, n, dtype = [int(x) for x in a.lengths.split(",")], 32, 8, 128, 64, 16, jnp.bfloat16
+        lengths, hq, hkv, d, block, n, dtype = ([int(x) for x in a.lengths.split(",")], a.hq, a.hkv, 128, 64, 16,
+                                                jnp.bfloat16)
     backend = jax.default_backend()
     if backend == "tpu":
         from pallas_kernels.tpu.nsa_select import nsa_select
@@ -129,7 +136,26 @@ def main():
         idx, cnt = selection(T, hkv, n, block, rng, a.corr)
         reps = 1 if a.tiny else 5
         sel = jax.jit(lambda q, k, v, i, c: nsa_select(q, k, v, i, c, block_size=block, interpret=interpret))
-        row = {"T": T, "backend": backend, "corr": a.corr, "nsa_select_ms": timeit(sel, q, k, v, idx, cnt, reps=reps)}
+        row = {"T": T, "hq": hq, "hkv": hkv, "backend": backend, "corr": a.corr,
+               "nsa_select_ms": timeit(sel, q, k, v, idx, cnt, reps=reps)}
+        if backend != "tpu":      # FSA's block-outer forward (GPU kernel)
+            from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
+            bo = jax.jit(lambda q, k, v, i, c: nsa_select_block_outer(q, k, v, i, c, block_size=block,
+                                                                      interpret=interpret))
+            row["nsa_select_block_outer_ms"] = timeit(bo, q, k, v, idx, cnt, reps=reps)
+            ref, got = (np.asarray(f(q, k, v, idx, cnt), np.float32) for f in (sel, bo))
+            row["block_outer_rel_diff"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            row["token_over_block_outer"] = row["nsa_select_ms"] / row["nsa_select_block_outer_ms"]
+            # the compressed branch (output + selection importance, nsa_compress) over T/16 - 1 keys
+            from pallas_kernels.gpu.nsa_compress import nsa_compressed
+            l, st = (8, 4) if a.tiny else (32, 16)
+            nc = (T - l) // st + 1
+            ck, cv = (jax.random.normal(jax.random.fold_in(key, 5 + i), (1, hkv, nc, d), dtype) for i in range(2))
+            kw = dict(kernel_size=l, kernel_stride=st, block_size=block, interpret=interpret)
+            if a.tiny:
+                kw.update(block_q=16, blocks_per_tile=1)
+            cmp = jax.jit(lambda q, ck, cv: nsa_compressed(q, ck, cv, **kw))
+            row["nsa_compressed_ms"] = timeit(cmp, q, ck, cv, reps=reps)
         do = jax.random.normal(jax.random.fold_in(key, 3), q.shape, dtype)
         sel_fb = jax.jit(lambda q, k, v, i, c: jax.vjp(
             lambda q, k, v: nsa_select_trainable(q, k, v, i, c, block, None, 64, interpret), q, k, v)[1](do))

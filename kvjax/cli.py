@@ -125,6 +125,16 @@ def check_generate_args(args) -> None:
     if getattr(args, "quantized_prefill", False) and (not args.kv_quant or args.policy):
         raise ValueError("--quantized-prefill applies to --kv-quant kivi* without --policy")
     mesh_kwargs(args)   # --mesh: malformed, or more devices than there are
+    if getattr(args, "nsa", None):
+        import pathlib
+        if not (pathlib.Path(args.nsa) / "meta.json").is_file():
+            raise FileNotFoundError(f"--nsa {args.nsa}: not an NSA export (python -m train.nsa writes <out>/nsa)")
+        used = [flag for flag, on in (("--policy", args.policy), ("--kv-quant", args.kv_quant),
+                                      ("--selection", args.selection), ("--mesh", args.mesh),
+                                      ("--prefill-attention", args.prefill_attention not in (None, "dense")))
+                if on]
+        if used:
+            raise ValueError(f"--nsa runs NSA attention alone: {', '.join(used)} not supported with it")
     if getattr(args, "mesh", None) and args.policy and is_locret(args.policy):
         raise ValueError("--mesh is not supported with --policy locret (its own prefill loop runs on one device)")
 
@@ -167,6 +177,10 @@ def cmd_generate(args) -> int:
     sparse_prefill = sparse_prefill_from_args(args)
     config, params, tokenizer, load_s = _load(args.model, args.dtype)
     from kvjax.eval.harness import is_locret, quant_cache_init
+    cache_init = quant_cache_init(args.kv_quant) if args.kv_quant else None
+    if getattr(args, "nsa", None):
+        from kvjax.nsa_cache import load_engine
+        params, cache_init = load_engine(args.nsa, config, params)
     if args.policy and is_locret(args.policy):
         answer, line = run_locret(config, params, tokenizer, args)
         print(answer)
@@ -177,7 +191,7 @@ def cmd_generate(args) -> int:
                                sampling=Sampling(args.temperature, args.top_k, args.top_p),
                                seed=args.seed, progress=True,
                                compression=compression_from_args(args, params, config), attention=args.attention,
-                               cache_init=quant_cache_init(args.kv_quant) if args.kv_quant else None,
+                               cache_init=cache_init,
                                **({"quantized_prefill": True} if args.quantized_prefill else {}),
                                **mesh_kwargs(args),
                                **({"selection": selection} if selection is not None else {}),
@@ -441,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantized-prefill", action="store_true",
                      help="--kv-quant kivi*: append each prefill chunk quantized (peak = the quantized cache) "
                      "instead of prefilling in full precision beside it (KIVI's rule, the default)")
+    gen.add_argument("--nsa", default=None, help="NSA attention (kvjax.nsa_cache): directory of trained NSA weights "
+                     "exported by `python -m train.nsa` (<out>/nsa; its backbone too when it was trained)")
     _engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

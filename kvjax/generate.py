@@ -276,6 +276,8 @@ def attention_name(cache, compression=None, attention: str = "auto") -> str:
     "xla-reference". Mirrors the trace-time dispatch of the caches' `attend`."""
     from kvjax.quant.kivi import KIVICache
     from kvjax.quant.qjl import QJLCache
+    if hasattr(cache, "attention_name"):        # a cache that routes its own attention (kvjax.nsa_cache)
+        return cache.attention_name(attention)
     layer = cache.layers[0] if isinstance(cache, LayerwiseCache) and cache.layers else cache
     layer = getattr(layer, "kivi", layer)      # kvjax.quant.evicted: the KIVI storage of an evicted set
     if compression is not None and getattr(compression, "when", None) == "decode":
@@ -411,6 +413,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     with compression, to what the budget needs). Raises ValueError for empty prompts, prompts that
     do not fit the capacity or the model's context, and non-positive max_new_tokens."""
     check_backend(attention)
+    if hasattr(cache_init, "check_engine"):   # a cache with its own attention (kvjax.nsa_cache): what it refuses
+        cache_init.check_engine(compression=compression, selection=selection, prefill_attention=prefill_attention,
+                                mesh=mesh, kv_quant=kv_quant)
     compression, cache_init, evict_quant = _evict_quant(compression, cache_init, kv_quant)
     if prefill_attention is not None:
         from kvjax.sparse_prefill import check_sparse_prefill, make_sparse_prefill

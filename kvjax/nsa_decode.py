@@ -87,46 +87,53 @@ def nsa_prefill(params, nsa: dict, tokens: jax.Array, config: ModelConfig, cfg: 
     return cache, logits
 
 
-def _update_compressed(keys, values, ck, cv, nlp, t, cfg: NSAConfig, config: ModelConfig):
-    """Write compressed block i = (t + 1 - l) / d when the token at t completes it."""
+def update_compressed(keys, values, ck, cv, nlp, t, cfg: NSAConfig, config: ModelConfig):
+    """Write compressed block i = (t + 1 - l) / d of each row when the token at position t (int or
+    [batch]; keys/values [batch, kv_heads, capacity, D] hold token p at slot p) completes it.
+    -> (ck, cv) [batch, kv_heads, n_compressed, D]."""
     l, d = cfg.kernel_size, cfg.kernel_stride
     b, h, _, hd = keys.shape
     if ck.shape[2] == 0:                                     # capacity < l: no block ever completes
         return ck, cv
-    e = t + 1
-    done = (e >= l) & ((e - l) % d == 0)
-    start = jnp.maximum(e - l, 0)
-    kb = jax.lax.dynamic_slice(keys, (0, 0, start, 0), (b, h, l, hd))
-    vb = jax.lax.dynamic_slice(values, (0, 0, start, 0), (b, h, l, hd))
-    pos = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
-    k_pre = apply_rope(kb, -pos, config)                     # the inverse rotation
-    i = jnp.clip((e - l) // d, 0, ck.shape[2] - 1)
-    new_k = apply_rope(compress(k_pre, nlp["cmp_wk"], nlp["cmp_pe"], cfg),
-                       jnp.broadcast_to(i * d, (b, 1)).astype(jnp.int32), config)
-    new_v = compress(vb, nlp["cmp_wv"], None, cfg)
-    old_k = jax.lax.dynamic_slice(ck, (0, 0, i, 0), (b, h, 1, hd))
-    old_v = jax.lax.dynamic_slice(cv, (0, 0, i, 0), (b, h, 1, hd))
-    ck = jax.lax.dynamic_update_slice(ck, jnp.where(done, new_k, old_k).astype(ck.dtype), (0, 0, i, 0))
-    cv = jax.lax.dynamic_update_slice(cv, jnp.where(done, new_v, old_v).astype(cv.dtype), (0, 0, i, 0))
-    return ck, cv
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
+
+    def row(keys, values, ck, cv, t):                        # one row: [kv_heads, ..., D], t scalar
+        e = t + 1
+        done = (e >= l) & ((e - l) % d == 0)
+        start = jnp.maximum(e - l, 0)
+        kb = jax.lax.dynamic_slice(keys, (0, start, 0), (h, l, hd))[None]
+        vb = jax.lax.dynamic_slice(values, (0, start, 0), (h, l, hd))[None]
+        k_pre = apply_rope(kb, -(start + jnp.arange(l, dtype=jnp.int32))[None], config)   # the inverse rotation
+        i = jnp.clip((e - l) // d, 0, ck.shape[1] - 1)
+        new_k = apply_rope(compress(k_pre, nlp["cmp_wk"], nlp["cmp_pe"], cfg),
+                           jnp.reshape(i * d, (1, 1)).astype(jnp.int32), config)[0]
+        new_v = compress(vb, nlp["cmp_wv"], None, cfg)[0]
+        old_k = jax.lax.dynamic_slice(ck, (0, i, 0), (h, 1, hd))
+        old_v = jax.lax.dynamic_slice(cv, (0, i, 0), (h, 1, hd))
+        ck = jax.lax.dynamic_update_slice(ck, jnp.where(done, new_k, old_k).astype(ck.dtype), (0, i, 0))
+        cv = jax.lax.dynamic_update_slice(cv, jnp.where(done, new_v, old_v).astype(cv.dtype), (0, i, 0))
+        return ck, cv
+
+    return jax.vmap(row)(keys, values, ck, cv, t)
 
 
-def _nsa_decode_attention(q, h, keys, values, ck, cv, nlp, t, cfg: NSAConfig, config: ModelConfig,
-                          backend: str):
-    """q [b, hq, 1, D] at position t -> [b, hq, 1, D] float32 (the three gated branches)."""
+def decode_attention(q, h, keys, values, ck, cv, nlp, t, cfg: NSAConfig, config: ModelConfig, backend: str):
+    """q [b, hq, 1, D] at position t (int or [b]; keys/values hold token p at slot p, h the normed
+    layer input [b, 1, d_model]) -> [b, hq, 1, D] float32 (the three gated branches)."""
     b, hq, _, hd = q.shape
     hkv, cap = keys.shape[1], keys.shape[2]
     scale = hd ** -0.5
-    qpos = jnp.broadcast_to(t, (b, 1)).astype(jnp.int32)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (b,))
+    qpos = t[:, None]
     vis = compressed_visible(qpos, ck.shape[2], cfg)[:, None]              # [b, 1, 1, n_cmp]
     o_cmp, p_cmp = masked_attention(q, ck, cv, vis, scale)
     scores = block_importance(p_cmp, cfg.n_selection_blocks(cap), cfg)     # [b, hkv, 1, nb]
     idx, counts = select_blocks(scores, qpos, cfg)
-    lengths = jnp.full((b, hkv), t + 1, jnp.int32)
+    lengths = jnp.broadcast_to(qpos + 1, (b, hkv))
     kw = _impl("sparse_decode", backend, hd, keys.dtype)
     o_slc = pallas_kernels.sparse_decode(q[:, :, 0], keys, values, jnp.maximum(idx[:, :, 0], 0), counts[:, :, 0],
                                          lengths, scale=scale, page_size=cfg.block_size, **kw)
-    starts = jnp.full((b, hkv), jnp.maximum(t + 1 - cfg.window, 0), jnp.int32)
+    starts = jnp.maximum(lengths - cfg.window, 0)
     kw = _impl("dense_decode", backend, hd, keys.dtype)
     o_win = pallas_kernels.dense_decode(q[:, :, 0], keys, values, lengths, starts, scale=scale, **kw)
     g = gates(h, nlp, cfg, hq)
@@ -157,8 +164,8 @@ def nsa_decode_step(params, nsa: dict, cache: NSACache, token: jax.Array, config
             out = pallas_kernels.dense_decode(q_rot[:, :, 0], kc, vc, lengths,
                                               **_impl("dense_decode", backend, config.head_dim, kc.dtype))[:, :, None]
         else:
-            ck, cv = _update_compressed(kc, vc, ck, cv, nlp, t, cfg, config)
-            out = _nsa_decode_attention(q_rot, h, kc, vc, ck, cv, nlp, t, cfg, config, backend)
+            ck, cv = update_compressed(kc, vc, ck, cv, nlp, t, cfg, config)
+            out = decode_attention(q_rot, h, kc, vc, ck, cv, nlp, t, cfg, config, backend)
         keys.append(kc)
         values.append(vc)
         cks.append(ck)

@@ -100,11 +100,16 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     layer_cache = layer_cache.append(k_rot, v, positions, keys_pre_rope=k)
     wants = observer.observe.attention if observer is not None else Observe()
     stateful = getattr(layer_cache, "attend_and_update", None)  # caches that carry decode state (kvjax.selection)
+    with_input = getattr(layer_cache, "attend_hidden", None)    # attention that reads the layer input (NSA's gates)
     window = layer_window(config, layer)
     if window is not None:                                 # a sliding-window layer (models.local_attention)
         if prefill_attention is not None or stateful is not None:
             raise ValueError("sparse prefill and selection caches are not supported on sliding-window layers")
         out, attn_obs = attend_local(layer_cache, q_rot, positions, window, observe=wants, backend=backend)
+    elif with_input is not None:                           # kvjax.nsa_cache: gates from h, no prefill_attention
+        if prefill_attention is not None:
+            raise ValueError("sparse prefill does not apply to NSA layers (they select their own blocks)")
+        out, attn_obs = with_input(h, q_rot, positions, observe=wants, backend=backend)
     elif prefill_attention is not None and q_rot.shape[2] > 1:
         from kvjax.sparse_prefill.attend import attend as sparse_attend
         out, attn_obs = sparse_attend(prefill_attention, q_rot, layer_cache, positions, layer=layer,

@@ -56,9 +56,23 @@ def test_selection_kernels_lower():
     except Exception as e:  # jax >= 0.11 needs a GPU device to lower for cuda
         if "No supported GPU devices found" not in str(e):
             raise
-    text = jax.jit(lambda *a: tpu_select(*a, block_size=64)).trace(q, k, k, idx, counts).lower(
-        lowering_platforms=("tpu",)).as_text()
-    assert "tpu_custom_call" in text
+    from pallas_kernels.tpu.nsa_select_fsa import nsa_select_block_outer as tpu_block_outer
+    for fn in (tpu_select, tpu_block_outer):
+        text = jax.jit(lambda *a: fn(*a, block_size=64)).trace(q, k, k, idx, counts).lower(
+            lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in text
+    # FSA's block-outer forward and the compressed-branch kernel (GPU)
+    from pallas_kernels.gpu.nsa_compress import nsa_compressed
+    from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
+    ck = jnp.zeros((1, 4, 15, 128), jnp.bfloat16)
+    for fn, args in ((lambda *a: nsa_select_block_outer(*a, block_size=64), (q, k, k, idx, counts)),
+                     (lambda *a: nsa_compressed(*a), (q, ck, ck))):
+        try:
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert "triton" in text.lower()
+        except Exception as e:  # jax >= 0.11 needs a GPU device to lower for cuda
+            if "No supported GPU devices found" not in str(e):
+                raise
     # the backward (fwd with lse + dq + dk/dv kernels: three custom calls) at Llama-like shapes
     from pallas_kernels.gpu.nsa_select_bwd import nsa_select_trainable as gpu_op
     from pallas_kernels.tpu.nsa_select_bwd import nsa_select_trainable as tpu_op
@@ -142,3 +156,80 @@ def test_selection_backward_matches_grad_of_reference(impl):
     for name, a, b in zip("qkv", got, want):
         err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_block_outer_forward_matches_reference(impl, g=3):
+    """FSA's block-outer forward, GPU and TPU kernels (worklist of per-block token chunks, one
+    [block_q, block] dot per head, online merge over a token's blocks) vs the jnp reference at an odd length (53: the last
+    key block partial, chunks padded), GQA group 3 (SmolLM2's), 2 kv heads, top-3 with
+    counts < 3 and -1 entries; the lse against the reference's log-sum-exp; the window bound
+    (window 20 over `window_blocks`) against the [T, T] window mask."""
+    if impl == "gpu":
+        from pallas_kernels.gpu.nsa_select_fsa import nsa_select_block_outer
+    else:
+        from pallas_kernels.tpu.nsa_select_fsa import nsa_select_block_outer
+    T, hkv, d, scale = 53, 2, 16, 0.3
+    r = np.random.default_rng(g)
+    q, k, v = (jnp.asarray(r.normal(size=(1, h, T, d)), jnp.float32) for h in (hkv * g, hkv, hkv))
+    idx, counts = select_blocks(jnp.asarray(r.random(size=(1, hkv, T, 4)), jnp.float32), jnp.arange(T), CFG)
+    assert (np.asarray(counts) < 3).any() and (np.asarray(idx) == -1).any()
+    got, lse = nsa_select_block_outer(q, k, v, idx, counts, block_size=16, scale=scale, block_q=16,
+                                      interpret=True, return_lse=True, window=0)
+    want = np.asarray(selected_attention(q, k, v, idx, 16, scale))
+    assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-5
+    # lse (base 2 on GPU, natural on TPU) = log sum over the selected causal keys of exp(scale * q.k)
+    from models.nsa import selected_mask, _grouped_logits
+    logits = np.asarray(_grouped_logits(q, k, scale), np.float64).reshape(1, hkv * g, T, T)
+    mask = np.repeat(np.asarray(selected_mask(idx, T, 16, jnp.arange(T))), g, axis=1)
+    want_lse = np.log2(np.where(mask, np.exp(logits), 0.0).sum(-1)) * (1.0 if impl == "gpu" else np.log(2.0))
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-5 * np.abs(want_lse).max())
+    widx, wcnt = window_blocks(T, 20, 16)
+    widx = np.pad(widx, ((0, 0), (0, 3 - widx.shape[1])), constant_values=-1)    # the selection's shapes: one compile
+    widx = jnp.broadcast_to(jnp.asarray(widx), (1, hkv) + widx.shape)
+    wcnt = jnp.broadcast_to(jnp.asarray(wcnt), (1, hkv, T))
+    got, _ = nsa_select_block_outer(q, k, v, widx, wcnt, block_size=16, scale=scale, block_q=16, interpret=True,
+                                    return_lse=True, window=20)
+    want = np.asarray(masked_attention(q, k, v, window_mask(T, 20)[None, None], scale)[0])
+    assert np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_compressed_branch_kernel_matches_reference():
+    """The compressed-branch kernel (output + selection importance, probabilities kept on chip) vs
+    the jnp reference (`masked_attention` over `compressed_visible`, `block_importance`) and the
+    importance against float64 numpy of the spec's formula: 75 tokens (odd), l=8, d=4, l'=16
+    (overlap weights [1, 2, 2, 2, 1], as 32/16/64), GQA 3, tiles of 2 selection blocks (3 tiles:
+    the carry of a tile's last key into the next tile's first block), query tiles of 16."""
+    from models.nsa import block_importance, compressed_visible
+    from pallas_kernels.gpu.nsa_compress import nsa_compressed
+    cfg = NSAConfig(kernel_size=8, kernel_stride=4, block_size=16, top_n=2, init_blocks=1, local_blocks=1)
+    T, hkv, g, d, scale = 75, 2, 3, 16, 0.3
+    r = np.random.default_rng(7)
+    nc = cfg.n_compressed(T)
+    q = jnp.asarray(r.normal(size=(1, hkv * g, T, d)), jnp.float32)
+    ck, cv = (jnp.asarray(r.normal(size=(1, hkv, nc, d)), jnp.float32) for _ in range(2))
+    out, imp = nsa_compressed(q, ck, cv, kernel_size=8, kernel_stride=4, block_size=16, scale=scale, block_q=16,
+                              blocks_per_tile=2, interpret=True)
+    vis = compressed_visible(jnp.arange(T), nc, cfg)[None, None]
+    want, p = masked_attention(q, ck, cv, vis, scale)
+    assert float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want)) < 1e-5
+    want_imp = np.asarray(block_importance(p, cfg.n_selection_blocks(T), cfg))
+    # the spec's formula in float64: s_j = sum_o w_o P[j*4 - 1 + o], P summed over the group
+    logits = np.einsum("hgtd,hsd->hgts", np.asarray(q, np.float64).reshape(hkv, g, T, d), np.asarray(ck[0], np.float64))
+    logits = np.where(np.asarray(vis[0, 0]), logits * scale, -np.inf)
+    e = np.exp(logits - logits.max(-1, keepdims=True, initial=-1e300))
+    tot = e.sum(-1, keepdims=True)
+    psum = np.divide(e, tot, out=np.zeros_like(e), where=tot > 0).sum(1)           # [hkv, T, nc]
+    w = [1, 2, 2, 2, 1]
+    f64 = np.zeros((hkv, T, 5))
+    for j in range(5):
+        for o in range(5):
+            c = j * 4 - 1 + o
+            if 0 <= c < nc:
+                f64[:, :, j] += w[o] * psum[:, :, c]
+    np.testing.assert_allclose(want_imp[0], f64, atol=1e-5 * f64.max())
+    np.testing.assert_allclose(np.asarray(imp)[0], f64, atol=1e-5 * f64.max())
+    with pytest.raises(ValueError, match="must not exceed block_size"):
+        nsa_compressed(q, ck, cv, kernel_size=32, kernel_stride=4, block_size=16, interpret=True)
+    with pytest.raises(ValueError, match="compressed keys"):
+        nsa_compressed(q, ck[:, :, :5], cv[:, :, :5], kernel_size=8, kernel_stride=4, block_size=16, interpret=True)

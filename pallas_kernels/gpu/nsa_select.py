@@ -7,9 +7,9 @@ keys: one contiguous `pl.ds` load of K and V and two tensor-core dots per block,
 softmax, causal mask (key position <= query position) on the query's own block. No [T, T] mask
 and no gathered copy of K/V exist in HBM; the work is T * top_n * block_size per head.
 
-(FSA's block-outer order for g < 8, which fills the dot's M dimension with up to 128 tokens
-that selected the same block, is not implemented for the forward: for g < 16 this kernel wastes
-1 - g/16 of each dot. The dK/dV backward kernel in `nsa_select_bwd` is block-outer.)
+(For g < 16 this kernel wastes 1 - g/16 of each dot: FSA's block-outer forward, which fills the
+dot's M dimension with `block_q` tokens that selected the same block, is `nsa_select_fsa.
+nsa_select_block_outer`, same contract. The dK/dV backward kernel in `nsa_select_bwd` is block-outer.)
 
 Shapes: q [batch, q_heads, seq, D] (RoPE'd, positions 0..seq-1); k, v [batch, kv_heads, seq, D];
 indices [batch, kv_heads, seq, n] int32 block ids (entries past `counts` are ignored; -1 allowed);

@@ -120,6 +120,13 @@ def _dkdv_kernel(tiles_ref, ntiles_ref, k_ref, v_ref, q_hbm, do_hbm, stat_hbm, i
     dv_ref[...] = dv
 
 
+
+def check_tpu_blocks(block_size: int, block_q: int) -> None:
+    """The TPU kernels' key blocks and query tiles are multiples of 8 rows (a sublane tile)."""
+    if block_size % 8 or block_q % 8:
+        raise ValueError(f"block_size and block_q must be multiples of 8 for the TPU kernel, got "
+                         f"{block_size}, {block_q}")
+
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "block_q", "interpret", "window"))
 def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int = 64, scale: float | None = None,
                    block_q: int = 64, interpret=False, window: int = 0):
@@ -127,9 +134,7 @@ def nsa_select_bwd(q, k, v, indices, counts, out, lse, dout, *, block_size: int 
     natural-log lse [b, hq, t] (`nsa_select(..., return_lse=True)`)."""
     g = check_select(q, k, v, indices, counts, block_size)
     b, hkv, t, d = k.shape
-    if block_size % 8 or block_q % 8:
-        raise ValueError(f"block_size and block_q must be multiples of 8 for the TPU kernel, got "
-                         f"{block_size}, {block_q}")
+    check_tpu_blocks(block_size, block_q)
     scale = d ** -0.5 if scale is None else scale
     n = indices.shape[-1]
     cnt = jnp.clip(counts.astype(jnp.int32), 0, n)
