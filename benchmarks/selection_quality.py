@@ -4,6 +4,7 @@ KJV context; KL(full || selected) and perplexity per decode step, and bytes read
     PYTHONPATH=. python benchmarks/selection_quality.py --context 2048 --steps 32 --budgets 256,512,1024
     PYTHONPATH=. python benchmarks/selection_quality.py --methods shadowkv --append   # add rows
     PYTHONPATH=. python benchmarks/selection_quality.py --methods "" --policies dapq,triattention --append
+    PYTHONPATH=. python benchmarks/selection_quality.py --methods louiskv,quest --policies treekv,snapkv --append
 
 A2ATS's query-aware metric and TriAttention's query statistics are calibrated on 512 tokens of Exodus (not the evaluated Genesis text).
 """
@@ -26,9 +27,10 @@ from models.llama import unstack_params
 from models.tokenizer import load_tokenizer
 
 
-def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0):
+def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0, when="prefill", chunk=512):
     """selection: a query-aware selector over the full cache; policy: an eviction policy run once
-    at the end of the prefill down to `budget` tokens per head (then decode appends)."""
+    at the end of the prefill down to `budget` tokens per head (when="chunk": after every prefill
+    chunk of `chunk` tokens, a fixed-size cache through the prefill), then decode appends."""
     tokens = jnp.asarray(ids[:n_ctx])[None]
     cap = -(-(n_ctx + steps) // 16) * 16
     cache = init_engine_cache(config, 1, cap, jnp.float32)
@@ -36,9 +38,11 @@ def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0):
     if policy is None:
         last, cache, _ = prefill(params, config, tokens, pos, cache, 512)
     else:
-        comp = Compression(policy, Budget(tokens=budget), when="prefill")
-        last, cache, _ = prefill(params, config, tokens, pos, cache, 512, compression=comp,
-                                 n_keep=jnp.asarray([budget], jnp.int32), max_keep=budget)
+        comp = Compression(policy, Budget(tokens=budget), when=when)
+        # accumulating policies (H2O, TreeKV) carry their running score through the prefill chunks
+        state = jnp.zeros((config.n_layers, 1, config.n_kv_heads, cap), jnp.float32) if policy.accumulates else None
+        last, cache, _ = prefill(params, config, tokens, pos, cache, chunk, compression=comp,
+                                 n_keep=jnp.asarray([budget], jnp.int32), max_keep=budget, state=state)
         cache = cache.resize(budget + steps)
     forced = jnp.asarray(ids[n_ctx:n_ctx + steps])[None]
     kw = {"selection": selection} if selection is not None else {}
@@ -56,6 +60,9 @@ def main():
     ap.add_argument("--methods", default="quest,tokenselect")
     ap.add_argument("--policies", default="", help="eviction policies (e.g. dapq,triattention): rows "
                     "'policy:NAME', evicted once after the prefill to the budget")
+    ap.add_argument("--policy-when", default="prefill", choices=("prefill", "chunk"),
+                    help="evict once after the prefill, or after every prefill chunk (rows 'policy:NAME@chunkN')")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk of the --policies runs")
     ap.add_argument("--out", default="docs/selection_quality.json")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of --out for other methods / budgets (same context and steps)")
@@ -83,9 +90,11 @@ def main():
             calib = load_tokenizer("smollm2").encode(kjv_text(book="Exodus", n_chars=4096))[:512]
             extra = {"stats": calibrate_triattention(params, config, jnp.asarray([calib]))}
         for b in (int(x) for x in a.budgets.split(",")):
-            lp, cache = run(params, config, ids, a.context, a.steps, None, make_policy(m, **extra), b)
+            lp, cache = run(params, config, ids, a.context, a.steps, None, make_policy(m, **extra), b,
+                            a.policy_when, a.chunk)
             kl = float(np.mean(np.sum(np.exp(full) * (full - lp), axis=-1)))
-            rows.append({"method": f"policy:{m}", "budget": b, "kl": kl, "ppl": ppl(lp),
+            tag = "" if (a.policy_when, a.chunk) == ("prefill", 512) else f"@{a.policy_when}{a.chunk}"
+            rows.append({"method": f"policy:{m}{tag}", "budget": b, "kl": kl, "ppl": ppl(lp),
                          "read_ratio": (b + a.steps) / (a.context + a.steps), "cache_bytes": cache.memory_bytes()})
             print(rows[-1], flush=True)
             save(a, old, rows)

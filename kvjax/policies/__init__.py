@@ -41,6 +41,7 @@ from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.tova import TOVA
+from kvjax.policies.treekv import TreeKV
 from kvjax.policies.triattention import TriAttention
 from kvjax.policies.windowkv import WindowKV
 
@@ -60,6 +61,7 @@ POLICIES: dict[str, type] = {
     "windowkv": WindowKV,    # issue 17: window-granular SnapKV-style eviction
     "dapq": DapQ,            # issue 17: SnapKV scored by pseudo-queries at future positions
     "triattention": TriAttention,   # issue 17: calibrated mean-query trig scores (stats=calibrate_triattention(...))
+    "treekv": TreeKV,        # issue 17: cyclic pairwise eviction by average attention (tree-like density)
     # merging (issue 18): evict, then fold evicted tokens into the kept ones (ScoringPolicy.merge)
     "cam": CAM,
     "d2o": D2O,

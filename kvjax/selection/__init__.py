@@ -10,11 +10,13 @@ from __future__ import annotations
 from kvjax.selection.a2ats import A2ATS
 from kvjax.selection.base import (SelectiveCache, SelectState, read_bytes_per_step, sparse_attend, wrap)
 from kvjax.selection.delta import Delta
+from kvjax.selection.louiskv import LouisKV
 from kvjax.selection.quest import Quest
 from kvjax.selection.shadowkv import ShadowKV
 from kvjax.selection.tokenselect import TokenSelect
 
-SELECTIONS = {"quest": Quest, "tokenselect": TokenSelect, "shadowkv": ShadowKV, "delta": Delta, "a2ats": A2ATS}
+SELECTIONS = {"quest": Quest, "tokenselect": TokenSelect, "shadowkv": ShadowKV, "delta": Delta, "a2ats": A2ATS,
+              "louiskv": LouisKV}
 
 
 def make_selection(name: str, budget: int = 1024, **kwargs):
@@ -29,5 +31,5 @@ def make_selection(name: str, budget: int = 1024, **kwargs):
     return cls(budget=int(budget), **kwargs)
 
 
-__all__ = ["SELECTIONS", "make_selection", "A2ATS", "Delta", "Quest", "ShadowKV", "TokenSelect", "SelectiveCache", "SelectState",
+__all__ = ["SELECTIONS", "make_selection", "A2ATS", "Delta", "LouisKV", "Quest", "ShadowKV", "TokenSelect", "SelectiveCache", "SelectState",
            "read_bytes_per_step", "sparse_attend", "wrap"]

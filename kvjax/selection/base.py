@@ -38,6 +38,9 @@ from kvjax.attention import decode_impl, dense_kernel_ok, is_decode_step, mask_p
 from kvjax.layerwise import LayerwiseCache
 
 
+EMPTY_AGE = 1 << 30      # SelectState.age of a row that has no selection yet
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SelectState:
@@ -184,7 +187,7 @@ def init_state(selector, kv: kvcache.KVCache, q_heads: int) -> SelectState:
     n = selector.n_select(kv.capacity)
     return SelectState(indices=jnp.zeros((b, h, n), jnp.int32), valid=jnp.zeros((b, h, n), bool),
                        fingerprint=jnp.zeros((b, q_heads * d), jnp.float32),
-                       age=jnp.full((b,), 1 << 30, jnp.int32))
+                       age=jnp.full((b,), EMPTY_AGE, jnp.int32))
 
 
 def wrap_layer(selector, kv: kvcache.KVCache, config) -> SelectiveCache:
@@ -338,6 +341,15 @@ def pre_rope_keys(kv: kvcache.KVCache, config) -> jax.Array:
     live = kv.positions >= 0
     k_pre = apply_rope(kv.keys.astype(jnp.float32), jnp.where(live, -kv.positions, 0), config)
     return jnp.where(live[..., None], k_pre, 0.0)
+
+
+def cosine_reuse(state: SelectState, fingerprint: jax.Array, threshold: float) -> jax.Array:
+    """[batch] bool: cos(fingerprint, the fingerprint of the last selection) >= threshold (float32);
+    a row without a selection yet (`init_state`'s age) never reuses."""
+    prev = state.fingerprint
+    cos = jnp.sum(prev * fingerprint, -1) / jnp.maximum(
+        jnp.linalg.norm(prev, axis=-1) * jnp.linalg.norm(fingerprint, axis=-1), 1e-30)
+    return (cos >= threshold) & (state.age < EMPTY_AGE)
 
 
 def neg_inf_topk(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -22,7 +22,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from kvjax.selection.base import SelectorBase, middle_candidates, neg_inf_topk, sink_and_local
+from kvjax.selection.base import SelectorBase, cosine_reuse, middle_candidates, neg_inf_topk, sink_and_local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +64,7 @@ class TokenSelect(SelectorBase):
     def reuse(self, state, fingerprint):
         if self.reuse_threshold is None:
             return super().reuse(state, fingerprint)
-        prev = state.fingerprint
-        cos = jnp.sum(prev * fingerprint, -1) / jnp.maximum(
-            jnp.linalg.norm(prev, axis=-1) * jnp.linalg.norm(fingerprint, axis=-1), 1e-30)
-        return cos >= self.reuse_threshold
+        return cosine_reuse(state, fingerprint, self.reuse_threshold)
 
     def n_select(self, capacity: int) -> int:
         return min(self.top_k, capacity)
