@@ -25,9 +25,10 @@ float32, T 96 and 160, every kernel interpreted on CPU. Rows:
   + `loop_bounds`: sort, dedup, loop positions), the per-call overhead beyond the kernel.
 * `<method>` -- a `kvjax.sparse_prefill` method on the same q/k/v: `build_ms` = its block-mask
   builder + list conversion alone (the estimation overhead), `e2e_ms` = builder + kernel in one jit,
-  `density` = listed / causal blocks it chose, `speedup_vs_cudnn` = cudnn ms / e2e ms,
+  `density` = listed / causal blocks it chose (+ unlisted vertical columns / block size), `speedup_vs_cudnn` = cudnn ms / e2e ms,
   `e2e_over_density_x_flash`. Methods: FlexPrefill (gamma 0.9, tau 0.1, min_budget 512),
-  MInference vertical-slash (1000, 6096, last 64 queries, blocks of 64) and A-shape (init 128, local
+  MInference vertical-slash (1000, 6096, last 64 queries, blocks of 64; verticals as gathered
+  columns, and as whole blocks in the `vertical_form=blocks` row) and A-shape (init 128, local
   T/20 and T/7: about 10 % and 30 % of the causal blocks). Random q/k have no attention structure:
   FlexPrefill / MInference densities here are those of random inputs, not of a real model.
 Each kernel row is checked first against `reference.block_sparse_prefill` on a slice (kv head 0,
@@ -52,8 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kvjax.sparse_prefill import make_sparse_prefill  # noqa: E402
-from kvjax.sparse_prefill.attend import block_mask  # noqa: E402
-from kvjax.sparse_prefill.base import density_counts, to_lists  # noqa: E402
+from kvjax.sparse_prefill.attend import kernel_lists  # noqa: E402
 from pallas_kernels import block_lists, reference  # noqa: E402
 from pallas_kernels.gpu.block_sparse_prefill import block_sparse_prefill  # noqa: E402
 from pallas_kernels.gpu.flash_prefill import flash_prefill  # noqa: E402
@@ -181,8 +181,9 @@ def method_specs(t):
     if TINY:
         return ("block_sparse:flexprefill:block_size=16,min_budget=16",
                 "block_sparse:minference:block_size=16,vertical=8,slash=16,last_q=16",
+                "block_sparse:minference:block_size=16,vertical=8,slash=16,last_q=16,vertical_form=blocks",
                 f"block_sparse:a_shape:block_size=16,vertical=16,slash={t // 4}")
-    return ("block_sparse:flexprefill", "block_sparse:minference",
+    return ("block_sparse:flexprefill", "block_sparse:minference", "block_sparse:minference:vertical_form=blocks",
             f"block_sparse:a_shape:slash={t // 20}", f"block_sparse:a_shape:slash={t // 7}")
 
 
@@ -192,16 +193,19 @@ def bench_methods(t, q, k, v, st, ln, reps, flash_s, cudnn_s):
     for spec in method_specs(t):
         m = make_sparse_prefill(spec)
         try:
-            build = lambda q: to_lists(block_mask(m, q, k, st, ln, 0, D ** -0.5)[0])
-            dc = np.asarray(jax.jit(lambda q: density_counts(*block_mask(m, q, k, st, ln, 0, D ** -0.5)))(q),
-                            np.float64)
+            build = lambda q: kernel_lists(m, q, k, st, ln, 0, D ** -0.5)[:3]
+            dc = np.asarray(jax.jit(lambda q: kernel_lists(m, q, k, st, ln, 0, D ** -0.5)[3])(q), np.float64)
             dens = float(dc[..., 0].sum() / dc[..., 1].sum())
-            e2e = lambda q: kernel(q, k, v, st, ln, *build(q), block_size=m.block_size, **interp)
+
+            def e2e(q):
+                idx, cnt, cols = build(q)
+                return kernel(q, k, v, st, ln, idx, cnt, block_size=m.block_size, **cols, **interp)
             out = e2e(q)
-            idx, cnt = build(q)
+            idx, cnt, cols = build(q)
             mb, g = m.block_size, HQ // HKV           # check the last query block of kv head 0
+            last = {name: c[:, :1, -1:] for name, c in cols.items()}
             want = reference.block_sparse_prefill(q[:, :g, -mb:], k[:, :1], v[:, :1], st[:, :1], ln[:, :1],
-                                                  idx[:, :1, -1:], cnt[:, :1, -1:], block_size=mb)
+                                                  idx[:, :1, -1:], cnt[:, :1, -1:], block_size=mb, **last)
             got, want = np.asarray(out[:, :g, -mb:], np.float64), np.asarray(want, np.float64)
             err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
             sb = timed(build, q, reps)

@@ -58,7 +58,10 @@ def np_cover(x, gamma):
     return int(np.sum(cum < gamma * cum[-1])) + 1
 
 
-def np_minference_head(q, k, qslots, starts, t, bs, nqb, nkb, firsts, live, vertical, slash, last_q, scale):
+def np_minference_head(q, k, qslots, starts, t, bs, nqb, nkb, firsts, live, vertical, slash, last_q, scale,
+                       columns=False):
+    """The head's block mask [nqb, nkb] (vertical keys as whole blocks); columns=True: (the slash
+    blocks alone, the vertical key slots) -- the column form."""
     n = min(last_q, t)
     p = np_probs(q[t - n:], k, qslots[t - n:], starts, scale)
     s = k.shape[0]
@@ -76,11 +79,13 @@ def np_minference_head(q, k, qslots, starts, t, bs, nqb, nkb, firsts, live, vert
     m = np.zeros((nqb, nkb), bool)
     for i in range(nqb):
         for c in cols:
-            m[i, c // bs] = True
+            m[i, c // bs] = not columns
         for qs in range(firsts[i], firsts[i] + bs):
             for o in offs:
                 if 0 <= qs - o < nkb * bs:
                     m[i, (qs - o) // bs] = True
+    if columns:
+        return m & live, set(int(c) for c in cols)
     return m & live
 
 
@@ -257,7 +262,9 @@ def test_flexprefill_case_7_has_both_patterns():
     assert js[0] > 0.084 and max(js[1:]) < 0.080, js
 
 
-def np_attention(q, k, v, starts, lengths, mask, bs):
+def np_attention(q, k, v, starts, lengths, mask, bs, columns=None):
+    """float64 attention of each query over the causal live slots of its listed blocks, plus the
+    slots in columns[b][kv_head] (a set) when given."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, hq, t, d = q.shape
     g = hq // k.shape[1]
@@ -267,7 +274,8 @@ def np_attention(q, k, v, starts, lengths, mask, bs):
             kh = h // g
             for i in range(t):
                 qs = int(lengths[bi, kh]) - t + i
-                ok = [s for s in range(int(starts[bi, kh]), qs + 1) if mask[bi, kh, i // bs, s // bs]]
+                ok = [s for s in range(int(starts[bi, kh]), qs + 1)
+                      if mask[bi, kh, i // bs, s // bs] or (columns is not None and s in columns[bi][kh])]
                 if not ok:
                     continue
                 z = k[bi, kh, ok] @ q[bi, h, i] * d ** -0.5
@@ -297,6 +305,46 @@ def test_attend_matches_masked_float64_attention(backend):
     np.testing.assert_array_equal(dens[..., 0], ref_mask.sum((-1, -2)))
     np.testing.assert_array_equal(dens[..., 1], live.sum((-1, -2)))
     assert obs["window_probs"].shape == (2, 6, 4, s)
+
+
+def test_minference_column_form_matches_float64_attention():
+    """MInference's verticals as gathered single columns (the default, as the official kernel):
+    each query attends the slash blocks plus exactly the vertical key slots before it, not their
+    whole blocks -- float64 spec loop vs the GPU kernel in interpret mode; the density counts the
+    unlisted columns as 1/block_size of a block and stays below the block form's."""
+    shape = MID
+    method = MInference(vertical=6, slash=9, last_q=8, block_size=16)
+    q, k, v, starts, lengths = _inputs(13, **shape)
+    s, t, bs = shape["s"], shape["t"], 16
+    slot = jnp.arange(s)
+    pos = jnp.where((slot >= starts[..., None]) & (slot < lengths[..., None]), slot, -1)
+    cache = KVCache(keys=k, values=v, positions=pos.astype(jnp.int32), lengths=lengths)
+    qpos = (lengths[:, 0:1] - t + jnp.arange(t)).astype(jnp.int32)
+    run = jax.jit(lambda q, cache, qpos: attend(method, q, cache, qpos, backend="interpret"))
+    out, obs = run(q, cache, qpos)
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    ref_mask = np.zeros((b, hkv) + np_geometry(t, s, bs, 0, s)[0].shape, bool)
+    cols = [[set() for _ in range(hkv)] for _ in range(b)]
+    for bi in range(b):
+        for h in range(hq):
+            st, ln = int(starts[bi, h // g]), int(lengths[bi, h // g])
+            live, firsts, nqb, nkb = np_geometry(t, s, bs, st, ln)
+            m, c = np_minference_head(qn[bi, h], kn[bi, h // g], [ln - t + i for i in range(t)], st, t, bs, nqb, nkb,
+                                      firsts, live, 6, 9, 8, d ** -0.5, columns=True)
+            ref_mask[bi, h // g] |= m
+            cols[bi][h // g] |= {x for x in c if st <= x < ln}
+    ref = np_attention(q, k, v, np.asarray(starts), np.asarray(lengths), ref_mask, bs, columns=cols)
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < 2e-5, err
+    blocks_form = np_attention(q, k, v, np.asarray(starts), np.asarray(lengths),
+                               np_method_mask(method, q, k, np.asarray(starts), np.asarray(lengths)), bs)
+    assert np.linalg.norm(blocks_form - ref) / np.linalg.norm(ref) > 1e-3        # the two forms differ
+    dens = np.asarray(obs["prefill_density"])
+    full_blocks = np_method_mask(method, q, k, np.asarray(starts), np.asarray(lengths)).sum((-1, -2))
+    assert np.all(dens[..., 0] >= ref_mask.sum((-1, -2))) and np.all(dens[..., 0] < full_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
