@@ -9,10 +9,9 @@ a KIVI layer (`kvjax.quant.kivi.KIVICache`).
 - A decode step dequantizes only the selected slots: each selected slot's packed key codes with the
   scale / min of its G-token channel group, its value codes with its per-token scales, or the
   full-precision residual row (slot >= k_len / v_len), in the cache's residual dtype as KIVI's own
-  dense path does, then attends over them through `pallas_kernels.sparse_decode` (the GPU kernel
-  where the backend has one, else its XLA reference) with the gathered rows as a compact cache.
-  There is no sparse kernel that reads KIVI codes directly (the fused `kivi_decode` kernel reads
-  every slot), so the gather + dequantize runs in XLA.
+  dense path does, then attends over them with `pallas_kernels.sparse_decode`'s XLA reference (the
+  gathered rows as a compact cache). There is no sparse kernel that reads KIVI codes (the fused
+  `kivi_decode` kernel reads every slot), so the whole step runs in XLA whatever `backend` says.
 
 Other selectors (TokenSelect, ShadowKV, A2ATS, DELTA) and other quantized caches are refused by
 `check_quantized` with the reason.
@@ -48,13 +47,15 @@ def check_quantized(selector, kv) -> None:
 
 def dense_view(layer: KIVICache, source: kvcache.KVCache | None = None) -> kvcache.KVCache:
     """A dense KVCache [b, h, capacity, d] with the KIVI layer's positions and lengths, for building
-    metadata: the full-precision `source` keys/values (same slots), else the layer dequantized."""
+    metadata: the full-precision `source` keys/values (same slots; a capacity up to the KIVI one,
+    which is rounded up to its group), else the layer dequantized."""
     if source is not None:
-        if source.keys.shape[:3] != layer.positions.shape:
-            raise ValueError(f"source cache slots {source.keys.shape[:3]} do not match the KIVI layer's "
-                             f"{layer.positions.shape}: give the dense layer the prompt was prefilled into, at "
-                             "the KIVI capacity")
-        return kvcache.KVCache(keys=source.keys, values=source.values, positions=layer.positions,
+        b, h, cap = layer.positions.shape
+        if source.keys.shape[:2] != (b, h) or source.capacity > cap:
+            raise ValueError(f"source cache slots {source.keys.shape[:3]} do not fit the KIVI layer's {(b, h, cap)}: "
+                             "give the dense layer the prompt was prefilled into (slot t = the t-th token)")
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, cap - x.shape[2]), (0, 0)))   # KIVI rounds up to G
+        return kvcache.KVCache(keys=grow(source.keys), values=grow(source.values), positions=layer.positions,
                                lengths=layer.lengths)
     k, v = dequantize(layer, layer.k_resid.dtype)
     return kvcache.KVCache(keys=k, values=v, positions=layer.positions, lengths=layer.lengths)
@@ -85,7 +86,8 @@ def sparse_attend_quantized(q: jax.Array, layer: KIVICache, indices: jax.Array, 
 
     q [b, q_heads, 1, d]; indices, valid [b, kv_heads, n] (pages when page_size > 1) ->
     out [b, q_heads, 1, d]. Pages become their live slots below `lengths`; the selected slots are
-    gathered + dequantized and attended as a compact cache of n * page_size rows."""
+    gathered + dequantized and attended as a compact cache of n * page_size rows (XLA; `backend`
+    is accepted for the SelectiveCache call and not used)."""
     from kvjax.selection.base import compact, sparse_attend
     from pallas_kernels.reference import sparse_slots
     if page_size > 1:
@@ -99,7 +101,7 @@ def sparse_attend_quantized(q: jax.Array, layer: KIVICache, indices: jax.Array, 
     rows = kvcache.KVCache(keys=k, values=v, positions=jnp.where(valid, 0, -1).astype(jnp.int32),
                            lengths=jnp.full(slots.shape[:2], n, jnp.int32))
     order = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), slots.shape)
-    return sparse_attend(q, rows, order, valid, 1, backend)
+    return sparse_attend(q, rows, order, valid, 1, "xla")    # the reference: no kernel reads KIVI codes
 
 
 def slot_bytes(layer: KIVICache) -> float:
