@@ -5,10 +5,12 @@ KJV context; KL(full || selected) and perplexity per decode step, and bytes read
     PYTHONPATH=. python benchmarks/selection_quality.py --methods shadowkv --append   # add rows
     PYTHONPATH=. python benchmarks/selection_quality.py --methods "" --policies dapq,triattention --append
     PYTHONPATH=. python benchmarks/selection_quality.py --methods louiskv,quest --policies treekv,snapkv --append
+    PYTHONPATH=. python benchmarks/selection_quality.py --methods quest,louiskv --kv-quant kivi4 --append
 
 A2ATS's query-aware metric and TriAttention's query statistics are calibrated on 512 tokens of Exodus (not the evaluated Genesis text).
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -21,16 +23,28 @@ from kvjax.eval.text import kjv_text
 from kvjax.policies import Budget, make_policy
 from kvjax.generate import decode_loop, init_engine_cache, prefill
 from kvjax.sampling import Sampling
-from kvjax.selection import make_selection, read_bytes_per_step
+from kvjax.selection import make_selection, read_bytes_per_step, wrap
 from models.loading import load_model
 from models.llama import unstack_params
 from models.tokenizer import load_tokenizer
 
 
-def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0, when="prefill", chunk=512):
+def quantized_copy(dense, config, cap, n_ctx, kv_quant):
+    """(quantized engine cache holding the dense cache's first n_ctx tokens, the dense cache)."""
+    from kvjax.quant import make_cache_init
+    q = init_engine_cache(config, 1, cap, jnp.float32, make_cache_init(kv_quant))
+    store = jax.jit(lambda t, d: t.append(d.keys[..., :n_ctx, :], d.values[..., :n_ctx, :], d.positions[:, 0, :n_ctx]))
+    layers = tuple(store(t, d) for t, d in zip(q.layers, dense.layers))
+    return dataclasses.replace(q, layers=layers), dense
+
+
+def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0, when="prefill", chunk=512,
+        kv_quant=None):
     """selection: a query-aware selector over the full cache; policy: an eviction policy run once
     at the end of the prefill down to `budget` tokens per head (when="chunk": after every prefill
-    chunk of `chunk` tokens, a fixed-size cache through the prefill), then decode appends."""
+    chunk of `chunk` tokens, a fixed-size cache through the prefill), then decode appends.
+    kv_quant: a quantized cache name (kivi4): the prompt prefilled in full precision, then stored in
+    that cache; a selector's metadata is built from the full-precision keys (`wrap(..., source=)`)."""
     tokens = jnp.asarray(ids[:n_ctx])[None]
     cap = -(-(n_ctx + steps) // 16) * 16
     cache = init_engine_cache(config, 1, cap, jnp.float32)
@@ -44,6 +58,12 @@ def run(params, config, ids, n_ctx, steps, selection, policy=None, budget=0, whe
         last, cache, _ = prefill(params, config, tokens, pos, cache, chunk, compression=comp,
                                  n_keep=jnp.asarray([budget], jnp.int32), max_keep=budget, state=state)
         cache = cache.resize(budget + steps)
+    if kv_quant is not None:      # the prompt's full-precision K/V quantized into the cache (KIVI's prefill
+        cache = quantized_copy(cache, config, cap, n_ctx, kv_quant)      # rule); metadata from the fp keys
+        if selection is not None:
+            cache = jax.jit(wrap, static_argnums=(0, 2))(selection, cache[0], config, cache[1])
+        else:
+            cache = cache[0]
     forced = jnp.asarray(ids[n_ctx:n_ctx + steps])[None]
     kw = {"selection": selection} if selection is not None else {}
     _, _, cache, _, logp = decode_loop(params, cache, forced[:, 0], jnp.asarray([n_ctx], jnp.int32),
@@ -63,6 +83,8 @@ def main():
     ap.add_argument("--policy-when", default="prefill", choices=("prefill", "chunk"),
                     help="evict once after the prefill, or after every prefill chunk (rows 'policy:NAME@chunkN')")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk of the --policies runs")
+    ap.add_argument("--kv-quant", default=None, help="selection over a quantized cache (kivi4): rows 'METHOD+kivi4' "
+                    "and 'full+kivi4' (no selection)")
     ap.add_argument("--out", default="docs/selection_quality.json")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of --out for other methods / budgets (same context and steps)")
@@ -98,6 +120,12 @@ def main():
                          "read_ratio": (b + a.steps) / (a.context + a.steps), "cache_bytes": cache.memory_bytes()})
             print(rows[-1], flush=True)
             save(a, old, rows)
+    if a.kv_quant:
+        lp, cache = run(params, config, ids, a.context, a.steps, None, kv_quant=a.kv_quant)
+        rows.append({"method": f"full+{a.kv_quant}", "budget": a.context,
+                     "kl": float(np.mean(np.sum(np.exp(full) * (full - lp), axis=-1))), "ppl": ppl(lp),
+                     "read_ratio": read_ratio(cache, config), "cache_bytes": cache.memory_bytes()})
+        print(rows[-1], flush=True)
     for m in [x for x in a.methods.split(",") if x]:
         extra = {}
         if m == "a2ats":
@@ -105,13 +133,23 @@ def main():
             calib = load_tokenizer("smollm2").encode(kjv_text(book="Exodus", n_chars=4096))[:512]
             extra = {"metric": calibrate_query_metric(params, config, jnp.asarray([calib]))}
         for b in (int(x) for x in a.budgets.split(",")):
-            lp, cache = run(params, config, ids, a.context, a.steps, make_selection(m, budget=b, **extra))
+            lp, cache = run(params, config, ids, a.context, a.steps, make_selection(m, budget=b, **extra),
+                            kv_quant=a.kv_quant)
             kl = float(np.mean(np.sum(np.exp(full) * (full - lp), axis=-1)))
-            rows.append({"method": m, "budget": b, "kl": kl, "ppl": ppl(lp),
-                         "read_ratio": read_bytes_per_step(cache)["ratio"],
+            rows.append({"method": m + (f"+{a.kv_quant}" if a.kv_quant else ""), "budget": b, "kl": kl, "ppl": ppl(lp),
+                         "read_ratio": read_ratio(cache, config),
                          "cache_bytes": cache.memory_bytes()})
             print(rows[-1], flush=True)
             save(a, old, rows)
+
+
+def read_ratio(cache, config):
+    """Bytes a decode step reads / the full float32 cache's (a quantized cache: its selected codes,
+    stats and residual per slot, against the float32 dense read, so rows compare)."""
+    rb = read_bytes_per_step(cache)
+    cap = cache.layers[0].capacity
+    fp32 = config.n_layers * config.n_kv_heads * cap * 2 * config.head_dim * 4
+    return rb["selected"] / fp32
 
 
 def save(a, old, rows):

@@ -216,14 +216,6 @@ def test_bad_input_errors():
                  compression=Compression(make_policy("h2o"), Budget(tokens=40), when="decode", interval=8))
 
 
-def test_selection_over_kivi_cache_is_a_clear_error():
-    from kvjax.quant import make_cache_init
-    cfg = dataclasses.replace(CFG, head_dim=32)
-    kivi = make_cache_init("kivi4")(cfg, 1, 64)
-    with pytest.raises(TypeError, match="got KIVICache: .*full-precision keys .*no sparse kernel over codes"):
-        wrap_layer(Quest(budget=32), kivi, cfg)
-
-
 def test_generate_tiny_budget_covering_capacity_is_exact_and_sparse_runs():
     params = init_params(CFG, jax.random.PRNGKey(1), scale=0.3)
     rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """TreeKV (kvjax.policies.treekv) against a float64 numpy version of the spec's rule: average
 attention = accumulated / queries seen, and a cyclic eviction scope that evicts the lower of two
-adjacent cached tokens per arrival (written here as a plain Python list simulation)."""
+adjacent cached tokens per arrival, the scope returning to the oldest token after c // 2 evictions
+(written here as a plain Python list simulation, and once worked by hand)."""
 import dataclasses
 
 import jax
@@ -25,7 +26,7 @@ def np_average(acc, pos):
 
 def np_tree_keep(pos_row, avg_row, c):
     """Set of kept positions of one head: stream the live tokens in position order into a cache of
-    size c; arrival number c + e evicts the lower-scored of cache[p], cache[p + 1], p = e mod c
+    size c; arrival number c + e evicts the lower-scored of cache[p], cache[p + 1], p = e mod (c // 2)
     (e counted over the whole stream: the evictions before this call are newest + 1 - live)."""
     live = [(int(p), float(a)) for p, a in sorted(zip(pos_row, avg_row)) if p >= 0]
     n = len(live)
@@ -35,7 +36,7 @@ def np_tree_keep(pos_row, avg_row, c):
     cache = list(live[:c])
     for e, tok in enumerate(live[c:]):
         cache.append(tok)
-        p = (done + e) % c
+        p = (done + e) % max(c // 2, 1)
         (_, sa), (_, sb) = cache[p], cache[p + 1]
         del cache[p + 1 if sb < sa else p]
     return {p for p, _ in cache}
@@ -62,6 +63,19 @@ def test_treekv_average_score_and_accumulate_match_float64():
     one = dataclasses.replace(obs, cache=jax.tree_util.tree_map(lambda x: x[:1], obs.cache), column_sums=jnp.asarray(cs))
     inc = np.asarray(TreeKV().accumulate(one))
     np.testing.assert_allclose(inc, cs.astype(np.float64).reshape(1, B, HKV, HQ // HKV, S).mean(3), rtol=1e-6)
+
+
+def test_treekv_small_example_worked_by_hand():
+    """c = 4, tokens 0..7 with average scores s; sweeps of c // 2 = 2 evictions:
+    [0 1 2 3]+4: (0,1) .9/.1 -> drop 1;  [0 2 3 4]+5: (2,3) .5/.6 -> drop 2;   (sweep ends, back to 0)
+    [0 3 4 5]+6: (0,3) .9/.6 -> drop 3;  [0 4 5 6]+7: (4,5) .2/.8 -> drop 4   => {0, 5, 6, 7}.
+    The newest c // 2 = 2 tokens are never in the scope. (Sweeping all c slots per pass instead
+    would compare (4,5) then (6,7) and keep {0, 3, 5, 7}: the newest tokens halved.)"""
+    s = np.array([0.9, 0.1, 0.5, 0.6, 0.2, 0.8, 0.3, 0.4])
+    pos = np.arange(8, dtype=np.int32)
+    assert np_tree_keep(pos, s, 4) == {0, 5, 6, 7}
+    got = np.asarray(tree_survivors(jnp.asarray(s[None], jnp.float32), jnp.asarray(pos[None]), jnp.asarray([4])))
+    assert set(pos[got[0]].tolist()) == {0, 5, 6, 7}
 
 
 @pytest.mark.parametrize("n_keep", [7, 16, 33])
@@ -94,7 +108,11 @@ def test_treekv_continues_the_stream_and_thins_old_tokens_exponentially():
     assert set(kp.tolist()) == np_tree_keep(p[0], a[0], c)
     gaps = np.diff(kp)
     assert gaps[: c // 4].mean() > 4 * gaps[-c // 4:].mean()
-    assert np.sum(kp >= n - c) > c // 4 and kp.min() < n - 4 * c         # reaches far back, thinly
+    assert kp.min() < n - 4 * c                                          # reaches far back, thinly
+    for m in (n, 2 * c, 3 * c + 5):          # the newest c // 2 are always kept, also when the
+        k = np.asarray(tree_survivors(jnp.asarray(a[:, :m], jnp.float32), jnp.asarray(p[:, :m]),
+                                      jnp.asarray([c])))[0]                # evictions are a multiple of c
+        assert k[m - c // 2:m].all() and k[:m].sum() == c, m
 
 
 def test_treekv_budget_over_context_keeps_everything_and_registry():

@@ -10,7 +10,8 @@ A *selector* (a frozen, hashable dataclass: Quest, TokenSelect, ...) is three pu
 `indices [batch, kv_heads, n]` are page indices (`page_size` > 1, page i = slots [i*P, (i+1)*P))
 or slot indices (`page_size` 1); `valid [batch, kv_heads, n]` marks the entries that count.
 
-`SelectiveCache` wraps one layer's dense `KVCache` with the selector's metadata (part of the
+`SelectiveCache` wraps one layer's dense `KVCache` (or, for Quest and LouisKV, a KIVI layer:
+`kvjax.selection.quantized`) with the selector's metadata (part of the
 pytree, so counted in `memory_bytes()`) and a `SelectState` (the last selection, for reuse). A
 decode step (one query per row) calls `select` only for the rows whose `reuse` rule says so (every
 `interval` steps, or TokenSelect's query-similarity test; under `lax.cond`, so a step that reuses
@@ -58,7 +59,8 @@ class SelectState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SelectiveCache:
-    """One layer: a dense KVCache [batch, kv_heads, capacity, d] + the selector's metadata + state."""
+    """One layer: a dense KVCache [batch, kv_heads, capacity, d] (or a KIVICache) + the selector's
+    metadata + state."""
 
     kv: kvcache.KVCache
     meta: Any
@@ -141,7 +143,11 @@ class SelectiveCache:
             f_idx, f_valid = sel.forced(self.meta, self.kv)
             all_idx = jnp.concatenate([idx, f_idx], axis=-1)
             all_valid = jnp.concatenate([valid, f_valid], axis=-1)
-            out = sparse_attend(q, self.kv, all_idx, all_valid, sel.page_size, backend)
+            if isinstance(self.kv, kvcache.KVCache):
+                out = sparse_attend(q, self.kv, all_idx, all_valid, sel.page_size, backend)
+            else:                                        # a KIVI layer: gather + dequantize the selection
+                from kvjax.selection.quantized import sparse_attend_quantized
+                out = sparse_attend_quantized(q, self.kv, all_idx, all_valid, sel.page_size, backend)
         out = mask_padded_queries(out, query_positions)
         return out, {}, dataclasses.replace(self, state=new_state)
 
@@ -190,17 +196,22 @@ def init_state(selector, kv: kvcache.KVCache, q_heads: int) -> SelectState:
                        age=jnp.full((b,), EMPTY_AGE, jnp.int32))
 
 
-def wrap_layer(selector, kv: kvcache.KVCache, config) -> SelectiveCache:
-    """A dense layer cache -> a SelectiveCache with metadata built from its contents."""
+def wrap_layer(selector, kv, config, source: kvcache.KVCache | None = None) -> SelectiveCache:
+    """A dense (or KIVI) layer cache -> a SelectiveCache with metadata built from its contents.
+
+    kv: a dense KVCache, or a KIVICache for selectors with `quantized_ok` (Quest, LouisKV; see
+    `kvjax.selection.quantized`); source: optional full-precision dense layer with the same slots as
+    a KIVI `kv` (the prefill's dense cache) to build the metadata from, instead of the dequantized keys."""
     if not isinstance(kv, kvcache.KVCache):
-        raise TypeError(
-            f"{type(selector).__name__} selects over a dense KVCache layer, got {type(kv).__name__}: the "
-            "selectors build their metadata from full-precision keys (Quest: per-page min/max) and attend "
-            "through sparse_decode over dense K/V, while a quantized cache (KIVI, ...) stores packed codes "
-            "+ a full-precision residual and there is no sparse kernel over codes yet (issue 17 item 3 / "
-            "issue 22); use a dense cache with selection, or the quantized cache without it")
+        from kvjax.selection.quantized import check_quantized, dense_view
+        check_quantized(selector, kv)
+        view = dense_view(kv, source)
+    elif source is not None:
+        raise ValueError("source= (full-precision keys for the metadata) applies to a quantized layer only")
+    else:
+        view = kv
     selector.check_capacity(kv.capacity)
-    return SelectiveCache(kv=kv, meta=selector.init_meta(kv, config), state=init_state(selector, kv, config.n_heads),
+    return SelectiveCache(kv=kv, meta=selector.init_meta(view, config), state=init_state(selector, view, config.n_heads),
                           selector=selector)
 
 
@@ -216,16 +227,19 @@ def is_wrapped(cache) -> bool:
     return isinstance(cache, LayerwiseCache) and any(isinstance(lc, SelectiveCache) for lc in cache.layers)
 
 
-def wrap(selector, cache, config):
+def wrap(selector, cache, config, source=None):
     """The engine's per-layer cache with layers >= `selector.dense_layers` made selective (the
-    first ones stay dense KVCache); an already selective cache is returned as is."""
+    first ones stay as they are); an already selective cache is returned as is. source: for a KIVI
+    cache, optional per-layer dense cache (LayerwiseCache) of the same slots in full precision to
+    build the metadata from (see `wrap_layer`)."""
     if not isinstance(cache, LayerwiseCache):
         raise TypeError(f"selection wraps the engine's LayerwiseCache, got {type(cache).__name__}")
     if is_wrapped(cache):
         return cache
     check_selection(selector, config)
     per_layer = getattr(selector, "for_layer", lambda i, config: selector)    # DELTA: a role per layer
-    layers = tuple(lc if i < selector.dense_layers else wrap_layer(per_layer(i, config), lc, config)
+    src = (None,) * len(cache.layers) if source is None else source.layers
+    layers = tuple(lc if i < selector.dense_layers else wrap_layer(per_layer(i, config), lc, config, src[i])
                    for i, lc in enumerate(cache.layers))
     return dataclasses.replace(cache, layers=layers)
 
@@ -233,14 +247,19 @@ def wrap(selector, cache, config):
 def read_bytes_per_step(cache) -> dict:
     """Analytical bytes a decode step reads from the cache (K/V + metadata), per generate call.
 
-    dense layers: every slot's K and V; selective layers: the selected tokens' K and V plus the
+    dense layers: every slot's K and V (a KIVI layer: its bytes per slot, residual amortised);
+    selective layers: the selected tokens' K and V plus the
     selector's `meta_read_bytes` (amortised over its reuse interval). Returns
     {"selected": bytes, "dense": bytes of the same cache read densely, "ratio": selected / dense}."""
     layers = cache.layers if isinstance(cache, LayerwiseCache) else (cache,)
     sel, dense = 0, 0
     for lc in layers:
         kv = lc.kv if isinstance(lc, SelectiveCache) else lc
-        per_tok = kv.keys.dtype.itemsize * kv.keys.shape[-1] + kv.values.dtype.itemsize * kv.values.shape[-1]
+        if isinstance(kv, kvcache.KVCache):
+            per_tok = kv.keys.dtype.itemsize * kv.keys.shape[-1] + kv.values.dtype.itemsize * kv.values.shape[-1]
+        else:                                                    # KIVI: codes + stats + residual per slot
+            from kvjax.selection.quantized import slot_bytes
+            per_tok = slot_bytes(kv)
         b, h, cap = kv.positions.shape
         full = b * h * cap * per_tok
         dense += full

@@ -20,7 +20,8 @@ retrieval units. The spec gives no numbers: every default below is ours **[unver
   last one may be cut at the budget, older tokens first). The newest `n_local` tokens are always
   attended (recomputed every step: the tokens generated since the last retrieval).
 
-Selects over the dense engine cache (see `base.wrap_layer` on quantized caches).
+Selects over the dense engine cache or a KIVI cache (`kvjax.selection.quantized`: clusters of the
+full-precision or the dequantized prompt keys; the selected tokens gathered and dequantized).
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ class LouisKV(SelectorBase):
     page_size: int = 1
     interval: int = 1
     dense_layers: int = 0
+    quantized_ok = True          # selects over a KIVI layer too (kvjax.selection.quantized)
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,8 +12,9 @@ bound for every head that shares it; the Quest paper is MHA). The top `budget //
 pages are attended together with the page holding the newest token (always, recomputed every
 step). Empty pages never score. The first `dense_layers=2` layers stay dense.
 
-Composes with quantized caches in principle (min/max of dequantized keys per page, Quest over
-KIVI pages) but this wrapper selects over the dense engine cache only (see `wrap_layer`).
+Composes with KIVI (`kvjax.selection.quantized`): page min/max of the full-precision keys when the
+prefill's dense cache is given, else of the dequantized keys; the selected pages are gathered and
+dequantized for attention.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class Quest(SelectorBase):
     page_size: int = 16
     interval: int = 1
     dense_layers: int = 2
+    quantized_ok = True          # selects over a KIVI layer too (kvjax.selection.quantized)
 
     def __post_init__(self):
         super().__post_init__()
