@@ -67,6 +67,19 @@ def _custom_finalize(cls) -> bool:
     return cls.finalize is not ScoringPolicy.finalize
 
 
+def check_demote_class(cls) -> None:
+    """ValueError naming why evicted tokens of a `cls` policy cannot be demoted: merging (CAM, D2O, ...)
+    or its own final layout (ThinK, RazorAttention, DuoAttention; AdaKV/PyramidKV fall back to padded)."""
+    name = cls.__name__
+    if cls.merges:
+        raise ValueError(f"demotion with {name} is not supported: it merges the evicted tokens into the kept "
+                         f"ones, demoting them too would count them twice")
+    if getattr(cls, "transforms_cache", False) or (
+            _custom_finalize(cls) and "ragged" not in {f.name for f in dataclasses.fields(cls)}):
+        raise ValueError(f"demotion with {name} is not supported: it builds its own cache layout (pruned key "
+                         f"channels, split heads), not a kept token set beside which evicted tokens can be stored")
+
+
 @dataclasses.dataclass(frozen=True)
 class Demote(ScoringPolicy):
     """`policy` selects (observations, scores, budgets all its own); its evicted tokens are stored
@@ -89,13 +102,7 @@ class Demote(ScoringPolicy):
         if p.rerotate:
             raise ValueError(f"demotion with {cls} is not supported: it re-rotates the kept keys to new positions, "
                              f"the demoted ones would keep theirs (two position systems in one layer)")
-        if p.merges:
-            raise ValueError(f"demotion with {cls} is not supported: it merges the evicted tokens into the kept "
-                             f"ones, demoting them too would count them twice")
-        if getattr(p, "transforms_cache", False) or (
-                _custom_finalize(type(p)) and "ragged" not in {f.name for f in dataclasses.fields(p)}):
-            raise ValueError(f"demotion with {cls} is not supported: it builds its own cache layout (pruned key "
-                             f"channels, split heads), not a kept token set beside which evicted tokens can be stored")
+        check_demote_class(type(p))
         if getattr(p, "ragged", False):   # AdaKV / PyramidKV: the padded layout (both regions per layer)
             object.__setattr__(self, "policy", dataclasses.replace(p, ragged=False))
 
