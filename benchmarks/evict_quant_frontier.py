@@ -4,8 +4,9 @@
     python benchmarks/evict_quant_frontier.py --text-file my.txt --out /tmp/my_frontier --needle-per-kind 0
 
 For every byte budget (a fraction of the bf16 full cache of the context) and every family -- a scoring
-policy over the dense bf16 cache (SnapKV, H2O), a KIVI cache alone, or a policy whose kept tokens KIVI
-stores (`kvjax.quant.evicted`) -- the token budget is the largest whose cache fits the bytes
+policy over the dense bf16 cache (SnapKV, H2O), a KIVI cache alone, a policy whose kept tokens KIVI
+stores (`kvjax.quant.evicted`), or a policy whose evicted tokens are demoted to KIVI-2 instead of dropped
+(`snapkv~kivi2`, `snapkv+kivi4:residual=32~kivi2`: `kvjax.quant.demote`) -- the token budget is the largest whose cache fits the bytes
 (`kvjax.eval.frontier.tokens_for_bytes`: the real layout's bytes, fp residual windows, statistics
 and per-slot positions included). A quantized cache alone keeps every token, so it is one point at
 its own fraction, listed under every budget it fits. Each row: KL(full || row) and perplexity over
@@ -38,7 +39,7 @@ from kvjax.eval.frontier import (context_bytes, full_bytes, parse_family, parse_
                                  run_family, tokens_for_bytes)
 
 FAMILIES = ("snapkv", "h2o", "kivi4", "kivi2", "snapkv+kivi4:residual=32", "snapkv+kivi2:residual=32",
-            "h2o+kivi4:residual=32", "h2o+kivi2:residual=32")
+            "h2o+kivi4:residual=32", "h2o+kivi2:residual=32", "snapkv~kivi2", "snapkv+kivi4:residual=32~kivi2")
 
 
 def parse_args(argv=None):
@@ -90,7 +91,11 @@ def plan_rows(config, families, fractions, context: int, needle_context: int) ->
         for f in fractions:
             keep = tokens_for_bytes(config, fam, f * full_ctx, context)
             if keep is None:
-                rows.append(_nan_row(target=f, family=fam.name, kind=fam.kind, note="does not fit: not one token"))
+                note = "does not fit: not one token"
+                if fam.demote:   # demotion keeps every token: its low-precision copy is the floor
+                    floor = context_bytes(config, fam, 1, context) / full_ctx
+                    note += f" (with 1 kept token the demoted {fam.demote} copy of the context is {100 * floor:.1f}%)"
+                rows.append(_nan_row(target=f, family=fam.name, kind=fam.kind, note=note))
                 continue
             keep_n = tokens_for_bytes(config, fam, f * full_ndl, needle_context)
             b = context_bytes(config, fam, keep, context)
@@ -207,7 +212,9 @@ def markdown(rows, meta, fractions, png: str) -> str:
               "residual windows, per-slot positions included), as a fraction of the bf16 full cache of the "
               "context; `cache MiB` is what was allocated during the continuation (room for its tokens "
               "included). Token budgets are the largest that fit the bytes. Combinations use KIVI with R = 32 "
-              "(the default R = 128 fp window alone is ~7% of the bf16 bytes of a 2000-token context). KL = mean "
+              "(the default R = 128 fp window alone is ~7% of the bf16 bytes of a 2000-token context); `policy~kivi2` "
+              "rows keep the policy's evicted tokens in KIVI-2 (R = G = 32) instead of dropping them, so the "
+              "kept-token budget is what the bytes left over by that copy of the context buy. KL = mean "
               "KL(full || method) of the next-token distributions over the continuation (nats/token).", ""]
     lines += ["## Best at each budget", "", "| budget | best single method | KL | best combination | KL |",
               "|---|---|---|---|---|"]

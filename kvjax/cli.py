@@ -80,7 +80,7 @@ def compression_from_args(args, params=None, config=None):
     if args.budget is None:
         raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
     return Compression(build_policy(args.policy, params, config), parse_budget(args.budget), when=args.when,
-                       interval=args.interval)
+                       interval=args.interval, demote=getattr(args, "demote", None))
 
 
 def check_generate_args(args) -> None:
@@ -122,6 +122,15 @@ def check_generate_args(args) -> None:
             check_cache_init(init)
             name = parse_policy(args.policy)[0]
             check_policy_class(POLICIES[name.lower().replace("-", "_")])
+    if getattr(args, "demote", None):   # evicted tokens at low precision: refusals before loading the model
+        if not args.policy:
+            raise ValueError("--demote stores the evicted tokens of a --policy at low precision: give --policy NAME")
+        from kvjax.policies import POLICIES
+        from kvjax.quant.demote import check_demote_class, demote_store
+        demote_store(args.demote)
+        if args.when != "prefill":
+            raise ValueError(f"--demote runs once after the prefill: --when prefill, got {args.when}")
+        check_demote_class(POLICIES[parse_policy(args.policy)[0].lower().replace("-", "_")])
     if getattr(args, "quantized_prefill", False) and (not args.kv_quant or args.policy):
         raise ValueError("--quantized-prefill applies to --kv-quant kivi* without --policy")
     mesh_kwargs(args)   # --mesh: malformed, or more devices than there are
@@ -452,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "batch over data, heads over model")
     gen.add_argument("--kv-quant", default=None,
                      help="quantized KV cache from kvjax.quant (e.g. kivi2, kivi4, kivi2:residual=64)")
+    gen.add_argument("--demote", default=None,
+                     help="--policy: keep the evicted tokens at low precision instead of dropping them (MiKV-style; "
+                     "kivi2, kivi4, kivi2:group=32; kvjax.quant.demote); kept tokens bf16, or --kv-quant's")
     gen.add_argument("--quantized-prefill", action="store_true",
                      help="--kv-quant kivi*: append each prefill chunk quantized (peak = the quantized cache) "
                      "instead of prefilling in full precision beside it (KIVI's rule, the default)")

@@ -44,10 +44,18 @@ class Compression:
     budget: Budget
     when: str = "prefill"
     interval: int = 64
+    demote: Optional[str] = None   # store evicted tokens at low precision instead ("kivi2"; kvjax.quant.demote)
 
     def __post_init__(self):
         if self.when not in WHEN:
             raise ValueError(f"when must be one of {WHEN}, got {self.when!r}")
+        if self.demote is not None and not getattr(self.policy, "demotes", False):
+            from kvjax.quant.demote import make_demote
+            object.__setattr__(self, "policy", make_demote(self.policy, self.demote))
+        if getattr(self.policy, "demotes", False) and self.when != "prefill":
+            raise ValueError(f"demotion ({self.policy.name}) runs once after the prefill (when='prefill'), got "
+                             f"{self.when!r}: a chunk/decode schedule would re-select a cache whose demoted "
+                             f"tokens the policy no longer observes")
         if self.interval <= 0:
             raise ValueError(f"interval must be positive, got {self.interval}")
         if self.when != "prefill" and getattr(self.policy, "prefill_only", False):
@@ -84,6 +92,8 @@ class Compression:
                         q_pre=1 if (w and o.qkv) else 0)
 
     def __str__(self):
+        if getattr(self.policy, "demotes", False):
+            return f"{type(self.policy.policy).__name__}@{self.budget}/{self.when}, evicted->{self.policy.name}"
         return f"{type(self.policy).__name__}@{self.budget}/{self.when}"
 
 

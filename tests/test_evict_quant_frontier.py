@@ -28,16 +28,19 @@ def kivi_evicted_bytes(keep, bits):
 
 @pytest.mark.parametrize("spec,count", [("snapkv", dense_bytes),
                                         (f"snapkv+kivi4:group={G}:residual={R}", lambda k: kivi_evicted_bytes(k, 4)),
-                                        (f"h2o+kivi2:group={G}:residual={R}", lambda k: kivi_evicted_bytes(k, 2))])
+                                        (f"h2o+kivi2:group={G}:residual={R}", lambda k: kivi_evicted_bytes(k, 2)),
+                                        # demotion: + the evicted T - k tokens in KIVI-2 (a sawtooth in k)
+                                        (f"snapkv~kivi2:group={G}:residual={R}",
+                                         lambda k: dense_bytes(k) + kivi_evicted_bytes(T - k, 2))])
 def test_bytes_and_largest_token_budget(spec, count):
     fam = parse_family(spec, config=CFG)
     assert full_bytes(CFG, T) == dense_bytes(T)
     for keep in (1, 37, 120):
         assert context_bytes(CFG, fam, keep, T) == count(keep)
-    for frac in (0.25, 0.1):
+    for frac in ((0.7, 0.6) if "~" in spec else (0.25, 0.1)):   # KIVI-2 of every token alone: ~45% here
         target = frac * dense_bytes(T)
         keep = tokens_for_bytes(CFG, fam, target, T)
-        assert count(keep) <= target < count(keep + 1)
+        assert count(keep) <= target and all(count(k) > target for k in range(keep + 1, T))
     assert tokens_for_bytes(CFG, fam, 0.5 * count(1), T) is None          # not one token fits
 
 
@@ -55,6 +58,9 @@ def test_quantized_cache_alone_is_one_point():
     (f"snapkv+kivi4:bits=3:group={G}:residual={R}", "KIVI k_bits=3 is not supported"),
     ("kivi4:group=5", "group size 5 must be positive and divide head_dim=16"),
     ("snapkv+nope", "unknown quantized cache 'nope'"),
+    (f"kivi4:group={G}:residual={R}~kivi2", "demotion stores the evicted tokens of a policy"),
+    ("cam~kivi2", "merges the evicted tokens"),
+    ("snapkv~gear2", "eviction x gear2 is not supported"),
     ("nope", "unknown policy 'nope'"),
 ])
 def test_bad_families_name_the_reason(spec, match):

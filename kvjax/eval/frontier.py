@@ -16,6 +16,7 @@ for continuation tokens is excluded from both (rows report the allocated cache s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -38,17 +39,33 @@ class Family:
     name: str
     policy: Optional[str] = None
     quant: Optional[str] = None
+    demote: Optional[str] = None      # evicted tokens stored at low precision (kvjax.quant.demote)
 
     @property
     def kind(self) -> str:
-        return "combination" if self.policy and self.quant else ("quantization" if self.quant else "eviction")
+        if self.policy and (self.quant or self.demote):
+            return "combination"
+        return "quantization" if self.quant else "eviction"
+
+
+DEMOTE = "~"   # "snapkv~kivi2", "snapkv+kivi4~kivi2": the policy's evicted tokens kept in KIVI-2
 
 
 def parse_family(spec: str, params=None, config: Optional[ModelConfig] = None) -> Family:
-    """'snapkv' | 'kivi4[:opt=v]' | 'snapkv[:opt=v]+kivi4[:opt=v]' -> Family; ValueError naming the
-    reason for unknown names and for combinations that cannot work (checked here, before any run)."""
+    """'snapkv' | 'kivi4[:opt=v]' | 'snapkv[:opt=v]+kivi4[:opt=v]' | any policy family + '~kivi2[:opt=v]'
+    (evicted tokens demoted) -> Family; ValueError naming the reason for unknown names and for
+    combinations that cannot work (checked here, before any run)."""
     from kvjax.quant import QUANT_CACHES
     spec = spec.strip()
+    if DEMOTE in spec:
+        base, demote = (p.strip() for p in spec.split(DEMOTE, 1))
+        fam = parse_family(base, params, config)
+        if fam.policy is None:
+            raise ValueError(f"{spec!r}: demotion stores the evicted tokens of a policy: give 'policy{DEMOTE}{demote}'")
+        demoting = _demote(fam.policy, demote, params, config)
+        if config is not None:
+            demoting.store.validate(config.head_dim)
+        return dataclasses.replace(fam, name=spec, demote=demote)
     if COMBINE in spec:
         policy, quant = (p.strip() for p in spec.split(COMBINE, 1))
         parse_policy(policy)
@@ -92,6 +109,7 @@ def full_bytes(config: ModelConfig, context: int, dtype=jnp.bfloat16) -> int:
     return config.n_layers * tree_bytes(shapes)
 
 
+@functools.lru_cache(maxsize=65536)   # tokens_for_bytes revisits budgets (pure function of hashable arguments)
 def context_bytes(config: ModelConfig, family: Family, keep: int, context: int, dtype=jnp.bfloat16) -> int:
     """Bytes of `family`'s cache for a `context`-token prompt with `keep` tokens per head kept (a
     quantized cache alone keeps all `context`), batch 1, every layer (layers are uniform)."""
@@ -101,10 +119,28 @@ def context_bytes(config: ModelConfig, family: Family, keep: int, context: int, 
     elif family.policy is None:
         shapes = jax.eval_shape(lambda: init_engine_cache(one, 1, context, dtype, quant_cache_init(family.quant)))
     else:
-        plan = _plan(family, Budget(tokens=keep))
+        plan = _plan(dataclasses.replace(family, demote=None), Budget(tokens=keep))
         dense = jax.eval_shape(lambda: init_engine_cache(one, 1, keep, dtype))
         shapes = jax.eval_shape(plan.quantize, dense)
-    return config.n_layers * tree_bytes(shapes)
+    extra = 0
+    if family.demote is not None:    # + the demoted region: context - keep slots (rounded to G) in KIVI form
+        extra = _demoted_bytes(one, family.policy, family.demote, _demote(family.policy, family.demote)
+                               .demoted_capacity(context, keep), dtype)
+    return config.n_layers * (tree_bytes(shapes) + extra)
+
+
+@functools.lru_cache(maxsize=4096)
+def _demoted_bytes(one: ModelConfig, policy: str, demote: str, capacity: int, dtype) -> int:
+    """Bytes of one layer's demoted region of `capacity` slots (batch 1)."""
+    from kvjax.quant.evicted import quantize_layer
+    dem = _demote(policy, demote)
+    layer = jax.eval_shape(lambda: init_engine_cache(one, 1, capacity, dtype)).layers[0]
+    return tree_bytes(jax.eval_shape(lambda d: quantize_layer(d, dem.store, capacity, dem.dtype or dtype), layer))
+
+
+def _demote(policy: str, demote: str, params=None, config=None):
+    from kvjax.quant.demote import make_demote
+    return make_demote(build_policy(policy, params, config), demote)
 
 
 def _plan(family: Family, budget: Budget, params=None, config=None):
@@ -116,17 +152,24 @@ def _plan(family: Family, budget: Budget, params=None, config=None):
 def tokens_for_bytes(config: ModelConfig, family: Family, target: float, context: int,
                      dtype=jnp.bfloat16) -> Optional[int]:
     """The largest kept-token count (< context) whose `context_bytes` is at most `target` bytes;
-    None if not even one token fits. A quantized cache alone: `context` if it fits, else None."""
+    None if not even one token fits. A quantized cache alone: `context` if it fits, else None.
+    Bytes grow with keep, except for demoting families: their demoted region shrinks by a whole
+    KIVI group every G kept tokens (a sawtooth), so the search runs over each residue of keep mod G,
+    along which the bytes grow."""
     if family.policy is None:
         return context if context_bytes(config, family, context, context, dtype) <= target else None
     fits = lambda k: context_bytes(config, family, k, context, dtype) <= target
-    if not fits(1):
-        return None
-    lo, hi = 1, context - 1           # fits(lo); bytes grow with keep
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+    step = _demote(family.policy, family.demote).store.group if family.demote else 1
+    best = None
+    for r in range(1, min(step, context - 1) + 1):          # keep = r + j * step, bytes grow with j
+        if not fits(r):
+            continue
+        lo, hi = 0, (context - 1 - r) // step
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(r + mid * step) else (lo, mid - 1)
+        best = max(best or 0, r + lo * step)
+    return best
 
 
 def run_family(params, config: ModelConfig, family: Optional[Family], keep: Optional[int], context, targets,
@@ -142,7 +185,7 @@ def run_family(params, config: ModelConfig, family: Optional[Family], keep: Opti
         pre = fidelity.prefill_quantized(params, config, context, quant_cache_init(family.quant), n_new,
                                          runner=runner, cache_dtype=dtype)
     else:
-        comp = Compression(build_policy(family.policy, params, config), Budget(tokens=keep))
+        comp = Compression(build_policy(family.policy, params, config), Budget(tokens=keep), demote=family.demote)
         quant = quant_cache_init(family.quant) if family.quant else None
         pre = fidelity.prefill_context(params, config, context, comp, n_new, runner=runner, cache_dtype=dtype,
                                        kv_quant=quant)

@@ -204,13 +204,17 @@ class EvictQuant:
         """A uniform LayerwiseCache of dense KVCache layers -> the same of EvictedKIVICache layers
         (capacity rounded up to a multiple of G)."""
         from kvjax.layerwise import LayerwiseCache
-        if not isinstance(cache, LayerwiseCache) or not all(isinstance(lc, KVCache) for lc in cache.layers):
+        dense = lambda lc: getattr(lc, "kept", lc)     # kvjax.quant.demote.DemotedLayer: its kept region
+        if not isinstance(cache, LayerwiseCache) or not all(isinstance(dense(lc), KVCache) for lc in cache.layers):
             kinds = sorted({type(lc).__name__ for lc in getattr(cache, "layers", (cache,))})
             raise ValueError(f"{self.name} stores the kept tokens of dense per-layer caches; the policy built {kinds}")
         cap = kivi.quantized_capacity(cache.capacity, self.kcfg.group)
-        dtype = self.dtype if self.dtype is not None else cache.layers[0].keys.dtype
-        layers = tuple(quantize_layer_jit(lc, self.kcfg, cap, dtype) for lc in cache.layers)
-        return LayerwiseCache(layers=layers, capacity=cap, uniform=True)
+        dtype = self.dtype if self.dtype is not None else dense(cache.layers[0]).keys.dtype
+
+        def store(lc):
+            q = quantize_layer_jit(dense(lc), self.kcfg, cap, dtype)
+            return dataclasses.replace(lc, kept=q) if lc is not dense(lc) else q
+        return LayerwiseCache(layers=tuple(store(lc) for lc in cache.layers), capacity=cap, uniform=True)
 
 
 def check_policy_class(cls) -> None:
@@ -230,7 +234,7 @@ def check_combination(compression, cache_init) -> EvictQuant:
     or ValueError naming why the combination cannot work."""
     name, kw = check_cache_init(cache_init)
     policy = compression.policy
-    check_policy_class(type(policy))
+    check_policy_class(type(policy.policy if getattr(policy, "demotes", False) else policy))
     if getattr(policy, "ragged", False):
         compression = dataclasses.replace(compression, policy=dataclasses.replace(policy, ragged=False))
     kcfg = kivi.KIVIConfig(kw.get("k_bits") or kw["bits"], kw.get("v_bits") or kw["bits"], kw["group"],
