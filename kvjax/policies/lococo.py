@@ -105,9 +105,10 @@ def conv_mix(conv_w: jax.Array, conv_b: jax.Array, x: jax.Array, valid: jax.Arra
     """Mixing weights C = softmax_S(act(conv(x) + b)) over the valid positions.
 
     conv_w [M, 2d, k]; conv_b [M]; x [N, 2d, S] (zero at invalid positions); valid [N, S] (a
-    prefix of each row) -> [N, M, S] float32 (rows sum to 1 over the valid positions; 0 elsewhere)."""
+    prefix of each row) -> [N, M, S] float32 or wider (rows sum to 1 over the valid positions; 0 elsewhere)."""
     k = conv_w.shape[-1]
-    y = jax.lax.conv_general_dilated(x.astype(jnp.float32), conv_w.astype(jnp.float32), (1,), [(k // 2, k // 2)],
+    ft = jnp.result_type(x.dtype, conv_w.dtype, jnp.float32)
+    y = jax.lax.conv_general_dilated(x.astype(ft), conv_w.astype(ft), (1,), [(k // 2, k // 2)],
                                      dimension_numbers=("NCH", "OIH", "NCH"),
                                      precision=jax.lax.Precision.HIGHEST) + conv_b[None, :, None]
     if act == "relu":
@@ -121,11 +122,13 @@ def fuse(w: dict, keys: jax.Array, values: jax.Array, valid: jax.Array, scores: 
     """One layer's fusion (the formula above) over all its slots.
 
     w: that layer's {"conv_w" [M, 2d, k], "conv_b" [M], "lam" []}; keys / values [B, H, S, d];
-    valid [B, H, S]; scores [B, H, S] (hh). returns (k_mem, v_mem [B, H, M, d] float32: the fused
+    valid [B, H, S]; scores [B, H, S] (hh). returns (k_mem, v_mem [B, H, M, d] float32 (float64 for
+    float64 inputs): the fused
     rows in chronological order of R's tokens; r_slot [B, H, M]: the slot of each row's one-hot
     token (-1 on every row of a head with no more than keep + M live slots: nothing is fused there))"""
     b, h, s, d = keys.shape
     m = w["conv_w"].shape[0]
+    ft = jnp.result_type(keys.dtype, w["conv_w"].dtype, jnp.float32)
     sc = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
     rank = jnp.argsort(jnp.argsort(-sc, axis=-1, stable=True), axis=-1)      # 0 = best; ties: older first
     heavy = valid & (rank < keep)
@@ -134,18 +137,18 @@ def fuse(w: dict, keys: jax.Array, values: jax.Array, valid: jax.Array, scores: 
     slot = jnp.arange(s)
     order = jnp.argsort(jnp.where(nh, slot, s + slot), axis=-1)              # NH slots first, chronological
     nh_c = jnp.take_along_axis(nh, order, -1)
-    k_c = jnp.where(nh_c[..., None], jnp.take_along_axis(keys, order[..., None], -2), 0).astype(jnp.float32)
-    v_c = jnp.where(nh_c[..., None], jnp.take_along_axis(values, order[..., None], -2), 0).astype(jnp.float32)
+    k_c = jnp.where(nh_c[..., None], jnp.take_along_axis(keys, order[..., None], -2), 0).astype(ft)
+    v_c = jnp.where(nh_c[..., None], jnp.take_along_axis(values, order[..., None], -2), 0).astype(ft)
     x = jnp.concatenate([k_c, v_c], -1).reshape(b * h, s, 2 * d).transpose(0, 2, 1)
     mix = conv_mix(w["conv_w"], w["conv_b"], x, nh_c.reshape(b * h, s), act).reshape(b, h, m, s)
     top_c = jnp.take_along_axis(top_m, order, -1)
     row = jnp.cumsum(top_c, -1) - 1                                           # R's row of each compacted slot
-    r = ((row[..., None, :] == jnp.arange(m)[:, None]) & top_c[..., None, :]).astype(jnp.float32)
+    r = ((row[..., None, :] == jnp.arange(m)[:, None]) & top_c[..., None, :]).astype(ft)
     wt = (1 - w["lam"]) * r + w["lam"] * mix
     k_mem = jnp.einsum("bhms,bhsd->bhmd", wt, k_c, precision=jax.lax.Precision.HIGHEST)
     v_mem = jnp.einsum("bhms,bhsd->bhmd", wt, v_c, precision=jax.lax.Precision.HIGHEST)
     has = (r.sum(-1) > 0) & (valid.sum(-1) > keep + m)[..., None]             # nothing to evict: no fusion
-    r_slot = jnp.where(has, jnp.sum(r * order[..., None, :], -1).astype(jnp.int32), -1)
+    r_slot = jnp.where(has, jnp.max(jnp.where(r > 0, order[..., None, :], -1), -1), -1).astype(jnp.int32)
     return k_mem, v_mem, r_slot
 
 
@@ -237,8 +240,8 @@ class LoCoCo(ScoringPolicy):
         w = jax.tree_util.tree_map(lambda a: a[layer], self.weights.tree)
         k_mem, v_mem, r_slot = fuse(w, old.keys, old.values, old.valid, scores, self.keep, self.act)
         safe = jnp.clip(idx, 0, old.capacity - 1)
-        k = jnp.take_along_axis(old.keys, safe[..., None], -2).astype(jnp.float32)
-        v = jnp.take_along_axis(old.values, safe[..., None], -2).astype(jnp.float32)
+        k = jnp.take_along_axis(old.keys, safe[..., None], -2).astype(k_mem.dtype)
+        v = jnp.take_along_axis(old.values, safe[..., None], -2).astype(v_mem.dtype)
         hit = (idx[..., :, None] == r_slot[..., None, :]) & (r_slot[..., None, :] >= 0)   # [B, H, K, M]
         row = jnp.argmax(hit, -1)
         fused = hit.any(-1)[..., None]
