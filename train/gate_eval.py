@@ -7,7 +7,7 @@
   (`train.gated_attention.attention_stats`), and KL to each model's own full cache of SnapKV and
   StreamingLLM without sinks at `--budget` (the engine: prefill + teacher-forced decode loop).
 - Attention-Gate (`--attention-gate`): KL / ppl vs the full cache at `--budget` of the trained
-  gate against SnapKV on the original model.
+  gate against SnapKV and StreamingLLM (sink + recent: the trivial baseline) on the original model.
 - LoCoCo (`--lococo`, an export of train.lococo): KL / ppl vs the full cache on the chunk schedule
   (`--chunk` tokens per chunk, every policy at the compressor's `mem_size` tokens per head: equal
   cache bytes) for the trained compressor, its untrained start (train.lococo's seed-0 init), the same with lam = 0 (its own eviction by the last
@@ -83,7 +83,8 @@ def main(argv=None):
     if a.attention_gate:
         for pname, pol in {"attention_gate": make_policy("attention_gate", gates=a.attention_gate, params=params,
                                                          config=config),
-                           "snapkv": make_policy("snapkv")}.items():
+                           "snapkv": make_policy("snapkv"),
+                           "streaming_llm": make_policy("streaming_llm")}.items():   # the trivial baseline
             results[f"eviction/{pname}"] = fid(params, config, pol)
             print(pname, json.dumps(results[f"eviction/{pname}"]), flush=True)
     if a.lococo:
