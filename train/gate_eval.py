@@ -7,7 +7,12 @@
   (`train.gated_attention.attention_stats`), and KL to each model's own full cache of SnapKV and
   StreamingLLM without sinks at `--budget` (the engine: prefill + teacher-forced decode loop).
 - Attention-Gate (`--attention-gate`): KL / ppl vs the full cache at `--budget` of the trained
-  gate against SnapKV on the original model.
+  gate against SnapKV and StreamingLLM (sink + recent: the trivial baseline) on the original model.
+- LoCoCo (`--lococo`, an export of train.lococo): KL / ppl vs the full cache on the chunk schedule
+  (`--chunk` tokens per chunk, every policy at the compressor's `mem_size` tokens per head: equal
+  cache bytes) for the trained compressor, its untrained start (train.lococo's seed-0 init), the same with lam = 0 (its own eviction by the last
+  chunk's column sums, no fusion), H2O and SnapKV; SnapKV compressing once after prefill at the same
+  budget is a reference (its peak memory is the whole context).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--continuation", type=int, default=24)
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--lococo")
+    ap.add_argument("--chunk", type=int, default=128, help="prefill chunk of the --lococo rows")
     a = ap.parse_args(argv)
     from kvjax.compression import Compression
     from kvjax.eval.fidelity import evaluate_fidelity
@@ -46,9 +53,10 @@ def main(argv=None):
     budget = Budget(ratio=a.budget)
     results: dict = {"context": a.context, "continuation": a.continuation, "budget": a.budget}
 
-    def fid(p, c, policy):
-        r = evaluate_fidelity(unstack_params(p), c, ctx, cont, Compression(policy, budget))
-        return {k: float(r[k]) for k in ("kl", "ppl", "ppl_full")} | {"cache_bytes": int(r["cache_bytes"])}
+    def fid(p, c, policy, comp=None, chunk=None):
+        r = evaluate_fidelity(unstack_params(p), c, ctx, cont, comp or Compression(policy, budget), chunk_size=chunk)
+        return {k: float(r[k]) for k in ("kl", "ppl", "ppl_full")} | {
+            "cache_bytes": int(r["cache_bytes"]), "peak_cache_bytes": int(r["peak_cache_bytes"])}
 
     def ce(p, c):
         wins = [corpus[i * n:(i + 1) * n + 1] for i in range(a.windows)]
@@ -75,9 +83,26 @@ def main(argv=None):
     if a.attention_gate:
         for pname, pol in {"attention_gate": make_policy("attention_gate", gates=a.attention_gate, params=params,
                                                          config=config),
-                           "snapkv": make_policy("snapkv")}.items():
+                           "snapkv": make_policy("snapkv"),
+                           "streaming_llm": make_policy("streaming_llm")}.items():   # the trivial baseline
             results[f"eviction/{pname}"] = fid(params, config, pol)
             print(pname, json.dumps(results[f"eviction/{pname}"]), flush=True)
+    if a.lococo:
+        from kvjax.policies.lococo import LoCoCo, init_compressor, load_compressor
+        w, spec = load_compressor(a.lococo, config)
+        lococo = LoCoCo.from_weights(w, spec)
+        ablation = LoCoCo.from_weights({**w, "lam": 0 * w["lam"]}, spec)
+        untrained = LoCoCo.from_weights(init_compressor(spec, jax.random.PRNGKey(0)), spec)   # train.lococo's start
+        mem = Budget(tokens=lococo.mem_size)
+        results["lococo"] = {"mem_size": lococo.mem_size, "chunk": a.chunk}
+        rows = {"lococo": Compression(lococo, mem, "chunk"), "lococo_lam0": Compression(ablation, mem, "chunk"),
+                "lococo_untrained": Compression(untrained, mem, "chunk"),
+                "h2o": Compression(make_policy("h2o"), mem, "chunk"),
+                "snapkv": Compression(make_policy("snapkv"), mem, "chunk"),
+                "snapkv_after_prefill": Compression(make_policy("snapkv"), mem)}
+        for name, comp in rows.items():
+            results[f"chunk/{name}"] = fid(params, config, None, comp, a.chunk if comp.when == "chunk" else None)
+            print(name, json.dumps(results[f"chunk/{name}"]), flush=True)
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

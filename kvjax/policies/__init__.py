@@ -32,6 +32,7 @@ from kvjax.policies.expected_attention import ExpectedAttention
 from kvjax.policies.h2o import H2O
 from kvjax.policies.keyformer import Keyformer
 from kvjax.policies.knorm import KNorm
+from kvjax.policies.lococo import LoCoCo
 from kvjax.policies.kv_head_merge import KVHeadMerge, calibration_tokens
 from kvjax.policies.minicache import MiniCache
 from kvjax.policies.prefixkv import PrefixKV
@@ -69,6 +70,8 @@ POLICIES: dict[str, type] = {
     "elastic_cache": ElasticCache,   # importance-driven merge into the nearest kept anchor
     # learned (issue 16): trained in-context eviction gates, `attention_gate:gates=DIR`
     "attention_gate": AttentionGate,
+    # learned (issue 16): convolutional fusion of each chunk into a fixed cache, `lococo:weights=DIR`
+    "lococo": LoCoCo,
     "kvcrush": KVCrush,
     "ems": EMS,
     # low-rank channels (issue 18): older tokens as SVD latents, the newest full width
@@ -135,6 +138,11 @@ def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPoli
             raise ValueError("attention_gate needs its trained gates (gates=DIR from `python -m train.attention_gate`) "
                              "and the model (params= and config=)")
         return AttentionGate.from_dir(kwargs.pop("gates"), params, config, **kwargs)
+    if key == "lococo":
+        if "weights" not in kwargs or config is None:
+            raise ValueError("lococo needs its trained compressor (weights=DIR from `python -m train.lococo`) "
+                             "and the model's config (config=)")
+        return LoCoCo.from_dir(kwargs.pop("weights"), config, **kwargs)
     if key == "kv_head_merge" and "bases" not in kwargs:
         if params is None or config is None or "calibration" not in kwargs:
             raise ValueError("kv_head_merge needs calibration data and the model: calibration='random'|'kjv'|[ids] "
