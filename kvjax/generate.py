@@ -482,6 +482,11 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         # decode kernels tile the slots in blocks of 64: a capacity they divide is never padded (copied)
         plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // 64) * 64)
     context = tokens.shape[1] + max_new_tokens
+    if evict_quant is None:
+        cache_init, note = no_larger_than_dense(cache_init, config, len(prompts),
+                                                max(plan.prefill_capacity, plan.decode_capacity), cache_dtype, context)
+        plan = dataclasses.replace(plan, notes=plan.notes + note)
+        quantized_prefill = quantized_prefill and not note
     cache = init_engine_cache(config, len(prompts), plan.prefill_capacity, cache_dtype, cache_init, context)
     peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
     if quantized_prefill and (plan.compression is not None or not quantizes_after_prefill(cache)):
@@ -579,6 +584,27 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
                 f"selection budget {selection.budget} >= cache capacity {cache.capacity}: dense decode",)
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
     return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)
+
+
+def no_larger_than_dense(cache_init, config: ModelConfig, batch: int, capacity: int, dtype,
+                         context: Optional[int] = None) -> tuple[Optional[Callable], tuple[str, ...]]:
+    """(cache_init, notes): a registered quantized cache (`kvjax.quant.make_cache_init`) that would
+    allocate at least as many bytes as the dense cache for this context -- its full-precision
+    residual windows (KIVI: R = 128 tokens for keys and for values) outgrow a short prompt -- is
+    replaced by the dense cache (None), with a note. A context within KIVI's residual window would
+    never be quantized anyway, so the dense cache computes the same attention. Shapes only
+    (`jax.eval_shape`): nothing is allocated here."""
+    name = getattr(cache_init, "quant_name", None)
+    if name is None:
+        return cache_init, ()
+    size = lambda init: kvcache.tree_bytes(jax.eval_shape(
+        lambda: init_engine_cache(config, batch, capacity, dtype, init, context)))
+    quant, dense = size(cache_init), size(None)
+    if quant < dense:
+        return cache_init, ()
+    return None, (f"the {name} cache for {capacity} slots per head would take {quant:,} bytes, not less than the "
+                  f"full cache's {dense:,} (its full-precision windows outgrow this short context): the full cache "
+                  f"is used",)
 
 
 def _evict_quant(compression, cache_init, kv_quant: Optional[str]):
