@@ -588,14 +588,15 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
 
 def no_larger_than_dense(cache_init, config: ModelConfig, batch: int, capacity: int, dtype,
                          context: Optional[int] = None) -> tuple[Optional[Callable], tuple[str, ...]]:
-    """(cache_init, notes): a registered quantized cache (`kvjax.quant.make_cache_init`) that would
+    """(cache_init, notes): a registered KIVI cache (`kvjax.quant.make_cache_init`) that would
     allocate at least as many bytes as the dense cache for this context -- its full-precision
     residual windows (KIVI: R = 128 tokens for keys and for values) outgrow a short prompt -- is
     replaced by the dense cache (None), with a note. A context within KIVI's residual window would
     never be quantized anyway, so the dense cache computes the same attention. Shapes only
     (`jax.eval_shape`): nothing is allocated here."""
     name = getattr(cache_init, "quant_name", None)
-    if name is None:
+    from kvjax.quant import QUANT_CACHES
+    if name is None or QUANT_CACHES[name].method != "kivi":   # others size their fp parts per phase (ZipCache)
         return cache_init, ()
     size = lambda init: kvcache.tree_bytes(jax.eval_shape(
         lambda: init_engine_cache(config, batch, capacity, dtype, init, context)))
