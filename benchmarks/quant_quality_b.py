@@ -115,10 +115,13 @@ def methods(config, n, p, buffer, regap=96):
                lambda cap, pre=None: kivi.init_kivi_cache(config, 1, cap, bits=2, group=32, residual=128),
                lambda dense, cap: kivi.from_dense(dense, kcfg, cap)),
         gear_m(4), gear_m(2), zip_m, mikv_m(2), mikv_m(4), rot_m(2), rot_m(4),
+        # the query-free variants (scorer="keys"): these rows feed dense K/V, no queries are observed
         in_generate("zipcache", "ZipCache in generate (registry `zipcache`: key-probe saliency, rounds inside "
-                    "the cache)", "zipcache"),
-        in_generate("mikv", "MiKV in generate (registry `mikv`: KNorm 20% fp16, 80% INT2, no balancer)", "mikv"),
-        in_generate("mikv4", "MiKV in generate (registry `mikv4`: KNorm 20% fp16, 80% INT4, no balancer)", "mikv4"),
+                    "the cache)", "zipcache", scorer="keys"),
+        in_generate("mikv", "MiKV in generate (registry `mikv`: KNorm 20% fp16, 80% INT2, no balancer)", "mikv",
+                    scorer="keys"),
+        in_generate("mikv4", "MiKV in generate (registry `mikv4`: KNorm 20% fp16, 80% INT4, no balancer)", "mikv4",
+                    scorer="keys"),
     ]
 
 

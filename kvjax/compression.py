@@ -33,6 +33,7 @@ from kvjax.cache import KVCache
 from kvjax.layerwise import LayerwiseCache
 from kvjax.observation import Observation, Observe, Observer, layer_view
 from kvjax.policies.base import Budget, ScoringPolicy, compress
+from kvjax.ring import policy_config, policy_part, with_policy_part
 from models.config import ModelConfig
 
 WHEN = ("prefill", "chunk", "decode")
@@ -136,8 +137,12 @@ def fit_window(compression: Compression, n_keep: int) -> tuple[Compression, Opti
 def compress_cache(policy: ScoringPolicy, config: ModelConfig, cache, outs: dict, n_keep: jax.Array,
                    capacity: int, max_keep: int, state: Optional[jax.Array] = None):
     """Jitted `policies.base.compress` from a forward's outputs ("scores" [L, B, Hkv, S] reduced in
-    the layers, "queries" for ThinK)."""
-    return compress(policy, config, cache, outs["scores"], n_keep, capacity, max_keep, state, outs.get("queries"))
+    the layers, "queries" for ThinK). A model with sliding-window layers: only its global layers
+    are compressed (L of them: the forward reduced only theirs; `kvjax.ring`), its rings stay."""
+    part = policy_part(cache, config)
+    new, state = compress(policy, policy_config(config), part, outs["scores"], n_keep, capacity, max_keep, state,
+                          outs.get("queries"))
+    return with_policy_part(cache, new, config, rerotated=policy.rerotate), state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,6 +250,8 @@ def decode_compress(compression: Compression, config: ModelConfig, cache: Layerw
     head using the buffered queries' observation. Re-rotating policies invalidate the buffer
     (its queries were rotated at positions that no longer exist). returns (cache, state, buf)."""
     policy = compression.policy
+    whole, cache = cache, policy_part(cache, config)       # a model's sliding-window rings stay as they are
+    pconfig = policy_config(config)
     if not isinstance(cache, LayerwiseCache) or not cache.uniform:
         raise ValueError(f"decode-time compression observes per-layer dense caches; a {type(cache).__name__} "
                          f"(e.g. ThinK's pruned keys, a ragged final layout) cannot be compressed again")
@@ -252,12 +259,13 @@ def decode_compress(compression: Compression, config: ModelConfig, cache: Layerw
     def squeeze(c, s, b):
         from kvjax.quant.evicted import dense_view
         c, back = dense_view(c)   # quantized layers: dequantized, compressed, requantized (kvjax.quant.evicted)
-        scores = buffer_scores(policy, config, c, b, s)
-        c2, s2 = compress(policy, config, c, scores, n_keep, c.capacity, max_keep, s)
+        scores = buffer_scores(policy, pconfig, c, b, s)
+        c2, s2 = compress(policy, pconfig, c, scores, n_keep, c.capacity, max_keep, s)
         c2 = back(c2)
         if b is not None and policy.rerotate:
             b = dataclasses.replace(b, positions=jnp.full_like(b.positions, -1))
         return c2, s2, b
 
     full = jnp.max(cache.lengths) >= cache.capacity
-    return jax.lax.cond(full, squeeze, lambda c, s, b: (c, s, b), cache, state, buf)
+    cache, state, buf = jax.lax.cond(full, squeeze, lambda c, s, b: (c, s, b), cache, state, buf)
+    return with_policy_part(whole, cache, config, rerotated=policy.rerotate), state, buf

@@ -25,6 +25,8 @@ from kvjax.attention import check_backend, decode_impl, dense_kernel_ok, kivi_ke
 from kvjax.compression import (Compression, compress_cache, decode_compress, fit_window, init_query_buffer,
                                push_query)
 from kvjax.layerwise import LayerwiseCache, per_layer
+from kvjax.ring import (RingCache, first_policy_layer, init_ring, policy_config, policy_part, policy_positions,
+                        with_policy_part)
 from kvjax.observation import Observe, Observer
 from kvjax.sampling import Sampling, sample
 from models.config import ModelConfig
@@ -79,8 +81,9 @@ forward_step = jax.jit(_forward, static_argnames=_FORWARD_STATIC, donate_argname
 
 def continue_positions(cache, positions: jax.Array) -> jax.Array:
     """Shift `positions [batch, new]` so each row continues after the highest position its cache
-    holds (padding stays -1). Used when a policy re-assigns contiguous in-cache positions."""
-    start = jnp.max(cache.positions, axis=(0, 2, 3)) + 1                 # [batch]
+    holds (padding stays -1; a model's sliding-window rings are left out: `kvjax.ring`). Used when a
+    policy re-assigns contiguous in-cache positions."""
+    start = jnp.max(policy_positions(cache), axis=(0, 2, 3)) + 1        # [batch]
     first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max), axis=1)
     shifted = positions - first[:, None] + start[:, None]
     return jnp.where(positions >= 0, shifted, -1).astype(jnp.int32)
@@ -90,7 +93,7 @@ def quantizes_after_prefill(cache) -> bool:
     """Whether the cache's method prefills in full precision and quantizes the prompt afterwards
     (KIVI: `quantize_after_prefill` on its layer class), so `prefill` may run the prompt through
     a dense cache first."""
-    layer = cache.layers[0] if isinstance(cache, LayerwiseCache) and cache.layers else cache
+    layer = first_policy_layer(cache) if isinstance(cache, LayerwiseCache) and cache.layers else cache
     return isinstance(cache, LayerwiseCache) and bool(getattr(layer, "quantize_after_prefill", False))
 
 
@@ -128,13 +131,15 @@ def prefill(params, config: ModelConfig, tokens, positions, cache, chunk_size: O
                              "(e.g. KIVI) and no compression")
         target = cache
         b, h = target.layers[0].lengths.shape
-        dense = init_engine_cache(config, b, target.capacity, params["embed"].dtype)
+        rings = [lc.capacity for lc in target.layers if isinstance(lc, RingCache)]
+        dense = init_engine_cache(config, b, target.capacity, params["embed"].dtype, context=max(rings, default=None))
         logits, dense, state = prefill(params, config, tokens, positions, dense, chunk_size, progress, None,
                                        n_keep, max_keep, state, attention, all_logits, dense_first=False)
         layers, dense_layers = list(target.layers), list(dense.layers)
         del dense
         for i in range(len(layers)):   # layer by layer: each dense layer is freed once stored
-            layers[i] = _store_prompt(layers[i], dense_layers[i], positions, tokens.shape[1])
+            layers[i] = (dense_layers[i] if isinstance(layers[i], RingCache)     # a local layer's ring as is
+                         else _store_prompt(layers[i], dense_layers[i], positions, tokens.shape[1]))
             dense_layers[i] = None
         return logits, dataclasses.replace(target, layers=tuple(layers)), state
     t = tokens.shape[1]
@@ -216,7 +221,7 @@ def decode_loop(params, cache, first_token, start_positions, key, state=None, n_
     accumulates = in_loop and compression.policy.accumulates
     max_keep = cache.capacity - compression.interval if in_loop else 0
     # rolling buffer of the last decode queries: what window scorers observe when compressing
-    buf = init_query_buffer(compression, config, batch, _buffer_dtype(cache)) if in_loop else None
+    buf = init_query_buffer(compression, policy_config(config), batch, _buffer_dtype(cache)) if in_loop else None
     logp = None
     if forced is not None:
         logp = jnp.zeros((batch, max(max_new_tokens - 1, 0), config.vocab_size), jnp.float32)
@@ -231,7 +236,7 @@ def decode_loop(params, cache, first_token, start_positions, key, state=None, n_
         if in_loop:  # make room first: the new token must fit
             cache, state, buf = decode_compress(compression, config, cache, state, buf, n_keep, max_keep)
             if compression.policy.rerotate:  # contiguous in-cache positions: continue after them
-                pos = jnp.max(cache.positions, axis=(0, 2, 3)) + 1
+                pos = jnp.max(policy_positions(cache), axis=(0, 2, 3)) + 1
         logits, cache, outs = forward(params, tok[:, None], pos[:, None], cache, config, Observe(), False,
                                       observer=observer, attention=attention,
                                       accumulated=state if accumulates else None)
@@ -256,7 +261,7 @@ def decode_loop(params, cache, first_token, start_positions, key, state=None, n_
 
 
 def _buffer_dtype(cache):
-    layer = cache.layers[0] if isinstance(cache, LayerwiseCache) else cache
+    layer = first_policy_layer(cache) if isinstance(cache, LayerwiseCache) else cache
     return layer.keys.dtype if isinstance(layer, kvcache.KVCache) else jnp.float32
 
 
@@ -267,7 +272,7 @@ def decode_start(cache, prompt_lengths, compression: Optional[Compression]) -> j
     from every head, so the cache's highest position can be lower). Re-rotating policies: one
     past the highest in-cache position (their kept keys sit at contiguous positions 0..kept-1)."""
     if compression is not None and compression.policy.rerotate:
-        return (jnp.max(cache.positions, axis=(0, 2, 3)) + 1).astype(jnp.int32)
+        return (jnp.max(policy_positions(cache), axis=(0, 2, 3)) + 1).astype(jnp.int32)
     return jnp.asarray(prompt_lengths, jnp.int32)
 
 
@@ -278,7 +283,7 @@ def attention_name(cache, compression=None, attention: str = "auto") -> str:
     from kvjax.quant.qjl import QJLCache
     if hasattr(cache, "attention_name"):        # a cache that routes its own attention (kvjax.nsa_cache)
         return cache.attention_name(attention)
-    layer = cache.layers[0] if isinstance(cache, LayerwiseCache) and cache.layers else cache
+    layer = first_policy_layer(cache) if isinstance(cache, LayerwiseCache) and cache.layers else cache
     layer = getattr(layer, "kivi", layer)      # kvjax.quant.evicted: the KIVI storage of an evicted set
     if compression is not None and getattr(compression, "when", None) == "decode":
         obs = compression.decode_observer()
@@ -356,17 +361,25 @@ def prefill_chunk(padded_len: int, chunk_size: Optional[int],
 
 
 def init_engine_cache(config: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
-                      cache_init: Optional[Callable] = None) -> LayerwiseCache:
+                      cache_init: Optional[Callable] = None, context: Optional[int] = None) -> LayerwiseCache:
     """An empty per-layer cache (the engine's layout): dense KVCache layers of `capacity` slots, or
     `cache_init(config, batch, capacity)`'s cache type split per layer (given `dtype=` too when it
-    says `takes_engine_dtype`, as `kvjax.quant.make_cache_init`'s do: the dtype of its fp parts)."""
+    says `takes_engine_dtype`, as `kvjax.quant.make_cache_init`'s do: the dtype of its fp parts).
+    A model's sliding-window layers get a `kvjax.ring.RingCache` of min(window, context) slots
+    (context: the most positions the cache will see; default `capacity`), in `dtype`."""
     if cache_init is None:
         layer = lambda: kvcache.init_cache(1, batch, config.n_kv_heads, capacity, config.head_dim, dtype)
         layers = tuple(jax.tree_util.tree_map(lambda x: x[0], layer()) for _ in range(config.n_layers))
-        return LayerwiseCache(layers=layers, capacity=capacity, uniform=True)
-    if getattr(cache_init, "takes_engine_dtype", False):      # kvjax.quant.make_cache_init's
-        return per_layer(cache_init(config, batch, capacity, dtype=dtype))
-    return per_layer(cache_init(config, batch, capacity))
+        cache = LayerwiseCache(layers=layers, capacity=capacity, uniform=True)
+    elif getattr(cache_init, "takes_engine_dtype", False):      # kvjax.quant.make_cache_init's
+        cache = per_layer(cache_init(config, batch, capacity, dtype=dtype))
+    else:
+        cache = per_layer(cache_init(config, batch, capacity))
+    if not config.local_layers:
+        return cache
+    ring = lambda: init_ring(config, batch, capacity if context is None else context, dtype)   # own buffers
+    layers = tuple(ring() if i in config.local_layers else lc for i, lc in enumerate(cache.layers))
+    return dataclasses.replace(cache, layers=layers)
 
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
@@ -456,6 +469,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if selection is not None:
         from kvjax.selection.base import check_selection
         check_selection(selection, config)
+        if config.local_layers:
+            raise ValueError(f"query-aware selection is not supported on {config.name}'s sliding-window layers "
+                             f"(their ring caches are already bounded by the window); run it without selection")
     if selection is not None and selection.page_size > 1:
         plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // selection.page_size)
                                    * selection.page_size)
@@ -465,7 +481,13 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if jax.default_backend() != "cpu":
         # decode kernels tile the slots in blocks of 64: a capacity they divide is never padded (copied)
         plan = dataclasses.replace(plan, decode_capacity=-(-plan.decode_capacity // 64) * 64)
-    cache = init_engine_cache(config, len(prompts), plan.prefill_capacity, cache_dtype, cache_init)
+    context = tokens.shape[1] + max_new_tokens
+    if evict_quant is None:
+        cache_init, note = no_larger_than_dense(cache_init, config, len(prompts),
+                                                max(plan.prefill_capacity, plan.decode_capacity), cache_dtype, context)
+        plan = dataclasses.replace(plan, notes=plan.notes + note)
+        quantized_prefill = quantized_prefill and not note
+    cache = init_engine_cache(config, len(prompts), plan.prefill_capacity, cache_dtype, cache_init, context)
     peak_bytes = cache.memory_bytes()  # prefill capacity is the largest the cache gets
     if quantized_prefill and (plan.compression is not None or not quantizes_after_prefill(cache)):
         raise ValueError("quantized_prefill applies to a quantized cache that quantizes after prefill "
@@ -473,12 +495,13 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     dense_first = None if not quantized_prefill else False
     if plan.compression is None and quantizes_after_prefill(cache) and not quantized_prefill:
         peak_bytes += kvcache.tree_bytes(jax.eval_shape(
-            lambda: init_engine_cache(config, len(prompts), plan.prefill_capacity, params["embed"].dtype)))
+            lambda: init_engine_cache(config, len(prompts), plan.prefill_capacity, params["embed"].dtype,
+                                      context=context)))
         plan = dataclasses.replace(plan, notes=plan.notes + (
             "the prompt is prefilled in full precision through a dense cache, then quantized (KIVI's prefill "
             "rule; peak_cache_bytes counts both)",))
-    state = (jnp.zeros((config.n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity), jnp.float32)
-             if plan.compression is not None and plan.compression.policy.accumulates else None)
+    state = (jnp.zeros((policy_config(config).n_layers, len(prompts), config.n_kv_heads, plan.prefill_capacity),
+                       jnp.float32) if plan.compression is not None and plan.compression.policy.accumulates else None)
     n_keep = jnp.asarray(plan.n_keep, jnp.int32) if plan.compression is not None else None
     if mesh is not None:
         cache, state = _on_mesh(cache, config, mesh), _on_mesh(state, config, mesh)
@@ -497,10 +520,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
         state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
-    if evict_quant is not None:   # the kept tokens of every head stored in KIVI form
-        cache = evict_quant.quantize(cache)
+    if evict_quant is not None:   # the kept tokens of every head stored in KIVI form (global layers)
+        cache = with_policy_part(cache, evict_quant.quantize(policy_part(cache, config)), config)
         if state is not None:
-            state = jnp.pad(state, [(0, 0)] * 3 + [(0, cache.layers[0].capacity - state.shape[-1])])
+            state = jnp.pad(state, [(0, 0)] * 3 + [(0, first_policy_layer(cache).capacity - state.shape[-1])])
     if mesh is not None:  # compression may have built another layout: place it again
         cache, state = _on_mesh(cache, config, mesh), _on_mesh(state, config, mesh)
     first = sample(last_logits, sub, sampling)
@@ -536,7 +559,7 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
         "decode_tok_per_s": len(prompts) * max(steps - 1, 1) / (t2 - t1),
         "cache_bytes": cache.memory_bytes(),
         "peak_cache_bytes": max(peak_bytes, cache.memory_bytes()),  # allocated, not live
-        "query_buffer_bytes": _query_buffer_bytes(plan.compression, config, len(prompts), cache),
+        "query_buffer_bytes": _query_buffer_bytes(plan.compression, policy_config(config), len(prompts), cache),
         "cache_capacity": cache.capacity,
         "prefill_chunk": chunk_size or tokens.shape[1],
         "compression": str(plan.compression) if plan.compression else "none",
@@ -561,6 +584,28 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
                 f"selection budget {selection.budget} >= cache capacity {cache.capacity}: dense decode",)
     text = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None
     return GenerateResult(tokens=rows, stats=stats, text=text, cache=cache)
+
+
+def no_larger_than_dense(cache_init, config: ModelConfig, batch: int, capacity: int, dtype,
+                         context: Optional[int] = None) -> tuple[Optional[Callable], tuple[str, ...]]:
+    """(cache_init, notes): a registered KIVI cache (`kvjax.quant.make_cache_init`) that would
+    allocate at least as many bytes as the dense cache for this context -- its full-precision
+    residual windows (KIVI: R = 128 tokens for keys and for values) outgrow a short prompt -- is
+    replaced by the dense cache (None), with a note. A context within KIVI's residual window would
+    never be quantized anyway, so the dense cache computes the same attention. Shapes only
+    (`jax.eval_shape`): nothing is allocated here."""
+    name = getattr(cache_init, "quant_name", None)
+    from kvjax.quant import QUANT_CACHES
+    if name is None or QUANT_CACHES[name].method != "kivi":   # others size their fp parts per phase (ZipCache)
+        return cache_init, ()
+    size = lambda init: kvcache.tree_bytes(jax.eval_shape(
+        lambda: init_engine_cache(config, batch, capacity, dtype, init, context)))
+    quant, dense = size(cache_init), size(None)
+    if quant < dense:
+        return cache_init, ()
+    return None, (f"the {name} cache for {capacity} slots per head would take {quant:,} bytes, not less than the "
+                  f"full cache's {dense:,} (its full-precision windows outgrow this short context): the full cache "
+                  f"is used",)
 
 
 def _evict_quant(compression, cache_init, kv_quant: Optional[str]):

@@ -36,6 +36,7 @@ from kvjax import cache as kvcache
 from kvjax.attention import check_backend
 from kvjax.layerwise import LayerwiseCache
 from kvjax.observation import Observe, Observer, reduce_layer
+from kvjax.ring import policy_config, policy_index
 from models.config import ModelConfig
 from models.gated_attention import apply_gate
 from models.local_attention import attend_local, layer_rope, layer_window
@@ -76,7 +77,7 @@ def project_qkv(lp: Params, h: jax.Array, config: ModelConfig) -> tuple[jax.Arra
 
 def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, config: ModelConfig,
                   observe: Observe, observer: Optional[Observer], backend: str, layer, accumulated,
-                  attn_mod=None, prefill_attention=None):
+                  attn_mod=None, prefill_attention=None, policy_layer=None):
     """One pre-norm block. x [batch, seq, d_model] -> (x, layer_cache, outputs).
 
     attn_mod: this layer's slice of `forward`'s `attn_mod` (or None): its `attention(h, q,
@@ -84,6 +85,10 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     prefill_attention: a `kvjax.sparse_prefill` method (static) or None: several queries (a prefill
     chunk) attend through the block-sparse kernel with its block mask; outputs gain
     "prefill_density" [batch, kv_heads, 2] (listed, live causal blocks). Decode steps are unchanged.
+
+    policy_layer: this layer's index among the layers policies act on (`kvjax.ring.policy_index`:
+    a model with sliding-window layers shows the observer its global layers only, as a model of
+    those layers, `kvjax.ring.policy_config`); None: `layer` of `config`.
 
     outputs: the per-token observations `observe` asks for (q_pre, k_pre, v, hidden) and what
     the observer reduced this layer's observation to (scores, accumulated, queries, queries_pre)."""
@@ -95,9 +100,13 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     q, k, v = project_qkv(lp, h, config)
     if observe.qkv:
         out_obs.update(q_pre=q, k_pre=k, v=v)
+    ring = getattr(layer_cache, "append_attend", None)      # a local layer's ring buffer (kvjax.ring)
+    if ring is not None:
+        positions = layer_cache.true_positions(positions)
     rope = layer_rope(config, layer)
     q_rot, k_rot = rope(q, positions), rope(k, positions)
-    layer_cache = layer_cache.append(k_rot, v, positions, keys_pre_rope=k)
+    if ring is None:
+        layer_cache = layer_cache.append(k_rot, v, positions, keys_pre_rope=k)
     wants = observer.observe.attention if observer is not None else Observe()
     stateful = getattr(layer_cache, "attend_and_update", None)  # caches that carry decode state (kvjax.selection)
     with_input = getattr(layer_cache, "attend_hidden", None)    # attention that reads the layer input (NSA's gates)
@@ -105,7 +114,10 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     if window is not None:                                 # a sliding-window layer (models.local_attention)
         if prefill_attention is not None or stateful is not None:
             raise ValueError("sparse prefill and selection caches are not supported on sliding-window layers")
-        out, attn_obs = attend_local(layer_cache, q_rot, positions, window, observe=wants, backend=backend)
+        if ring is not None:
+            out, attn_obs, layer_cache = ring(q_rot, k_rot, v, positions, observe=wants, backend=backend)
+        else:
+            out, attn_obs = attend_local(layer_cache, q_rot, positions, window, observe=wants, backend=backend)
     elif with_input is not None:                           # kvjax.nsa_cache: gates from h, no prefill_attention
         if prefill_attention is not None:
             raise ValueError("sparse prefill does not apply to NSA layers (they select their own blocks)")
@@ -124,8 +136,13 @@ def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, layer_cache, c
     if config.attn_gate:                                   # Gated Attention (models.gated_attention)
         out = apply_gate(lp, h, out, config.n_heads)
     if observer is not None:
-        red = reduce_layer(observer, layer_cache, config, layer, config.n_layers, attn_obs, q_rot, q, k, v,
-                           hidden, accumulated)
+        if policy_layer is None:
+            red = reduce_layer(observer, layer_cache, config, layer, config.n_layers, attn_obs, q_rot, q, k, v,
+                               hidden, accumulated)
+        else:
+            pconfig = policy_config(config)
+            red = reduce_layer(observer, layer_cache, pconfig, policy_layer, pconfig.n_layers, attn_obs, q_rot,
+                               q, k, v, hidden, accumulated)
         out_obs.update({("queries_pre" if n == "q_pre" else n): a for n, a in red.items()})
     b, _, t, _ = out.shape
     attn = out.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(x.dtype) @ lp["wo"]
@@ -269,9 +286,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
     if observer is not None and observer.policy.accumulates and accumulated is None:
         raise ValueError(f"{type(observer.policy).__name__} accumulates a running score: pass accumulated=")
 
-    def layer_fn(lp, x, lc, layer, acc, mod=None):
-        return decoder_layer(lp, x, positions, lc, config, observe, observer, attention, layer, acc, mod,
-                             prefill_attention)
+    def layer_fn(lp, x, lc, layer, acc, mod=None, obs=observer, policy_layer=None):
+        return decoder_layer(lp, x, positions, lc, config, observe, obs, attention, layer, acc, mod,
+                             prefill_attention, policy_layer)
 
     if isinstance(cache, LayerwiseCache):
         layers, outs = [], []
@@ -281,17 +298,20 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
             lc = cache.enter(i)
             if carry is not None and hasattr(lc, "receive"):
                 lc = lc.receive(carry)
-            x, lc, out = layer_fn(lp, x, lc, i, None if accumulated is None else accumulated[i], mod)
+            g = policy_index(config, i)        # None: a sliding-window layer, which policies leave alone
+            acc = None if accumulated is None or g is None else accumulated[g]
+            x, lc, out = layer_fn(lp, x, lc, i, acc, mod, observer if g is not None else None,
+                                  g if config.local_layers else None)
             handed = lc.hand_over() if hasattr(lc, "hand_over") else None
             carry = carry if handed is None else handed
             layers.append(cache.leave(i, lc))
             outs.append(out)
         cache = dataclasses.replace(cache, layers=tuple(layers))
-        if outs and any(len({o.shape for o in xs}) > 1 for xs in zip(*(jax.tree_util.tree_leaves(o) for o in outs))):
-            raise ValueError("a LayerwiseCache with layers of different sizes cannot return per-slot "
-                             "observations (it is a final layout: compress before converting to it)")
-        outs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs) if outs else {}
+        outs = _stack_outputs(outs)
     else:
+        if observer is not None and config.local_layers:
+            raise ValueError("policies act on the global layers of a model with sliding-window layers: pass the "
+                             "engine's per-layer cache (kvjax.generate.init_engine_cache) to observe them")
         def body(x, xs):
             lp, lc, layer, acc, mod = xs
             x, lc, out = layer_fn(lp, x, lc, layer, acc, mod)
@@ -309,6 +329,19 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache, conf
     if config.final_logit_softcap is not None:
         logits = config.final_logit_softcap * jnp.tanh(logits / config.final_logit_softcap)
     return logits, cache, outs
+
+
+def _stack_outputs(outs: list[dict]) -> dict:
+    """Per-layer outputs stacked over the layers that return each (observer outputs come from the
+    global layers only, per-token observations from every layer)."""
+    stacked = {}
+    for name in dict.fromkeys(k for o in outs for k in o):
+        xs = [o[name] for o in outs if name in o]
+        if any(len({a.shape for a in col}) > 1 for col in zip(*(jax.tree_util.tree_leaves(x) for x in xs))):
+            raise ValueError("a LayerwiseCache with layers of different sizes cannot return per-slot "
+                             "observations (it is a final layout: compress before converting to it)")
+        stacked[name] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)
+    return stacked
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02,

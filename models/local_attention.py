@@ -5,9 +5,12 @@ uses `config.rope_local_theta`. The layer index is a Python int in the per-layer
 static: global layers keep every attention path) and a traced int inside `lax.scan` (the choice is a
 `jnp.where`; global layers then get a window longer than any context).
 
-Local layers attend through `kvjax.attention.attend(..., window=)` over a dense `KVCache`: a decode
+In the engine's per-layer cache (`kvjax.generate.init_engine_cache`) a local layer keeps a ring
+buffer of its window (`kvjax.ring.RingCache`: min(window, context) slots, memory bounded by the
+window), and compression policies act on the global layers only (`kvjax.ring.policy_part`). A
+dense `KVCache` (a cache stacked over layers, scanned) also works: it holds every token, a decode
 step hides the slots its window has left (the kernels read what remains), several queries take the
-XLA path with the window in the mask. The cache itself still holds every token.
+XLA path with the window in the mask. Both attend through `kvjax.attention.attend(..., window=)`.
 """
 from __future__ import annotations
 

@@ -155,12 +155,15 @@ def test_kivi_decode_loop_writes_codes_in_place(params):
 
 
 def test_quantized_prefill_keeps_peak_at_the_quantized_cache(params):
-    """generate(kv_quant="kivi4") prefills through a full-precision cache beside the quantized one
+    """generate over a KIVI-4 cache prefills through a full-precision cache beside the quantized one
     (KIVI's rule; the peak counts both); quantized_prefill=True appends each chunk quantized, so the
     peak is the quantized cache alone."""
+    from kvjax.quant import make_cache_init
     prompts = [list(range(3, 99)), list(range(5, 85))]
+    # R = 32: the default 128-token windows would outgrow this 100-slot context (generate then runs
+    # the full cache, kvjax.generate.no_larger_than_dense)
     run = lambda **kw: generate(params, CFG, prompts, 4, chunk_size=32, cache_dtype=jnp.float32,
-                                kv_quant="kivi4", eos_ids=(), **kw)
+                                cache_init=make_cache_init("kivi4", residual=32), eos_ids=(), **kw)
     dense_first, quantized = run(), run(quantized_prefill=True)
     # same capacity here (prefill = decode slots): the peak is exactly the quantized cache
     assert quantized.stats["cache_capacity"] == dense_first.stats["cache_capacity"]

@@ -321,3 +321,139 @@ def test_gguf_gemma3_logits_and_sentencepiece_tokenizer(tmp_path):
     ids = sp.encode("abc ab")
     assert [pieces[i] for i in ids] == ["<bos>", "a", "bc", "\u2581", "ab"]     # ab (-2) before \u2581a (-3)
     assert sp.decode(ids, skip_special_tokens=True) == "abc ab" and 4 in sp.stop_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliding-window layers: ring buffers of the window, policies on the global layers only (kvjax.ring).
+# The checkpoint's layers are local, local, global, local (window 5).
+
+def _engine_logits(params, config, cache, tokens, positions, chunk):
+    """Chunked prefill of `tokens [B, T]` through the engine's cache: (logits [B, T, vocab], cache)."""
+    from kvjax.generate import prefill
+    logits, cache, _ = prefill(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache, chunk,
+                               all_logits=True)
+    return np.asarray(logits), cache
+
+
+def test_ring_cache_matches_float64_reference_left_padded(checkpoint, model):
+    """Two left-padded rows (9 and 6 tokens), prefilled in chunks of 7 (> the window: a chunk
+    overwrites ring slots its earliest queries still need), then 6 decode steps: the ring cache's
+    logits equal the float64 reference at every real position, as do a dense full cache's (the
+    scanned path, window in the mask); the local layers hold 5 slots."""
+    from kvjax.generate import left_pad
+    from kvjax.ring import RingCache
+    _, cfg, t = checkpoint
+    config, params = model
+    params = unstack_params(params)
+    rows = [tokens_of(15, seed=21), tokens_of(12, seed=22)]
+    prompts = [rows[0][:9].tolist(), rows[1][:6].tolist()]
+    tokens, positions = left_pad(prompts, 0)
+    cache = init_engine_cache(config, 2, tokens.shape[1] + 6)
+    assert [type(lc) for lc in cache.layers] == [RingCache, RingCache, type(cache.layers[2]), RingCache]
+    assert {lc.capacity for i, lc in enumerate(cache.layers) if i != 2} == {5}
+    logits, cache = _engine_logits(params, config, cache, tokens, positions, chunk=7)
+    dense = init_cache(config.n_layers, 2, config.n_kv_heads, tokens.shape[1] + 6, config.head_dim)
+    dense_logits, dense, _ = forward(params, jnp.asarray(tokens), jnp.asarray(positions), dense, config)
+    got = [[logits[b, positions[b] >= 0]] for b in range(2)]
+    got_dense = [[np.asarray(dense_logits)[b, positions[b] >= 0]] for b in range(2)]
+    step = jax.jit(lambda c, x, p: forward(params, x, p, c, config)[:2])
+    for s in range(6):
+        x = jnp.asarray([[rows[0][9 + s]], [rows[1][6 + s]]])
+        p = jnp.asarray([[9 + s], [6 + s]])
+        lg, cache = step(cache, x, p)
+        lgd, dense = step(dense, x, p)
+        for b in range(2):
+            got[b].append(np.asarray(lg[b]))
+            got_dense[b].append(np.asarray(lgd[b]))
+    for b, n in ((0, 15), (1, 12)):
+        want = reference_logits(t, cfg, rows[b][:n])
+        tol = 1e-4 * np.abs(want).max()
+        np.testing.assert_allclose(np.concatenate(got[b]), want, rtol=1e-4, atol=tol)
+        np.testing.assert_allclose(np.concatenate(got_dense[b]), want, rtol=1e-4, atol=tol)
+
+
+def _prefilled(params, config, prompt, compression, new=3):
+    from kvjax.eval.fidelity import prefill_context
+    return prefill_context(params, config, jnp.asarray([prompt]), compression, max_new_tokens=new + 1)
+
+
+def _continue(params, config, cache, feed, start):
+    """Feed `feed` one token at a time from position `start`: (logits [n, vocab], hidden inputs of
+    every layer [n, layers, d_model], cache)."""
+    from kvjax.observation import Observe
+    step = jax.jit(lambda c, x, p: forward(params, x, p, c, config, Observe(hidden=True)))
+    logits, hidden = [], []
+    for i, tok in enumerate(feed):
+        lg, cache, outs = step(cache, jnp.asarray([[tok]]), jnp.asarray([[start + i]]))
+        logits.append(np.asarray(lg[0, -1]))
+        hidden.append(np.asarray(outs["hidden"][:, 0, -1]))
+    return np.stack(logits), np.stack(hidden), cache
+
+
+@pytest.mark.parametrize("name, kw", [("snapkv", {}), ("streaming_llm", {"rerotate": True})])
+def test_policies_leave_sliding_window_layers_alone(model, name, kw):
+    """A policy at 50% of a 12-token prompt compresses the global layer (2) only: decoding 3 tokens,
+    the inputs of layers 1 and 2 (outputs of the local layers 0, 1, which come before any global
+    layer) equal the uncompressed run's, while layer 3's input differs (compression acted); the
+    rings hold every position of the window. StreamingLLM with pos-shift re-rotates the global
+    layer to contiguous positions: the rings' offsets keep the local layers' true distances."""
+    from kvjax.compression import Compression
+    from kvjax.eval.fidelity import start_positions
+    from kvjax.policies import make_policy
+    from kvjax.policies.base import Budget
+    from kvjax.ring import RingCache
+    config, params = model
+    params = unstack_params(params)
+    seq = tokens_of(15, seed=31).tolist()
+    prompt, feed = seq[:12], seq[12:]
+    full = _prefilled(params, config, prompt, None)
+    comp = _prefilled(params, config, prompt, Compression(make_policy(name, **kw), Budget(ratio=0.5)))
+    assert int(comp.cache.layers[2].lengths.max()) == 6 and comp.cache.layers[2].capacity < 12
+    _, h_full, c_full = _continue(params, config, full.cache, feed, 12)
+    _, h_comp, c_comp = _continue(params, config, comp.cache, feed, int(start_positions(comp)[0]))
+    scale = np.abs(h_full).max()
+    np.testing.assert_allclose(h_comp[:, :3], h_full[:, :3], rtol=1e-5, atol=1e-5 * scale)
+    assert np.abs(h_comp[:, 3] - h_full[:, 3]).max() > 1e-3 * scale
+    for i in (0, 1, 3):
+        assert isinstance(c_comp.layers[i], RingCache)
+        np.testing.assert_array_equal(np.sort(np.asarray(c_comp.layers[i].positions[0, 0])), np.arange(10, 15))
+
+
+def test_compressed_global_layer_with_full_local_windows_matches_dense_reference(model):
+    """SnapKV at 50% on the global layer: the engine's logits over a 3-token continuation equal a
+    dense cache (every layer a full KVCache, local layers masked by the window) in which only the
+    global layer was cut to the same kept positions."""
+    from kvjax import cache as kvcache
+    from kvjax.compression import Compression
+    from kvjax.layerwise import per_layer
+    from kvjax.policies import make_policy
+    from kvjax.policies.base import Budget
+    config, params = model
+    params = unstack_params(params)
+    seq = tokens_of(15, seed=41).tolist()
+    comp = _prefilled(params, config, seq[:12], Compression(make_policy("snapkv"), Budget(ratio=0.5)))
+    got, _, _ = _continue(params, config, comp.cache, seq[12:], 12)
+    dense = per_layer(init_cache(config.n_layers, 1, config.n_kv_heads, 12, config.head_dim))
+    _, dense, _ = forward(params, jnp.asarray([seq[:12]]), jnp.arange(12)[None], dense, config)
+    kept = comp.cache.layers[2].positions                        # slot = position in the dense prompt cache
+    layers = list(dense.layers)
+    layers[2] = kvcache.gather(layers[2], kept, comp.cache.layers[2].capacity)
+    layers = [kvcache.resize(lc, max(lc.capacity, 15)) for lc in layers]
+    ref = dataclasses.replace(dense, layers=tuple(layers), uniform=False)
+    want, _, _ = _continue(params, config, ref, seq[12:], 12)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_local_layer_cache_bytes_are_bounded_by_the_window(model):
+    """The three local layers' rings hold 5 slots whatever the context (16 or 40 tokens); the
+    global layer holds the context; stats["cache_bytes"] counts both."""
+    from kvjax.ring import RingCache
+    config, params = model
+    b, h, d, w = 1, config.n_kv_heads, config.head_dim, config.sliding_window
+    ring_bytes = 2 * b * h * w * d * 4 + b * h * w * 4 + b * 4          # keys, values, positions, offset
+    for n in (14, 38):
+        res = generate(params, config, [tokens_of(n, seed=n).tolist()], max_new_tokens=2, eos_ids=(), bucket=1)
+        rings = [lc for lc in res.cache.layers if isinstance(lc, RingCache)]
+        assert len(rings) == 3 and sum(r.memory_bytes() for r in rings) == 3 * ring_bytes
+        glob = (n + 2) * (2 * b * h * d * 4 + b * h * 4) + b * h * 4        # + lengths
+        assert res.stats["cache_bytes"] == 3 * ring_bytes + glob

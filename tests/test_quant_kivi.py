@@ -307,3 +307,31 @@ def test_engine_prefill_is_full_precision_then_quantized():
     assert rel > 1e-3, rel
     with pytest.raises(ValueError, match="dense_first"):
         prefill(params, cfg, tokens, pos, init_engine_cache(cfg, b, cap, jnp.float32), dense_first=True)
+
+
+def test_short_prompt_kivi_cache_is_not_larger_than_the_full_cache():
+    """KIVI-2's two fp windows of R = 128 tokens per head outgrow a 20-token prompt (the KIVI cache
+    would be ~5x the full one): generate uses the full cache there, with a note, and the same
+    tokens; 208 slots with R = 32 keep the quantized cache (less than half the full one's bytes)."""
+    import dataclasses
+    from kvjax.generate import generate, no_larger_than_dense
+    from kvjax.quant import make_cache_init
+    from models.config import get_config
+    from models.llama import init_params
+    cfg = dataclasses.replace(get_config("llama3-8b"), name="kivi-short-test", n_layers=2, d_model=128, n_heads=4,
+                              n_kv_heads=2, head_dim=64, ffn_dim=256, vocab_size=256)
+    params = init_params(cfg, jax.random.PRNGKey(5), scale=0.5)
+    kw = dict(max_new_tokens=8, bucket=1, eos_ids=())
+    short = np.random.default_rng(0).integers(0, 256, 20).tolist()
+    full = generate(params, cfg, [short], **kw)
+    layer_kivi = kivi.init_kivi_cache(cfg, 1, 28, bits=2)        # what a KIVI-2 cache of 28 slots allocates
+    assert layer_kivi.memory_bytes() > full.stats["cache_bytes"]
+    k2 = generate(params, cfg, [short], kv_quant="kivi2", **kw)
+    assert k2.stats["cache_bytes"] <= full.stats["cache_bytes"] and k2.tokens == full.tokens
+    assert any("kivi2" in n and "full cache is used" in n for n in k2.stats["notes"])
+    init = make_cache_init("kivi2", residual=32)            # 208 slots: the quantized cache is kept (shapes only)
+    kept, notes = no_larger_than_dense(init, cfg, 1, 208, jnp.float32)
+    assert kept is init and notes == ()
+    dense_bytes = cfg.n_layers * cfg.n_kv_heads * (208 * (2 * cfg.head_dim * 4 + 4) + 4)   # K, V, positions; lengths
+    assert kvcache.tree_bytes(jax.eval_shape(lambda: init(cfg, 1, 208))) < dense_bytes / 2
+    assert no_larger_than_dense(init, cfg, 1, 24, jnp.float32)[0] is None

@@ -32,6 +32,7 @@ from kvjax.compression import Compression
 from kvjax.generate import (CachePlan, decode_loop, decode_start, forward_jit, init_engine_cache, plan_cache,
                             prefill)
 from kvjax.layerwise import LayerwiseCache
+from kvjax.ring import policy_config, policy_part, with_policy_part
 from kvjax.sampling import Sampling
 from models.config import ModelConfig
 from models.llama import unstack_params
@@ -190,9 +191,9 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
     plan = plan_cache(t, [t] * b, max_new_tokens, chunk_size, compression)
     comp = plan.compression  # None when the budget keeps the whole context
     cache = init_engine_cache(config, b, plan.prefill_capacity,
-                              params["embed"].dtype if cache_dtype is None else cache_dtype)
+                              params["embed"].dtype if cache_dtype is None else cache_dtype, context=t + max_new_tokens)
     peak = cache.memory_bytes()
-    state = (jnp.zeros((config.n_layers, b, config.n_kv_heads, plan.prefill_capacity), jnp.float32)
+    state = (jnp.zeros((policy_config(config).n_layers, b, config.n_kv_heads, plan.prefill_capacity), jnp.float32)
              if comp is not None and comp.policy.accumulates else None)
     n_keep = jnp.asarray(plan.n_keep, jnp.int32) if comp is not None else None
     t0 = time.perf_counter()
@@ -202,8 +203,8 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
         state = jnp.pad(state, [(0, 0)] * 3 + [(0, extra)])[..., :plan.decode_capacity]
-    if evict is not None:
-        cache = evict.quantize(cache)
+    if evict is not None:          # the global layers' kept tokens (sliding-window rings stay dense)
+        cache = with_policy_part(cache, evict.quantize(policy_part(cache, config)), config)
         if state is not None:
             state = jnp.pad(state, [(0, 0)] * 3 + [(0, cache.capacity - state.shape[-1])])
     cache, state = jax.block_until_ready((cache, state))
@@ -248,7 +249,7 @@ def continuation_logits(params, config: ModelConfig, pre: Prefilled, targets, *,
     runner = runner or Runner()
     targets = check_tokens(targets)
     c = targets.shape[1]
-    if c > pre.plan.decode_capacity - int(jnp.max(pre.cache.lengths)) and not (
+    if c > pre.plan.decode_capacity - int(jnp.max(policy_part(pre.cache, config).lengths)) and not (
             pre.compression is not None and pre.compression.when == "decode"):
         raise ValueError(f"{c} continuation tokens do not fit the cache ({pre.plan.decode_capacity} slots)")
     first = jax.nn.log_softmax(pre.logits[:, None].astype(jnp.float32), axis=-1)

@@ -130,7 +130,8 @@ def make_policy(name: str, *, params=None, config=None, **kwargs) -> ScoringPoli
         kwargs["pattern"] = tuple(tuple(int(v) for v in row) for row in kwargs["pattern"])
     if config is not None:
         fields = {f.name for f in dataclasses.fields(cls)}
-        for field, value in (("kv_heads", config.n_kv_heads), ("n_layers", config.n_layers)):
+        from kvjax.ring import policy_config      # a model's sliding-window layers are not compressed
+        for field, value in (("kv_heads", config.n_kv_heads), ("n_layers", policy_config(config).n_layers)):
             if field in fields and field not in kwargs:
                 kwargs[field] = value
     if key == "attention_gate":

@@ -66,8 +66,8 @@ _QJL_KEYS = ("sketch_dim", "outlier_sketch_dim", "outlier_count", "group", "buff
              "value_residual", "seed", "dtype")
 _GEAR_KEYS = ("bits", "group", "loop", "prefill_rank", "rank", "outlier_ratio", "streaming_gap", "seed", "dtype")
 _ROT_KEYS = ("bits", "group", "head_group", "sink_tokens", "dtype")
-_ZIP_KEYS = ("hi_bits", "lo_bits", "unimportant_ratio", "interval", "dtype")
-_MIKV_KEYS = ("keep_ratio", "hi_bits", "lo_bits", "group", "interval", "dtype")
+_ZIP_KEYS = ("hi_bits", "lo_bits", "unimportant_ratio", "interval", "scorer", "dtype")
+_MIKV_KEYS = ("keep_ratio", "hi_bits", "lo_bits", "group", "interval", "scorer", "balance", "dtype")
 
 QUANT_CACHES: dict[str, QuantSpec] = {s.name: s for s in (
     QuantSpec("kivi2", "kivi", "KIVI 2-bit: K per channel (G32), V per token, fp residual R128",
@@ -89,11 +89,12 @@ QUANT_CACHES: dict[str, QuantSpec] = {s.name: s for s in (
     QuantSpec("rotatekv2", "rotatekv", "RotateKV 2-bit: pre-RoPE grouped-head FWHT keys, rotated values, "
               "per-token quantization, first 4 tokens fp", (("bits", 2),), _ROT_KEYS),
     QuantSpec("rotatekv4", "rotatekv", "RotateKV 4-bit", (("bits", 4),), _ROT_KEYS),
-    QuantSpec("zipcache", "zipcache", "ZipCache 60% 4-bit / 40% 2-bit by normalized-attention saliency (buffered "
-              "keys as probe queries), re-compressed by the cache every `interval` (100) tokens",
-              (("interval", 100),), _ZIP_KEYS),
-    QuantSpec("mikv", "mikv", "MiKV: KNorm-scored 20% fp16, the other 80% kept at per-token INT2 instead of "
-              "evicted, re-compressed by the cache every `interval` (100) tokens", (("interval", 100),), _MIKV_KEYS),
+    QuantSpec("zipcache", "zipcache", "ZipCache 60% 4-bit / 40% 2-bit by normalized-attention saliency of the real "
+              "probe queries (observed in the layer; scorer='keys': buffered keys as probes), re-compressed by the "
+              "cache every `interval` (100) tokens", (("interval", 100),), _ZIP_KEYS),
+    QuantSpec("mikv", "mikv", "MiKV: 20% fp16 by the attention of the real queries (observed in the layer) + channel "
+              "balancer, the other 80% kept at per-token INT2 instead of evicted (scorer='keys': KNorm, no "
+              "balancer), re-compressed by the cache every `interval` (100) tokens", (("interval", 100),), _MIKV_KEYS),
     QuantSpec("mikv4", "mikv", "MiKV with INT4 for the low-importance 80%", (("lo_bits", 4), ("interval", 100)),
               _MIKV_KEYS),
     QuantSpec("kvtuner", "kvtuner", "KVTuner per-layer KIVI bits (simulated, unpacked storage; needs layer_bits)",
