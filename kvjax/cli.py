@@ -390,6 +390,7 @@ def cmd_eval(args) -> int:
     from models.tokenizer import load_tokenizer
     notes: list[str] = []
     ecfg = eval_config_from_args(args, notes)  # validate before loading anything
+    mesh = mesh_kwargs(args)                    # more devices than there are
     resolve_dtype(args.dtype)
     tokenizer = load_tokenizer(args.model)    # cheap: sizes are checked before the model loads
     ctx, cont = eval_tokens(args, tokenizer, notes)
@@ -401,7 +402,6 @@ def cmd_eval(args) -> int:
     out = fresh_run_dir() if args.out is None else args.out
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    mesh = mesh_kwargs(args)   # more devices than there are: before loading
     config, params, _, load_s = _load(args.model, args.dtype)
     print(f"loaded {config.name} in {load_s:.1f} s on {jax.default_backend()}", file=sys.stderr)
     command = "python -m kvjax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "python -m kvjax eval"

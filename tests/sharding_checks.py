@@ -253,7 +253,7 @@ def main():
     params = unstack_params(init_params(CFG, jax.random.PRNGKey(0), scale=0.25))
     for fn in (lambda: check_generate(params, out), lambda: check_policies_and_quant(params, out),
                lambda: check_training(out), lambda: check_checkpoint(params, out), lambda: check_errors(out),
-               lambda: check_nnx(out)):
+               lambda: check_nnx(out), lambda: check_eval(params, out)):
         t0 = time.perf_counter()
         try:
             fn()
