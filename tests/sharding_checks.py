@@ -249,15 +249,16 @@ def check_nnx(out):
 
 def main():
     import time
-    out = {"devices": jax.device_count(), "seconds": []}
+    out = {"devices": jax.device_count(), "seconds": [], "cpu_seconds": []}   # per check: wall, process CPU
     params = unstack_params(init_params(CFG, jax.random.PRNGKey(0), scale=0.25))
     for fn in (lambda: check_generate(params, out), lambda: check_policies_and_quant(params, out),
                lambda: check_training(out), lambda: check_checkpoint(params, out), lambda: check_errors(out),
                lambda: check_nnx(out), lambda: check_eval(params, out)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             fn()
             out["seconds"].append(round(time.perf_counter() - t0, 1))
+            out["cpu_seconds"].append(round(time.process_time() - c0, 1))
         except Exception:
             out.setdefault("failures", []).append(traceback.format_exc())
         with open(sys.argv[1], "w") as f:          # after every check: a run cut short keeps its timings
