@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +299,7 @@ def eval_config_from_args(args, notes: Optional[list] = None):
     for regime, spec in (("chunk", args.chunk_policies), ("decode", args.decode_policies)):
         if spec:
             regime_policies.append((regime, expand_policies(spec, args.heads)))
+    check_eval_mesh(args, policies)
     return EvalConfig(policies=policies, budgets=parse_budgets(args.budget), regimes=_names(args.regime),
                       chunk_size=args.chunk_size, interval=args.interval,
                       context_tokens=args.context_tokens or DEFAULT_CONTEXT,
@@ -309,6 +310,19 @@ def eval_config_from_args(args, notes: Optional[list] = None):
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
                       regime_policies=tuple(regime_policies), locret_heads=args.heads or "",
                       kv_quant=_names(args.kv_quant), combine=bool(args.kv_quant) and bool(policies))
+
+
+def check_eval_mesh(args, policies: Sequence[str]) -> None:
+    """`eval --mesh`: well formed, data=1 (the fidelity task is one row), no Locret rows (ValueError)."""
+    if not getattr(args, "mesh", None):
+        return
+    from kvjax.eval.harness import is_locret
+    from kvjax.sharding import parse_mesh
+    if parse_mesh(args.mesh)["data"] != 1:
+        raise ValueError(f"eval --mesh {args.mesh}: the fidelity task is one row (batch 1), so the data axis must "
+                         f"be 1 (e.g. --mesh model=4)")
+    if any(is_locret(p) for p in policies):
+        raise ValueError("eval --mesh does not run Locret rows (its own prefill loop runs on one device)")
 
 
 def _git_commit() -> str:
@@ -385,6 +399,7 @@ def cmd_eval(args) -> int:
     from models.tokenizer import load_tokenizer
     notes: list[str] = []
     ecfg = eval_config_from_args(args, notes)  # validate before loading anything
+    mesh = mesh_kwargs(args)                    # more devices than there are
     resolve_dtype(args.dtype)
     tokenizer = load_tokenizer(args.model)    # cheap: sizes are checked before the model loads
     ctx, cont = eval_tokens(args, tokenizer, notes)
@@ -403,7 +418,7 @@ def cmd_eval(args) -> int:
               args.text_file or "King James Bible (Genesis on)")
     rows = run_grid(params, config, tokenizer, "", ecfg, out_dir=out or None, progress=True,
                     model_name=args.model, tokens=(ctx, cont),
-                    extra_meta={"command": f"`{command}`", "text": source, "commit": _git_commit()})
+                    extra_meta={"command": f"`{command}`", "text": source, "commit": _git_commit()}, **mesh)
     from kvjax.eval.harness import markdown_table
     print(markdown_table(rows))
     for r in rows:
@@ -509,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs/eval/DATE-TIME folder; '' for none; docs/eval holds the committed results)")
     ev.add_argument("--dtype", default="auto",
                     help="parameters and cache: auto (bfloat16 on gpu/tpu, float32 on cpu), bfloat16 or float32")
+    ev.add_argument("--mesh", default=None, help="shard over a device mesh (kvjax.sharding), e.g. model=4: "
+                    "parameters and caches over 'model' (kv heads); the fidelity task has batch 1, so data=1")
     ev.set_defaults(func=cmd_eval)
     return parser
 

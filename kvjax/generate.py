@@ -534,10 +534,15 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], max_
     if selection is not None and getattr(selection, "offloaded", False):
         from kvjax.selection import wrap       # host-memory metadata must exist before the decode jit
         cache = jax.jit(wrap, static_argnums=(0, 2))(selection, cache, config)
+    # the loop's static compression only when it acts in the loop: a policy that compressed the
+    # prefill leaves the same decode loop as the full cache of its shape (one compilation, not one per policy)
+    in_loop = plan.compression if plan.compression is not None and plan.compression.when == "decode" else None
+    if in_loop is None:
+        state = n_keep = None
     with _mesh_context(mesh):
         out, steps, cache, _, _ = decode_loop(params, cache, first, start, key, state, n_keep, config=config,
                                               sampling=sampling, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                              compression=plan.compression, attention=attention,
+                                              compression=in_loop, attention=attention,
                                               **({"selection": selection} if selection is not None else {}))
     out = np.asarray(out)
     steps = int(steps)

@@ -84,28 +84,27 @@ def check_generate(params, out):
 
 
 def check_policies_and_quant(params, out):
-    """KIVI-4 (XLA and the Pallas kernel interpreted under shard_map), SnapKV 50% (per-head
-    top-k) and AdaKV (cross-head budget, packed cache) on the (2, 4) mesh vs one device."""
+    """KIVI-4, SnapKV 50% (per-head top-k) and AdaKV (cross-head budget, packed cache) generate on
+    the (2, 4) mesh vs one device; then one more decode step over the dense and KIVI caches with the
+    Pallas kernels interpreted per device under shard_map vs the one-device XLA step.
+
+    (Whole interpreted generates are checked on one device in test_kernels_dispatch; here the
+    kernel's per-device split is what is new, and one decode step exercises it.)"""
     ps = prompts()
     mesh = sharding.make_mesh("data=2,model=4")
     kw = dict(eos_ids=(), bucket=8)
-    kivi = make_cache_init("kivi4", group=16, residual=32)
     cases = {
-        "kivi4": dict(cache_init=kivi),
-        "kivi4_interpret": dict(cache_init=kivi, attention="interpret"),
-        "dense_interpret": dict(attention="interpret"),
+        "dense": {},
+        "kivi4": dict(cache_init=make_cache_init("kivi4", group=16, residual=32)),
         "snapkv50": dict(compression=Compression(SnapKV(window=4, kernel=3), Budget(ratio=0.5))),
         "adakv50": dict(compression=Compression(AdaKV(scorer=SnapKV(window=4, kernel=3), kv_heads=8),
                                                 Budget(ratio=0.5))),
     }
-    ref_xla = {}
+    runs = {}
     for name, extra in cases.items():
-        base = {k: v for k, v in extra.items() if k != "attention"}
-        key = name.replace("_interpret", "")
-        if key not in ref_xla:
-            ref_xla[key] = generate(params, CFG, ps, NEW, **kw, **base)
-        ref = ref_xla[key]
+        ref = generate(params, CFG, ps, NEW, **kw, **extra)
         res = generate(params, CFG, ps, NEW, mesh=mesh, **kw, **extra)
+        runs[name] = ref, res
         layer = res.cache.layers[0] if hasattr(res.cache, "layers") else res.cache
         leaf = jax.tree_util.tree_leaves(layer)[0]
         out[name] = dict(tokens_equal=res.tokens == ref.tokens, cache_ints_equal=same_ints(res.cache, ref.cache),
@@ -113,14 +112,24 @@ def check_policies_and_quant(params, out):
                          first_leaf_spec=str(leaf.sharding.spec),
                          cache_bytes=res.stats["cache_bytes"],
                          cache_bytes_per_device=res.stats["cache_bytes_per_device"])
-    # the kernels really run under shard_map in the traced decode step
+    # the next decode step (the last generated token, at its position) over each cache: XLA on one
+    # device vs the GPU kernel interpreted per device under shard_map on the mesh
     from kvjax.generate import _forward
-    cache = sharding.shard_cache(init_engine_cache(CFG, 8, 16, jnp.float32), CFG, mesh)
     sp = sharding.shard_params(params, CFG, mesh)
-    tok = jnp.ones((8, 1), jnp.int32)
-    with sharding.use(mesh):
-        jaxpr = str(jax.make_jaxpr(lambda p, c: _forward(p, tok, tok, c, CFG, attention="interpret"))(sp, cache))
-    out["kernel_jaxpr"] = dict(shard_map="shard_map" in jaxpr, pallas_call="pallas_call" in jaxpr)
+    tok = jnp.asarray([[t[-1]] for t in runs["dense"][0].tokens], jnp.int32)
+    pos = jnp.asarray([[len(p) + NEW - 1] for p in ps], jnp.int32)
+    for name in ("dense", "kivi4"):
+        ref, res = runs[name]
+        with sharding.use(mesh):
+            jaxpr = str(jax.make_jaxpr(lambda p, c: _forward(p, tok, pos, c, CFG, attention="interpret"))(
+                sp, res.cache))
+            got = forward_jit(sp, *sharding.shard_batch((tok, pos), mesh), res.cache, CFG, attention="interpret")[0]
+        want = forward_jit(params, tok, pos, ref.cache, CFG, attention="xla")[0]
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        out[f"{name}_interpret_step"] = dict(
+            shard_map="shard_map" in jaxpr, pallas_call="pallas_call" in jaxpr,
+            logits_rel_err=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+            same_next_token=bool(np.array_equal(got.argmax(-1), want.argmax(-1))))
 
 
 def check_training(out):
@@ -203,6 +212,27 @@ def check_errors(out):
     out["errors"] = errs
 
 
+def check_eval(params, out):
+    """`run_grid(mesh=)` (what `python -m kvjax eval --mesh` calls) on the (1, 8) mesh: the full-cache
+    and SnapKV rows' KL, perplexity and cache bytes equal the one-device ones."""
+    from kvjax.eval.harness import EvalConfig, run_grid
+    rng = np.random.default_rng(5)
+    tokens = ([int(t) for t in rng.integers(1, CFG.vocab_size, 32)], [int(t) for t in rng.integers(1, CFG.vocab_size, 8)])
+    ecfg = EvalConfig(policies=("snapkv:window=4:kernel=3",), budgets=(Budget(ratio=0.5),), needle_tasks=(),
+                      context_tokens=32, continuation_tokens=8, decode_probe=0)
+    kw = dict(tokenizer=None, text="", ecfg=ecfg, progress=False, tokens=tokens)
+    one = run_grid(params, CFG, **kw)
+    many = run_grid(params, CFG, mesh=sharding.make_mesh("data=1,model=8"), **kw)
+    out["eval"] = [dict(policy=a["policy"], kl=(a["kl"], b["kl"]), ppl=(a["ppl"], b["ppl"]),
+                        cache_bytes=(a["cache_bytes"], b["cache_bytes"]), notes=(a["notes"], b["notes"]))
+                   for a, b in zip(one, many)]
+    try:
+        run_grid(params, CFG, mesh=sharding.make_mesh("data=2,model=4"), **kw)
+        out["eval_data2"] = None
+    except ValueError as e:
+        out["eval_data2"] = str(e)
+
+
 def check_nnx(out):
     """The NNX module's Params carry the logical axes; Flax's rules map them to the same specs."""
     from flax import nnx
@@ -219,15 +249,16 @@ def check_nnx(out):
 
 def main():
     import time
-    out = {"devices": jax.device_count(), "seconds": []}
+    out = {"devices": jax.device_count(), "seconds": [], "cpu_seconds": []}   # per check: wall, process CPU
     params = unstack_params(init_params(CFG, jax.random.PRNGKey(0), scale=0.25))
     for fn in (lambda: check_generate(params, out), lambda: check_policies_and_quant(params, out),
                lambda: check_training(out), lambda: check_checkpoint(params, out), lambda: check_errors(out),
-               lambda: check_nnx(out)):
-        t0 = time.perf_counter()
+               lambda: check_nnx(out), lambda: check_eval(params, out)):
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             fn()
             out["seconds"].append(round(time.perf_counter() - t0, 1))
+            out["cpu_seconds"].append(round(time.process_time() - c0, 1))
         except Exception:
             out.setdefault("failures", []).append(traceback.format_exc())
         with open(sys.argv[1], "w") as f:          # after every check: a run cut short keeps its timings

@@ -114,3 +114,17 @@ def test_valid_arguments_reach_the_model_loader(capsys, tmp_path):
     """The control case of the test above: good arguments get as far as reading the model file."""
     assert main(["generate", "--prompt", "Hello", "--model", str(tmp_path / "absent.gguf")]) == 2
     assert "absent.gguf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "data=2,model=1"], "the data axis must be 1"),
+    (["--mesh", "model=16"], "needs 16 devices"),
+    (["--mesh", "model=x"], "model=x"),
+    (["--mesh", "model=1", "--policy", "locret", "--heads", "h"], "does not run Locret rows"),
+])
+def test_eval_mesh_checked_before_loading(argv, message, capsys, tmp_path):
+    """`eval --mesh` errors (data axis, more devices than there are, Locret) come before the model
+    file is read; the (1, 8) mesh run itself: tests/test_sharding.py."""
+    assert main(["eval", "--model", str(tmp_path / "absent.gguf"), "--out", "", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absent.gguf" not in err, err

@@ -40,11 +40,13 @@ def params():
 
 
 def _decode_logits(params, cache_init, mode):
-    """Logits of 2 decode steps after a left-padded prefill (the engine's per-layer cache, attention
-    backend `mode`): [steps, batch, vocab]."""
+    """Logits of 2 decode steps (attention backend `mode`) after a left-padded prefill (the engine's
+    per-layer cache): [steps, batch, vocab]. The prefill runs XLA for both modes (many queries never
+    take a kernel: test_kernel_is_in_the_decode_graph), so both modes decode from one cache and one
+    compiled prefill; generate above runs the whole `mode` path."""
     toks, pos = left_pad(PROMPTS, 0, 16)
     cache = init_engine_cache(CFG, 2, 64, cache_init=cache_init)
-    logits, cache, _ = prefill(params, CFG, jnp.asarray(toks), jnp.asarray(pos), cache, attention=mode)
+    logits, cache, _ = prefill(params, CFG, jnp.asarray(toks), jnp.asarray(pos), cache, attention="xla")
     nxt = jnp.argmax(logits, -1).astype(jnp.int32)
     p = jnp.asarray([len(x) for x in PROMPTS], jnp.int32)
     out = []

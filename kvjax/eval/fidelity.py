@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import cache as kvcache
+from kvjax import sharding
 from kvjax.compression import Compression
 from kvjax.generate import (CachePlan, decode_loop, decode_start, forward_jit, init_engine_cache, plan_cache,
                             prefill)
@@ -87,7 +88,7 @@ class Runner:
 
     def _key(self, fn, args, static):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        shapes = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+        shapes = tuple((tuple(np.shape(x)), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves)
         return (fn, tuple(sorted(static.items())), tree, shapes)
 
     def __call__(self, fn, *args, **static):
@@ -115,6 +116,16 @@ class Runner:
 def _own_buffers(tree):
     """A copy of a cache (the engine's jitted steps donate their cache argument)."""
     return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def _place(mesh, config: ModelConfig, cache, state=None, *batch):
+    """(cache, state, *batch) placed on `mesh` (cache and state per `kvjax.sharding.cache_specs`,
+    token arrays with the batch over "data"); unchanged without a mesh."""
+    if mesh is None:
+        return (cache, state, *batch)
+    cache = sharding.shard_cache(cache, config, mesh)
+    state = None if state is None else sharding.shard_cache(state, config, mesh)
+    return (cache, state, *sharding.shard_batch(tuple(batch), mesh))
 
 
 def _layers(params):
@@ -162,13 +173,15 @@ def _positions(tokens: jax.Array) -> jax.Array:
 def prefill_context(params, config: ModelConfig, tokens, compression: Optional[Compression] = None,
                     max_new_tokens: int = 1, chunk_size: Optional[int] = None,
                     runner: Optional[Runner] = None, cache_dtype=None, attention: str = "auto",
-                    kv_quant: Optional[Callable] = None) -> Prefilled:
+                    kv_quant: Optional[Callable] = None, mesh=None) -> Prefilled:
     """Prefill `tokens [batch, T]` (unpadded, equal lengths) and compress as `compression` says,
     with the engine's own `kvjax.generate.prefill` (capacities from `generate.plan_cache`; "chunk"
     compresses after every chunk of `chunk_size` tokens, "prefill"/"decode" once at the end).
     The cache comes back with `plan.decode_capacity` slots (room for `max_new_tokens`).
     kv_quant: a quantized `cache_init` (kvjax.quant.make_cache_init) storing the kept tokens after
     the full-precision prefill and compression (kvjax.quant.evicted; KIVI only).
+    mesh: a `jax.sharding.Mesh` ("data", "model"); `params` already placed on it
+    (`kvjax.sharding.shard_params`): the tokens, cache and policy state are placed on it too.
     seconds: wall time of the prefill (compilation of a new shape included)."""
     runner = runner or Runner()
     params = _layers(params)
@@ -196,9 +209,12 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
     state = (jnp.zeros((policy_config(config).n_layers, b, config.n_kv_heads, plan.prefill_capacity), jnp.float32)
              if comp is not None and comp.policy.accumulates else None)
     n_keep = jnp.asarray(plan.n_keep, jnp.int32) if comp is not None else None
+    positions = _positions(tokens)
+    cache, state, tokens, positions = _place(mesh, config, cache, state, tokens, positions)
     t0 = time.perf_counter()
-    logits, cache, state = prefill(params, config, tokens, _positions(tokens), cache, chunk_size, False, comp,
-                                   n_keep, plan.max_keep, state, attention)
+    with sharding.use(mesh):
+        logits, cache, state = prefill(params, config, tokens, positions, cache, chunk_size, False, comp,
+                                       n_keep, plan.max_keep, state, attention)
     cache = cache.resize(plan.decode_capacity)
     if state is not None:
         extra = max(plan.decode_capacity - state.shape[-1], 0)
@@ -207,6 +223,7 @@ def prefill_context(params, config: ModelConfig, tokens, compression: Optional[C
         cache = with_policy_part(cache, evict.quantize(policy_part(cache, config)), config)
         if state is not None:
             state = jnp.pad(state, [(0, 0)] * 3 + [(0, cache.capacity - state.shape[-1])])
+    cache, state = _place(mesh, config, cache, state)[:2]   # compression may have built another layout
     cache, state = jax.block_until_ready((cache, state))
     secs = time.perf_counter() - t0
     peak = max(peak, cache.memory_bytes())
@@ -314,10 +331,11 @@ def prefill_locret(params, config: ModelConfig, tokens, heads: dict, policy, max
 
 
 def prefill_quantized(params, config: ModelConfig, tokens, cache_init: Callable, max_new_tokens: int = 1,
-                      runner: Optional[Runner] = None, cache_dtype=None) -> Prefilled:
+                      runner: Optional[Runner] = None, cache_dtype=None, mesh=None) -> Prefilled:
     """Prefill `tokens [batch, T]` into a quantized cache `cache_init(config, batch, T + max_new_tokens)`
     (e.g. `kvjax.quant.make_cache_init("kivi2")`): the whole context is kept (full token budget).
-    cache_dtype: of the cache's fp parts (default: the parameters' dtype, as in generate)."""
+    cache_dtype: of the cache's fp parts (default: the parameters' dtype, as in generate).
+    mesh: as in `prefill_context`."""
     runner = runner or Runner()
     tokens = check_tokens(tokens)
     b, t = tokens.shape
@@ -325,8 +343,11 @@ def prefill_quantized(params, config: ModelConfig, tokens, cache_init: Callable,
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     cache = init_engine_cache(config, b, t + max_new_tokens,
                               params["embed"].dtype if cache_dtype is None else cache_dtype, cache_init)
+    cache, _, tokens, positions = _place(mesh, config, cache, None, tokens, _positions(tokens))
     t0 = time.perf_counter()
-    logits, cache, _ = prefill(_layers(params), config, tokens, _positions(tokens), cache)
+    with sharding.use(mesh):
+        logits, cache, _ = prefill(_layers(params), config, tokens, positions, cache)
+    cache = _place(mesh, config, cache)[0]
     logits = jax.block_until_ready(logits)
     secs = time.perf_counter() - t0
     plan = CachePlan(t + max_new_tokens, t + max_new_tokens, t, (t,) * b)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import sharding
 from kvjax.compression import WHEN, Compression
 from kvjax.eval import fidelity, needle
 from kvjax.policies import POLICIES, make_policy
@@ -240,8 +241,9 @@ class _Method:
 
 
 def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, runner, shared,
-              stepwise: bool):
+              stepwise: bool, mesh=None):
     comp, n_new = method.comp, task.targets.shape[1]
+    on_mesh = {} if mesh is None else {"mesh": mesh}
     if method.locret is not None:
         spec, budget, heads = method.locret
         pol = locret_policy(spec, budget, task.tokens.shape[1], ecfg.chunk_size)
@@ -249,12 +251,13 @@ def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, ru
     elif method.cache_init is not None and comp is not None:   # eviction x quantization
         chunk = ecfg.chunk_size if comp.when == "chunk" else None
         pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner,
-                                       kv_quant=method.cache_init)
+                                       kv_quant=method.cache_init, **on_mesh)
     elif method.cache_init is not None:
-        pre = fidelity.prefill_quantized(params, config, task.tokens, method.cache_init, n_new, runner=runner)
+        pre = fidelity.prefill_quantized(params, config, task.tokens, method.cache_init, n_new, runner=runner,
+                                         **on_mesh)
     else:
         chunk = ecfg.chunk_size if comp is not None and comp.when == "chunk" else None
-        pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner)
+        pre = fidelity.prefill_context(params, config, task.tokens, comp, n_new, chunk, runner=runner, **on_mesh)
     logits, secs, cache = fidelity.continuation_logits(params, config, pre, task.targets, stepwise=stepwise,
                                                        runner=runner)
     return pre, logits, secs, cache
@@ -262,11 +265,15 @@ def _run_task(params, config, task: _Task, method: _Method, ecfg: EvalConfig, ru
 
 def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig,
              out_dir: Optional[str | pathlib.Path] = None, progress: bool = True, model_name: str = "",
-             extra_meta: Optional[dict] = None, tokens: Optional[tuple[Sequence[int], Sequence[int]]] = None
-             ) -> list[dict]:
+             extra_meta: Optional[dict] = None, tokens: Optional[tuple[Sequence[int], Sequence[int]]] = None,
+             mesh=None) -> list[dict]:
     """Evaluate every (regime, policy, budget) of `ecfg` plus the full cache; returns the rows
     (full cache first) and, with `out_dir`, writes results.csv, results.md and results.png.
-    tokens: (context ids, continuation ids) to use instead of splitting `text`."""
+    tokens: (context ids, continuation ids) to use instead of splitting `text`.
+    mesh: a `jax.sharding.Mesh` ("data", "model"; `kvjax.sharding.make_mesh`): the parameters
+    tensor-parallel over "model", every cache over batch ("data") and kv heads ("model"), as in
+    `generate(mesh=)`. The fidelity task has batch 1 and the needle task one row per sample: the
+    data axis must divide both (ValueError before anything runs); Locret rows are refused."""
     t_start = time.perf_counter()
     runner = fidelity.Runner()
     if tokens is not None:
@@ -297,6 +304,12 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
     if ecfg.combine:   # eviction x quantization: the policy's kept tokens stored by the quantized cache
         specs += [(f"{name}{COMBINE}{q}", budget, regime) for regime in ecfg.regimes for q in ecfg.kv_quant
                   for name in ecfg.policies_for(regime) if not is_locret(name) for budget in ecfg.budgets]
+    if mesh is not None:
+        if any(is_locret(n) for n, _, _ in specs):
+            raise ValueError("eval with a mesh does not run Locret rows (its own prefill loop runs on one device)")
+        for task in tasks.values():
+            sharding.plan(config, mesh, batch=task.tokens.shape[0])   # clear errors for axes that do not divide
+        params = sharding.shard_params(params, config, mesh)
     heads = None
     if any(is_locret(n) for n, _, _ in specs):
         from kvjax.policies.locret import load_heads
@@ -348,8 +361,9 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
         if progress:
             bar.set_postfix_str(f"{name} {budget or ''} {regime}")
         try:
-            rows[i] = _evaluate_row(params, config, tasks, method_of(name, budget, regime), ecfg, runner, shared,
-                                    full_logits)
+            with sharding.use(mesh):
+                rows[i] = _evaluate_row(params, config, tasks, method_of(name, budget, regime), ecfg, runner,
+                                        shared, full_logits, mesh)
         except Exception as err:  # keep the grid going, but say so loudly
             msg = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
             warnings.warn(f"{name} {budget} {regime}: {msg}")
@@ -371,13 +385,15 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
                                  f"{ecfg.decode_probe} decode steps"),
                 "wall_s": time.perf_counter() - t_start, "compile_s": runner.compile_s,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        if mesh is not None:
+            meta["mesh"] = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
         meta.update(extra_meta or {})
         write_results(rows, out_dir, meta)
     return rows
 
 
 def _evaluate_row(params, config, tasks: dict, method: _Method, ecfg: EvalConfig, runner,
-                  shared: dict, full_logits: dict) -> dict:
+                  shared: dict, full_logits: dict, mesh=None) -> dict:
     row = _nan_row()
     notes = []
     comp = method.comp
@@ -389,7 +405,8 @@ def _evaluate_row(params, config, tasks: dict, method: _Method, ecfg: EvalConfig
     plain = method.locret is None and method.cache_init is None
     for key, task in tasks.items():
         stepwise = ecfg.stepwise if key == "fidelity" else False
-        pre, logits, secs, cache = _run_task(params, config, task, method, ecfg, runner, shared.get(key), stepwise)
+        pre, logits, secs, cache = _run_task(params, config, task, method, ecfg, runner, shared.get(key), stepwise,
+                                             mesh)
         notes += [f"{key}: {n}" for n in pre.notes]
         if comp is None and plain:
             full_logits[key] = logits
