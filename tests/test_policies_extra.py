@@ -544,9 +544,10 @@ def test_generate_with_policy_on_smollm2(name, smollm2, prompt, full_run, razor_
             assert res.stats["cache_bytes"] < 0.6 * full_run.stats["cache_bytes"]
     else:
         assert res.stats["cache_bytes"] < full_run.stats["cache_bytes"], res.stats
-    # 200 KJV tokens: the first greedy token of a half-size cache still agrees with the full cache
+    # 200 KJV tokens: the second greedy token (the first decoded over the compressed cache; the
+    # first comes from the prefill logits, before compression) agrees with the full cache's
     if name not in ("duo_attention", "razor"):
-        assert res.tokens[0][0] == full_run.tokens[0][0]
+        assert res.tokens[0][:2] == full_run.tokens[0][:2], (res.tokens[0], full_run.tokens[0])
 
 
 # ----------------------------------------------------------------------------------------------
