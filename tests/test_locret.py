@@ -188,6 +188,24 @@ def test_locret_rejects_bad_config():
             Locret(**kw)
 
 
+def test_models_with_sliding_window_layers_are_refused(tiny, tmp_path):
+    """A Gemma-shaped model (a local layer) fails with the reason at every Locret entry: head shapes
+    (training), loading heads, and the prefill, before any forward runs."""
+    import dataclasses
+    config, params = tiny
+    spec = HeadSpec.for_model(config, 16)
+    heads = init_heads(spec, jax.random.PRNGKey(4))
+    save_heads(tmp_path / "h", heads, spec)
+    gemma_like = dataclasses.replace(config, local_layers=(0,), sliding_window=4)
+    why = "Locret needs a model whose layers are all global.*1 sliding-window layers of 2"
+    with pytest.raises(ValueError, match=why):
+        HeadSpec.for_model(gemma_like)
+    with pytest.raises(ValueError, match=why):
+        load_heads(tmp_path / "h", gemma_like)
+    with pytest.raises(ValueError, match=why):
+        locret_prefill(params, gemma_like, heads, jnp.zeros((1, 12), jnp.int32), Locret(budget=4, chunk=4, n_local=2))
+
+
 def test_heads_export_roundtrip_and_errors(tiny, tmp_path):
     config, params = tiny
     spec = HeadSpec.for_model(config, 16)

@@ -12,6 +12,9 @@ residual windows in the cache dtype, counters, per-slot positions), so the byte 
 is `context_bytes / full_bytes` with the dense cache of the same dtype as denominator. The room
 for continuation tokens is excluded from both (rows report the allocated cache separately).
 `tokens_for_bytes` picks the largest token budget whose context bytes fit a byte budget.
+A model with sliding-window layers (Gemma 3) keeps a ring of min(window, context) tokens in each
+of them whatever the family (`kvjax.ring`): a family's cache replaces the global layers only, and
+both byte counts add the rings.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from kvjax.eval import fidelity
 from kvjax.eval.harness import COMBINE, build_policy, parse_policy, quant_cache_init
 from kvjax.generate import init_engine_cache
 from kvjax.policies.base import Budget
+from kvjax.ring import init_ring, policy_config
 from models.config import ModelConfig
 
 
@@ -100,19 +104,32 @@ def parse_fractions(spec: str) -> tuple[float, ...]:
 
 
 def _one_layer(config: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(config, n_layers=1)
+    """One of the layers a family's cache fills (a global layer: no window)."""
+    return dataclasses.replace(policy_config(config), n_layers=1)
+
+
+def _n_global(config: ModelConfig) -> int:
+    return config.n_layers - len(config.local_layers)
+
+
+def ring_bytes(config: ModelConfig, context: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of the sliding-window layers' rings for a `context`-token prompt, batch 1 (0 without)."""
+    if not config.local_layers:
+        return 0
+    one = tree_bytes(jax.eval_shape(lambda: init_ring(config, 1, context, dtype)))
+    return len(config.local_layers) * one
 
 
 def full_bytes(config: ModelConfig, context: int, dtype=jnp.bfloat16) -> int:
-    """Bytes of the engine's dense cache holding `context` tokens (every layer)."""
+    """Bytes of the engine's dense cache holding `context` tokens (every layer; rings for local ones)."""
     shapes = jax.eval_shape(lambda: init_engine_cache(_one_layer(config), 1, context, dtype))
-    return config.n_layers * tree_bytes(shapes)
+    return _n_global(config) * tree_bytes(shapes) + ring_bytes(config, context, dtype)
 
 
 @functools.lru_cache(maxsize=65536)   # tokens_for_bytes revisits budgets (pure function of hashable arguments)
 def context_bytes(config: ModelConfig, family: Family, keep: int, context: int, dtype=jnp.bfloat16) -> int:
     """Bytes of `family`'s cache for a `context`-token prompt with `keep` tokens per head kept (a
-    quantized cache alone keeps all `context`), batch 1, every layer (layers are uniform)."""
+    quantized cache alone keeps all `context`), batch 1: the global layers (uniform) + the rings."""
     one = _one_layer(config)
     if family.quant is None:
         shapes = jax.eval_shape(lambda: init_engine_cache(one, 1, keep, dtype))
@@ -126,7 +143,7 @@ def context_bytes(config: ModelConfig, family: Family, keep: int, context: int, 
     if family.demote is not None:    # + the demoted region: context - keep slots (rounded to G) in KIVI form
         extra = _demoted_bytes(one, family.policy, family.demote, _demote(family.policy, family.demote)
                                .demoted_capacity(context, keep), dtype)
-    return config.n_layers * (tree_bytes(shapes) + extra)
+    return _n_global(config) * (tree_bytes(shapes) + extra) + ring_bytes(config, context, dtype)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -69,9 +69,21 @@ class HeadSpec:
 
     @staticmethod
     def for_model(config: ModelConfig, hidden: Optional[int] = None) -> "HeadSpec":
+        """The heads' shapes for `config`; ValueError for a model with sliding-window layers."""
+        check_all_global(config)
         return HeadSpec(model=config.name, n_layers=config.n_layers, n_heads=config.n_heads,
                         n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
                         hidden=hidden_for(config) if hidden is None else int(hidden))
+
+
+def check_all_global(config: ModelConfig) -> None:
+    """Locret's prefill keeps one dense cache of every layer, evicts in each and re-rotates the kept
+    keys with the global RoPE base: a model with sliding-window layers (Gemma 3) is not supported."""
+    if config.local_layers:
+        raise ValueError(
+            f"Locret needs a model whose layers are all global (full attention): {config.name} has "
+            f"{len(config.local_layers)} sliding-window layers of {config.n_layers}. Use a scoring policy "
+            f"(snapkv, h2o, ...), which acts on the global layers only")
 
 
 def hidden_for(config: ModelConfig) -> int:
