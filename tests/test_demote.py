@@ -109,6 +109,55 @@ def test_attention_over_both_regions_vs_float64(params, context, full):
                     assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref), (i, b, h, g)
 
 
+def _assert_ranked(score, tiers, counts, tol):
+    """float64 reference of a ranking: `tiers` (boolean masks over one head's tokens, best tier first,
+    the rest dropped) hold exactly `counts` tokens and every token of a tier scores at least every
+    token of the later tiers (up to `tol`: tokens of one id have equal |k| in exact arithmetic)."""
+    rest = ~np.any(tiers, axis=0)
+    for j, (tier, n) in enumerate(zip(tiers, counts)):
+        assert tier.sum() == n
+        later = np.any(list(tiers[j + 1:]) + [rest], axis=0)
+        assert score[tier].min() >= score[later].max() - tol
+
+
+def test_partial_demotion_next_best_bytes_attention(params, context, full):
+    """`budget=0.2`: KNorm keeps its best 30% and demotes the next-best floor(0.2 x 90) (float64 ranking
+    of -||k|| on the full cache's keys), no other token; the demoted region is allocated at that budget rounded to G
+    (memory_bytes = hand count), and a decode step on every layer equals float64 attention over the
+    kept tokens exact, the demoted ones by the float64 KIVI rule and the new token."""
+    b_, t = context.shape
+    hq, hkv, d, L = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, CFG.n_layers
+    keep, n_dem = Budget(ratio=0.3).kept(t), int(0.2 * t)
+    assert n_dem < t - keep       # some evicted tokens are dropped
+    comp = Compression(make_policy("knorm"), Budget(ratio=0.3), demote=f"{DEMOTE}:budget=0.2")
+    dem = fidelity.prefill_context(params, CFG, context, comp, 4)
+    cd = -(-n_dem // G) * G
+    assert dem.cache.layers[0].demoted.capacity == cd
+    dense_head = dem.cache.capacity * (2 * d * 4 + 4) + 4
+    assert dem.cache.memory_bytes() == L * b_ * hkv * (dense_head + _evicted_kivi_bytes(cd, 2))
+    rng = np.random.default_rng(7)
+    for i, layer in enumerate(dem.cache.layers):
+        kn, vn = rng.normal(size=(2, b_, hkv, 1, d)).astype(np.float32)
+        q = rng.normal(size=(b_, hq, 1, d)).astype(np.float32)
+        qpos = jnp.full((b_, 1), t, jnp.int32)
+        kp, dp = np.asarray(layer.positions), np.asarray(layer.demoted_positions)
+        layer = layer.append(jnp.asarray(kn), jnp.asarray(vn), qpos)
+        out, _ = layer.attend(jnp.asarray(q), qpos, observe=Observe(), backend="xla")
+        out = np.asarray(out, np.float64)
+        for b in range(b_):
+            for h in range(hkv):
+                pos, k, v = _full_kv(full, i, b, h)
+                kept, demoted = np.isin(pos, kp[b, h]), np.isin(pos, dp[b, h])
+                norm = np.linalg.norm(k, axis=-1)
+                _assert_ranked(-norm, [kept, demoted], [keep, n_dem], 1e-6 * norm.max())
+                kh, vh, _, _ = _ref_store(k[demoted], v[demoted], n_dem, 2)
+                keys, vals = np.vstack([k[kept], kh, kn[b, h]]), np.vstack([v[kept], vh, vn[b, h]])
+                for g in range(hq // hkv):
+                    ref = _softmax_attend(q[b, h * (hq // hkv) + g, 0].astype(np.float64), keys, vals)
+                    got = out[b, h * (hq // hkv) + g, 0]
+                    assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref), (i, b, h, g)
+
+
 def _evicted_kivi_bytes(cq, bits, fp_bytes=4):
     """One head of an EvictedKIVICache: codes, fp16 K stats per channel per G tokens and V stats per G
     channels per token, fp K tail + V window of R tokens, 4 int32 counters, an int32 position per slot."""
@@ -160,6 +209,9 @@ def test_generate_and_refusals(params):
             Compression(pol, Budget(ratio=0.3), demote="kivi2", **kw)
     with pytest.raises(ValueError, match="eviction x mikv is not supported"):
         Compression(make_policy("snapkv"), Budget(ratio=0.3), demote="mikv")
+    for bad, match in (("kivi2:budget=abc", "not a number"), ("kivi2:budget=0.1:budget=0.2", "given twice")):
+        with pytest.raises(ValueError, match=match):
+            Compression(make_policy("snapkv"), Budget(ratio=0.3), demote=bad)
     with pytest.raises(ValueError, match="unknown quantized cache"):
         Compression(make_policy("snapkv"), Budget(ratio=0.3), demote="kivi3")
     cli = lambda *a: check_generate_args(build_parser().parse_args(["generate", "--prompt", "hi", *a]))
