@@ -220,3 +220,22 @@ def test_generate_and_refusals(params):
     with pytest.raises(ValueError, match="merges the evicted tokens"):
         cli("--policy", "cam", "--budget", "0.3", "--demote", "kivi2")
     cli("--policy", "snapkv", "--budget", "0.3", "--demote", "kivi2", "--kv-quant", "kivi4")   # accepted
+
+
+def test_eval_grid_demote_rows(params):
+    """`eval --policy snapkv --demote kivi2:budget=0.25`: a policy~demote row per budget (prefill) holding
+    the policy row's cache plus its demoted region (hand count: the 16 tokens of the demote budget out
+    of 48 evicted); KL finite; an unknown storage fails before anything runs."""
+    from kvjax.cli import build_parser, eval_config_from_args
+    from kvjax.eval.harness import EvalConfig, run_grid
+    spec = f"{DEMOTE}:budget=0.25"
+    args = build_parser().parse_args(["eval", "--policy", "snapkv:window=4", "--budget", "0.25", "--demote", spec,
+                                      "--needle", "", "--decode-probe", "0"])
+    rows = run_grid(params, CFG, None, "", eval_config_from_args(args), progress=False,
+                    tokens=(list(range(1, 65)), list(range(30, 38))))
+    assert [r["policy"] for r in rows] == ["full", "snapkv:window=4", f"snapkv:window=4~{spec}"]
+    _, plain, part = rows
+    assert not part["notes"].startswith("error") and np.isfinite(part["kl"]) and part["kl"] >= 0, part
+    assert part["cache_bytes"] - plain["cache_bytes"] == CFG.n_layers * CFG.n_kv_heads * _evicted_kivi_bytes(16, 2)
+    with pytest.raises(ValueError, match="unknown quantized cache"):
+        EvalConfig(policies=("snapkv",), demote=("kivi3",))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kvjax.cache import tree_bytes
 from kvjax.compression import Compression
 from kvjax.eval import fidelity
-from kvjax.eval.harness import COMBINE, build_policy, parse_policy, quant_cache_init
+from kvjax.eval.harness import COMBINE, DEMOTE, build_policy, parse_policy, quant_cache_init
 from kvjax.generate import init_engine_cache
 from kvjax.policies.base import Budget
 from models.config import ModelConfig
@@ -46,9 +46,6 @@ class Family:
         if self.policy and (self.quant or self.demote):
             return "combination"
         return "quantization" if self.quant else "eviction"
-
-
-DEMOTE = "~"   # "snapkv~kivi2", "snapkv+kivi4~kivi2": the policy's evicted tokens kept in KIVI-2
 
 
 def parse_family(spec: str, params=None, config: Optional[ModelConfig] = None) -> Family:
