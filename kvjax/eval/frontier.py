@@ -50,7 +50,7 @@ class Family:
 
 def parse_family(spec: str, params=None, config: Optional[ModelConfig] = None) -> Family:
     """'snapkv' | 'kivi4[:opt=v]' | 'snapkv[:opt=v]+kivi4[:opt=v]' | any policy family + '~kivi2[:opt=v]'
-    (evicted tokens demoted) -> Family; ValueError naming the reason for unknown names and for
+    (evicted tokens demoted; ':budget=0.1': only the next-best 10% of the context) -> Family; ValueError naming the reason for unknown names and for
     combinations that cannot work (checked here, before any run)."""
     from kvjax.quant import QUANT_CACHES
     spec = spec.strip()
