@@ -81,32 +81,43 @@ def test_high_precision_set_is_the_policy_kept_set(params, context, full, policy
                 np.testing.assert_allclose(gv[vl:], v[sel][vl:], rtol=0, atol=tol)        # fp value window
 
 
-def test_attention_over_both_regions_vs_float64(params, context, full):
-    """A decode step on every layer (append one token to the kept region, attend one query per q head)
-    equals float64 softmax attention over: the kept tokens exact (the full cache's K/V), the demoted
-    ones as the float64 KIVI rule dequantizes them, and the new token."""
-    dem = fidelity.prefill_context(params, CFG, context, _comp("snapkv", DEMOTE), 4)
+def _decode_step_vs_float64(cache, full, t, tiers):
+    """A decode step on every layer of a demoted `cache` (append one token to the kept region, attend one
+    query per q head) equals float64 softmax attention over: the kept tokens exact (the full cache's K/V),
+    the demoted ones as the float64 KIVI rule dequantizes them, and the new token. tiers(i, b, h, pos, k,
+    kept_pos, demoted_pos) -> (kept, demoted) boolean masks over the full cache's live tokens `pos`
+    (position order; it may check them)."""
     rng = np.random.default_rng(5)
-    b_, t = context.shape
+    b_ = full[0][0].shape[0]
     hq, hkv, d = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
-    for i, layer in enumerate(dem.cache.layers):
+    for i, layer in enumerate(cache.layers):
         kn, vn = rng.normal(size=(2, b_, hkv, 1, d)).astype(np.float32)
         q = rng.normal(size=(b_, hq, 1, d)).astype(np.float32)
         qpos = jnp.full((b_, 1), t, jnp.int32)
+        kp, dp = np.asarray(layer.positions), np.asarray(layer.demoted_positions)
         layer = layer.append(jnp.asarray(kn), jnp.asarray(vn), qpos)
         out, _ = layer.attend(jnp.asarray(q), qpos, observe=Observe(), backend="xla")
-        out, kept_pos = np.asarray(out, np.float64), np.asarray(layer.positions)
+        out = np.asarray(out, np.float64)
         for b in range(b_):
             for h in range(hkv):
                 pos, k, v = _full_kv(full, i, b, h)
-                kept = np.isin(pos, _live(kept_pos[b, h]))
-                kh, vh, _, _ = _ref_store(k[~kept], v[~kept], int((~kept).sum()), 2)
-                keys = np.vstack([k[kept], kh, kn[b, h]])
-                vals = np.vstack([v[kept], vh, vn[b, h]])
+                kept, dem = tiers(i, b, h, pos, k, kp[b, h], dp[b, h])
+                kh, vh, _, _ = _ref_store(k[dem], v[dem], int(dem.sum()), 2)
+                keys, vals = np.vstack([k[kept], kh, kn[b, h]]), np.vstack([v[kept], vh, vn[b, h]])
                 for g in range(hq // hkv):
                     ref = _softmax_attend(q[b, h * (hq // hkv) + g, 0].astype(np.float64), keys, vals)
                     got = out[b, h * (hq // hkv) + g, 0]
                     assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref), (i, b, h, g)
+
+
+def test_attention_over_both_regions_vs_float64(params, context, full):
+    """Every evicted token demoted: `_decode_step_vs_float64` with demoted = every live token not kept."""
+    dem = fidelity.prefill_context(params, CFG, context, _comp("snapkv", DEMOTE), 4)
+
+    def tiers(i, b, h, pos, k, kept_pos, demoted_pos):
+        kept = np.isin(pos, _live(kept_pos))
+        return kept, ~kept
+    _decode_step_vs_float64(dem.cache, full, context.shape[1], tiers)
 
 
 def _assert_ranked(score, tiers, counts, tol):
@@ -126,7 +137,7 @@ def test_partial_demotion_next_best_bytes_attention(params, context, full):
     (memory_bytes = hand count), and a decode step on every layer equals float64 attention over the
     kept tokens exact, the demoted ones by the float64 KIVI rule and the new token."""
     b_, t = context.shape
-    hq, hkv, d, L = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, CFG.n_layers
+    hkv, d, L = CFG.n_kv_heads, CFG.head_dim, CFG.n_layers
     keep, n_dem = Budget(ratio=0.3).kept(t), int(0.2 * t)
     assert n_dem < t - keep       # some evicted tokens are dropped
     comp = Compression(make_policy("knorm"), Budget(ratio=0.3), demote=f"{DEMOTE}:budget=0.2")
@@ -135,27 +146,13 @@ def test_partial_demotion_next_best_bytes_attention(params, context, full):
     assert dem.cache.layers[0].demoted.capacity == cd
     dense_head = dem.cache.capacity * (2 * d * 4 + 4) + 4
     assert dem.cache.memory_bytes() == L * b_ * hkv * (dense_head + _evicted_kivi_bytes(cd, 2))
-    rng = np.random.default_rng(7)
-    for i, layer in enumerate(dem.cache.layers):
-        kn, vn = rng.normal(size=(2, b_, hkv, 1, d)).astype(np.float32)
-        q = rng.normal(size=(b_, hq, 1, d)).astype(np.float32)
-        qpos = jnp.full((b_, 1), t, jnp.int32)
-        kp, dp = np.asarray(layer.positions), np.asarray(layer.demoted_positions)
-        layer = layer.append(jnp.asarray(kn), jnp.asarray(vn), qpos)
-        out, _ = layer.attend(jnp.asarray(q), qpos, observe=Observe(), backend="xla")
-        out = np.asarray(out, np.float64)
-        for b in range(b_):
-            for h in range(hkv):
-                pos, k, v = _full_kv(full, i, b, h)
-                kept, demoted = np.isin(pos, kp[b, h]), np.isin(pos, dp[b, h])
-                norm = np.linalg.norm(k, axis=-1)
-                _assert_ranked(-norm, [kept, demoted], [keep, n_dem], 1e-6 * norm.max())
-                kh, vh, _, _ = _ref_store(k[demoted], v[demoted], n_dem, 2)
-                keys, vals = np.vstack([k[kept], kh, kn[b, h]]), np.vstack([v[kept], vh, vn[b, h]])
-                for g in range(hq // hkv):
-                    ref = _softmax_attend(q[b, h * (hq // hkv) + g, 0].astype(np.float64), keys, vals)
-                    got = out[b, h * (hq // hkv) + g, 0]
-                    assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref), (i, b, h, g)
+
+    def tiers(i, b, h, pos, k, kept_pos, demoted_pos):
+        kept, dem = np.isin(pos, _live(kept_pos)), np.isin(pos, _live(demoted_pos))
+        norm = np.linalg.norm(k, axis=-1)
+        _assert_ranked(-norm, [kept, dem], [keep, n_dem], 1e-6 * norm.max())
+        return kept, dem
+    _decode_step_vs_float64(dem.cache, full, t, tiers)
 
 
 def _evicted_kivi_bytes(cq, bits, fp_bytes=4):
