@@ -6,7 +6,8 @@
 For every byte budget (a fraction of the bf16 full cache of the context) and every family -- a scoring
 policy over the dense bf16 cache (SnapKV, H2O), a KIVI cache alone, a policy whose kept tokens KIVI
 stores (`kvjax.quant.evicted`), or a policy whose evicted tokens are demoted to KIVI-2 instead of dropped
-(`snapkv~kivi2`, `snapkv+kivi4:residual=32~kivi2`: `kvjax.quant.demote`) -- the token budget is the largest whose cache fits the bytes
+(`snapkv~kivi2`, `snapkv+kivi4:residual=32~kivi2`: `kvjax.quant.demote`; `snapkv~kivi2:budget=0.1`: only the
+10% next-best evicted tokens demoted, the rest dropped) -- the token budget is the largest whose cache fits the bytes
 (`kvjax.eval.frontier.tokens_for_bytes`: the real layout's bytes, fp residual windows, statistics
 and per-slot positions included). A quantized cache alone keeps every token, so it is one point at
 its own fraction, listed under every budget it fits. Each row: KL(full || row) and perplexity over
@@ -214,7 +215,9 @@ def markdown(rows, meta, fractions, png: str) -> str:
               "included). Token budgets are the largest that fit the bytes. Combinations use KIVI with R = 32 "
               "(the default R = 128 fp window alone is ~7% of the bf16 bytes of a 2000-token context); `policy~kivi2` "
               "rows keep the policy's evicted tokens in KIVI-2 (R = G = 32) instead of dropping them, so the "
-              "kept-token budget is what the bytes left over by that copy of the context buy. KL = mean "
+              "kept-token budget is what the bytes left over by that copy of the context buy; `policy~kivi2:budget=x` "
+              "demotes only the x * context next-best evicted tokens (by the policy's scores) and drops the rest "
+              "(partial demotion: a kept/demoted split of the bytes). KL = mean "
               "KL(full || method) of the next-token distributions over the continuation (nats/token).", ""]
     lines += ["## Best at each budget", "", "| budget | best single method | KL | best combination | KL |",
               "|---|---|---|---|---|"]

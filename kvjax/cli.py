@@ -80,7 +80,7 @@ def compression_from_args(args, params=None, config=None):
     if args.budget is None:
         raise ValueError("--policy needs --budget (a ratio in (0, 1] or a token count)")
     return Compression(build_policy(args.policy, params, config), parse_budget(args.budget), when=args.when,
-                       interval=args.interval, demote=getattr(args, "demote", None))
+                       interval=args.interval, demote=getattr(args, "demote", None) or None)
 
 
 def check_generate_args(args) -> None:
@@ -309,7 +309,8 @@ def eval_config_from_args(args, notes: Optional[list] = None):
                       needle_query_aware=args.needle_query_aware, seed=args.seed,
                       stepwise=args.continuation_mode == "step", decode_probe=args.decode_probe,
                       regime_policies=tuple(regime_policies), locret_heads=args.heads or "",
-                      kv_quant=_names(args.kv_quant), combine=bool(args.kv_quant) and bool(policies))
+                      kv_quant=_names(args.kv_quant), combine=bool(args.kv_quant) and bool(policies),
+                      demote=_names(args.demote))
 
 
 def check_eval_mesh(args, policies: Sequence[str]) -> None:
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--heads", default=None, help="Locret's trained retaining heads (rows in the chunk regime)")
     ev.add_argument("--kv-quant", default="", help="quantized-cache rows at the full token budget, e.g. kivi2,kivi4; "
                     "with --policy also every policy x kv-quant x budget (policy+kivi4 rows: eviction x quantization)")
+    ev.add_argument("--demote", default="", help="also every policy x budget with its evicted tokens kept at low "
+                    "precision (prefill regime), e.g. kivi2,kivi2:budget=0.2 (policy~kivi2 rows; kvjax.quant.demote)")
     ev.add_argument("--budget", default="0.5,0.25,0.1", help="comma-separated budgets, each " + BUDGET_HELP)
     ev.add_argument("--regime", default="prefill", help="comma-separated subset of prefill,chunk,decode")
     ev.add_argument("--chunk-policies", default="", help="restrict the chunk regime to these policies")

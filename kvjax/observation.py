@@ -61,7 +61,8 @@ class Observation:
     window_probs `[L, B, Hq, w, S]`, window_queries `[L, B, Hq, w, d]`, column_sums `[L, B, Hq, S]`,
     q_pre `[L, B, Hq, T, d]`, k_pre / v `[L, B, Hkv, T, d]` of the tokens of this forward,
     hidden `[L, B, T, d_model]`, accumulated `[L, B, Hkv, S]`: the running per-slot score of
-    accumulating policies. layer: index of the (first) layer these arrays belong to (a Python int
+    accumulating policies; scores `[L, B, Hkv, S]`: the selection scores (after `adjust_scores`),
+    given only to `finalize` (demotion ranks the evicted tokens by them). layer: index of the (first) layer these arrays belong to (a Python int
     or a traced scalar); n_layers: the model's depth (for per-layer hyperparameters).
     """
 
@@ -75,6 +76,7 @@ class Observation:
     v: Optional[jax.Array] = None
     hidden: Optional[jax.Array] = None
     accumulated: Optional[jax.Array] = None
+    scores: Optional[jax.Array] = None
     layer: Any = 0
     n_layers: int = 1
 

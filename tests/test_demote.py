@@ -81,32 +81,78 @@ def test_high_precision_set_is_the_policy_kept_set(params, context, full, policy
                 np.testing.assert_allclose(gv[vl:], v[sel][vl:], rtol=0, atol=tol)        # fp value window
 
 
-def test_attention_over_both_regions_vs_float64(params, context, full):
-    """A decode step on every layer (append one token to the kept region, attend one query per q head)
-    equals float64 softmax attention over: the kept tokens exact (the full cache's K/V), the demoted
-    ones as the float64 KIVI rule dequantizes them, and the new token."""
-    dem = fidelity.prefill_context(params, CFG, context, _comp("snapkv", DEMOTE), 4)
+def _decode_step_vs_float64(cache, full, t, tiers):
+    """A decode step on every layer of a demoted `cache` (append one token to the kept region, attend one
+    query per q head) equals float64 softmax attention over: the kept tokens exact (the full cache's K/V),
+    the demoted ones as the float64 KIVI rule dequantizes them, and the new token. tiers(i, b, h, pos, k,
+    kept_pos, demoted_pos) -> (kept, demoted) boolean masks over the full cache's live tokens `pos`
+    (position order; it may check them)."""
     rng = np.random.default_rng(5)
-    b_, t = context.shape
+    b_ = full[0][0].shape[0]
     hq, hkv, d = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
-    for i, layer in enumerate(dem.cache.layers):
+    for i, layer in enumerate(cache.layers):
         kn, vn = rng.normal(size=(2, b_, hkv, 1, d)).astype(np.float32)
         q = rng.normal(size=(b_, hq, 1, d)).astype(np.float32)
         qpos = jnp.full((b_, 1), t, jnp.int32)
+        kp, dp = np.asarray(layer.positions), np.asarray(layer.demoted_positions)
         layer = layer.append(jnp.asarray(kn), jnp.asarray(vn), qpos)
         out, _ = layer.attend(jnp.asarray(q), qpos, observe=Observe(), backend="xla")
-        out, kept_pos = np.asarray(out, np.float64), np.asarray(layer.positions)
+        out = np.asarray(out, np.float64)
         for b in range(b_):
             for h in range(hkv):
                 pos, k, v = _full_kv(full, i, b, h)
-                kept = np.isin(pos, _live(kept_pos[b, h]))
-                kh, vh, _, _ = _ref_store(k[~kept], v[~kept], int((~kept).sum()), 2)
-                keys = np.vstack([k[kept], kh, kn[b, h]])
-                vals = np.vstack([v[kept], vh, vn[b, h]])
+                kept, dem = tiers(i, b, h, pos, k, kp[b, h], dp[b, h])
+                kh, vh, _, _ = _ref_store(k[dem], v[dem], int(dem.sum()), 2)
+                keys, vals = np.vstack([k[kept], kh, kn[b, h]]), np.vstack([v[kept], vh, vn[b, h]])
                 for g in range(hq // hkv):
                     ref = _softmax_attend(q[b, h * (hq // hkv) + g, 0].astype(np.float64), keys, vals)
                     got = out[b, h * (hq // hkv) + g, 0]
                     assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref), (i, b, h, g)
+
+
+def test_attention_over_both_regions_vs_float64(params, context, full):
+    """Every evicted token demoted: `_decode_step_vs_float64` with demoted = every live token not kept."""
+    dem = fidelity.prefill_context(params, CFG, context, _comp("snapkv", DEMOTE), 4)
+
+    def tiers(i, b, h, pos, k, kept_pos, demoted_pos):
+        kept = np.isin(pos, _live(kept_pos))
+        return kept, ~kept
+    _decode_step_vs_float64(dem.cache, full, context.shape[1], tiers)
+
+
+def _assert_ranked(score, tiers, counts, tol):
+    """float64 reference of a ranking: `tiers` (boolean masks over one head's tokens, best tier first,
+    the rest dropped) hold exactly `counts` tokens and every token of a tier scores at least every
+    token of the later tiers (up to `tol`: tokens of one id have equal |k| in exact arithmetic)."""
+    rest = ~np.any(tiers, axis=0)
+    for j, (tier, n) in enumerate(zip(tiers, counts)):
+        assert tier.sum() == n
+        later = np.any(list(tiers[j + 1:]) + [rest], axis=0)
+        assert score[tier].min() >= score[later].max() - tol
+
+
+def test_partial_demotion_next_best_bytes_attention(params, context, full):
+    """`budget=0.2`: KNorm keeps its best 30% and demotes the next-best floor(0.2 x 90) (float64 ranking
+    of -||k|| on the full cache's keys), no other token; the demoted region is allocated at that budget rounded to G
+    (memory_bytes = hand count), and a decode step on every layer equals float64 attention over the
+    kept tokens exact, the demoted ones by the float64 KIVI rule and the new token."""
+    b_, t = context.shape
+    hkv, d, L = CFG.n_kv_heads, CFG.head_dim, CFG.n_layers
+    keep, n_dem = Budget(ratio=0.3).kept(t), int(0.2 * t)
+    assert n_dem < t - keep       # some evicted tokens are dropped
+    comp = Compression(make_policy("knorm"), Budget(ratio=0.3), demote=f"{DEMOTE}:budget=0.2")
+    dem = fidelity.prefill_context(params, CFG, context, comp, 4)
+    cd = -(-n_dem // G) * G
+    assert dem.cache.layers[0].demoted.capacity == cd
+    dense_head = dem.cache.capacity * (2 * d * 4 + 4) + 4
+    assert dem.cache.memory_bytes() == L * b_ * hkv * (dense_head + _evicted_kivi_bytes(cd, 2))
+
+    def tiers(i, b, h, pos, k, kept_pos, demoted_pos):
+        kept, dem = np.isin(pos, _live(kept_pos)), np.isin(pos, _live(demoted_pos))
+        norm = np.linalg.norm(k, axis=-1)
+        _assert_ranked(-norm, [kept, dem], [keep, n_dem], 1e-6 * norm.max())
+        return kept, dem
+    _decode_step_vs_float64(dem.cache, full, t, tiers)
 
 
 def _evicted_kivi_bytes(cq, bits, fp_bytes=4):
@@ -160,6 +206,9 @@ def test_generate_and_refusals(params):
             Compression(pol, Budget(ratio=0.3), demote="kivi2", **kw)
     with pytest.raises(ValueError, match="eviction x mikv is not supported"):
         Compression(make_policy("snapkv"), Budget(ratio=0.3), demote="mikv")
+    for bad, match in (("kivi2:budget=abc", "not a number"), ("kivi2:budget=0.1:budget=0.2", "given twice")):
+        with pytest.raises(ValueError, match=match):
+            Compression(make_policy("snapkv"), Budget(ratio=0.3), demote=bad)
     with pytest.raises(ValueError, match="unknown quantized cache"):
         Compression(make_policy("snapkv"), Budget(ratio=0.3), demote="kivi3")
     cli = lambda *a: check_generate_args(build_parser().parse_args(["generate", "--prompt", "hi", *a]))
@@ -168,3 +217,22 @@ def test_generate_and_refusals(params):
     with pytest.raises(ValueError, match="merges the evicted tokens"):
         cli("--policy", "cam", "--budget", "0.3", "--demote", "kivi2")
     cli("--policy", "snapkv", "--budget", "0.3", "--demote", "kivi2", "--kv-quant", "kivi4")   # accepted
+
+
+def test_eval_grid_demote_rows(params):
+    """`eval --policy snapkv --demote kivi2:budget=0.25`: a policy~demote row per budget (prefill) holding
+    the policy row's cache plus its demoted region (hand count: the 16 tokens of the demote budget out
+    of 48 evicted); KL finite; an unknown storage fails before anything runs."""
+    from kvjax.cli import build_parser, eval_config_from_args
+    from kvjax.eval.harness import EvalConfig, run_grid
+    spec = f"{DEMOTE}:budget=0.25"
+    args = build_parser().parse_args(["eval", "--policy", "snapkv:window=4", "--budget", "0.25", "--demote", spec,
+                                      "--needle", "", "--decode-probe", "0"])
+    rows = run_grid(params, CFG, None, "", eval_config_from_args(args), progress=False,
+                    tokens=(list(range(1, 65)), list(range(30, 38))))
+    assert [r["policy"] for r in rows] == ["full", "snapkv:window=4", f"snapkv:window=4~{spec}"]
+    _, plain, part = rows
+    assert not part["notes"].startswith("error") and np.isfinite(part["kl"]) and part["kl"] >= 0, part
+    assert part["cache_bytes"] - plain["cache_bytes"] == CFG.n_layers * CFG.n_kv_heads * _evicted_kivi_bytes(16, 2)
+    with pytest.raises(ValueError, match="unknown quantized cache"):
+        EvalConfig(policies=("snapkv",), demote=("kivi3",))

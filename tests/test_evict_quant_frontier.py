@@ -37,7 +37,10 @@ def kivi_evicted_bytes(keep, bits, layers=CFG.n_layers):
                                         (f"h2o+kivi2:group={G}:residual={R}", lambda k: kivi_evicted_bytes(k, 2)),
                                         # demotion: + the evicted T - k tokens in KIVI-2 (a sawtooth in k)
                                         (f"snapkv~kivi2:group={G}:residual={R}",
-                                         lambda k: dense_bytes(k) + kivi_evicted_bytes(T - k, 2))])
+                                         lambda k: dense_bytes(k) + kivi_evicted_bytes(T - k, 2)),
+                                        # partial demotion: at most 0.2 * T = 60 of them
+                                        (f"snapkv~kivi2:group={G}:residual={R}:budget=0.2",
+                                         lambda k: dense_bytes(k) + kivi_evicted_bytes(min(T - k, 60), 2))])
 def test_bytes_and_largest_token_budget(spec, count):
     fam = parse_family(spec, config=CFG)
     assert full_bytes(CFG, T) == dense_bytes(T)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from kvjax.cache import tree_bytes
 from kvjax.compression import Compression
 from kvjax.eval import fidelity
-from kvjax.eval.harness import COMBINE, build_policy, parse_policy, quant_cache_init
+from kvjax.eval.harness import COMBINE, DEMOTE, build_policy, parse_policy, quant_cache_init
 from kvjax.generate import init_engine_cache
 from kvjax.policies.base import Budget
 from kvjax.ring import init_ring, policy_config
@@ -52,12 +52,9 @@ class Family:
         return "quantization" if self.quant else "eviction"
 
 
-DEMOTE = "~"   # "snapkv~kivi2", "snapkv+kivi4~kivi2": the policy's evicted tokens kept in KIVI-2
-
-
 def parse_family(spec: str, params=None, config: Optional[ModelConfig] = None) -> Family:
     """'snapkv' | 'kivi4[:opt=v]' | 'snapkv[:opt=v]+kivi4[:opt=v]' | any policy family + '~kivi2[:opt=v]'
-    (evicted tokens demoted) -> Family; ValueError naming the reason for unknown names and for
+    (evicted tokens demoted; ':budget=0.1': only the next-best 10% of the context) -> Family; ValueError naming the reason for unknown names and for
     combinations that cannot work (checked here, before any run)."""
     from kvjax.quant import QUANT_CACHES
     spec = spec.strip()

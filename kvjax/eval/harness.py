@@ -77,6 +77,7 @@ class EvalConfig:
     kv_quant: tuple[str, ...] = ()
     needle_filler: tuple[str, ...] = ()   # filler sentences (needle.text_filler); () = synthetic filler
     combine: bool = False   # also every policy x kv_quant x budget x regime: "snapkv+kivi4" rows (kvjax.quant.evicted)
+    demote: tuple[str, ...] = ()   # also every policy x demote x budget, prefill regime: "snapkv~kivi2" rows
 
     def __post_init__(self):
         if not self.policies and not self.kv_quant:
@@ -88,6 +89,12 @@ class EvalConfig:
             raise ValueError("policy locret needs its trained retaining heads: --heads PATH (locret_heads=...)")
         for spec in self.kv_quant:
             quant_cache_init(spec)  # unknown names / options fail here, before anything runs
+        if self.demote:
+            from kvjax.quant.demote import demote_store
+            if not self.policies:
+                raise ValueError("demote stores the evicted tokens of a policy: give policies")
+            for spec in self.demote:
+                demote_store(spec)
         if not self.budgets:
             raise ValueError("no budgets given")
         for r in self.regimes:
@@ -117,6 +124,7 @@ class EvalConfig:
 
 LOCRET = "locret"
 COMBINE = "+"   # "snapkv+kivi4": a policy's kept tokens in a quantized cache
+DEMOTE = "~"    # "snapkv~kivi2": a policy's evicted tokens kept in KIVI-2 (kvjax.quant.demote)
 LOCRET_DEFAULTS = {"n_local": 32, "stab_frac": 0.25}  # as train/locret_eval (budget = k - n_local)
 
 
@@ -304,6 +312,8 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
     if ecfg.combine:   # eviction x quantization: the policy's kept tokens stored by the quantized cache
         specs += [(f"{name}{COMBINE}{q}", budget, regime) for regime in ecfg.regimes for q in ecfg.kv_quant
                   for name in ecfg.policies_for(regime) if not is_locret(name) for budget in ecfg.budgets]
+    specs += [(f"{name}{DEMOTE}{d}", budget, "prefill") for d in ecfg.demote for name in ecfg.policies
+              if not is_locret(name) for budget in ecfg.budgets]
     if mesh is not None:
         if any(is_locret(n) for n, _, _ in specs):
             raise ValueError("eval with a mesh does not run Locret rows (its own prefill loop runs on one device)")
@@ -321,6 +331,10 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
             return _Method(cache_init=quant_cache_init(name))
         if budget is None:
             return _Method()
+        if DEMOTE in name:   # demotion runs after the prefill only (Compression refuses other regimes)
+            policy, demote = name.split(DEMOTE, 1)
+            m = method_of(policy, budget, regime)
+            return dataclasses.replace(m, comp=dataclasses.replace(m.comp, demote=demote))
         if COMBINE in name:
             policy, quant = name.split(COMBINE, 1)
             return dataclasses.replace(method_of(policy, budget, regime), cache_init=quant_cache_init(quant))

@@ -276,7 +276,7 @@ def compress(policy: ScoringPolicy, config: ModelConfig, cache, scores: jax.Arra
     if _custom_finalize(policy):
         stack = lambda c: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *c.layers) if per_layer else c
         full = Observation(cache=stack(cache), config=config, accumulated=state, window_queries=queries,
-                           n_layers=positions.shape[0])
+                           scores=scores, n_layers=positions.shape[0])
         new = policy.finalize(stack(new), full, idx)
         if per_layer and isinstance(new, kvcache.KVCache):
             new = from_stacked(new, uniform=True)   # other own layouts stay stacked (scanned)

@@ -4,13 +4,23 @@ at high precision, the tokens it would evict are **kept at low precision** inste
     Compression(SnapKV(), Budget(ratio=0.25), demote="kivi2")                  # kept bf16, evicted KIVI-2
     generate(..., compression=Compression(SnapKV(), Budget(ratio=0.25), demote="kivi2"), kv_quant="kivi4")
     python -m kvjax generate --policy snapkv --budget 0.25 --demote kivi2 [--kv-quant kivi4] ...
+    Compression(SnapKV(), Budget(ratio=0.1), demote="kivi2:budget=0.2")        # partial demotion
 
 Rule: prefill runs over the full-precision cache and the policy scores and selects exactly as it
 does alone (the high-precision set is the plain policy's kept set). After the selection, every live
 token of a head that was not kept is gathered (in slot order) and stored by KIVI's prefill rule
 (`kvjax.quant.evicted.quantize_layer`: keys per channel over G-token groups, values per token; the
 last `n mod R` keys and `R` values of the demoted sequence stay in the fp residual windows) in an
-`EvictedKIVICache` of its own. The kept region is the plain policy's dense cache, or its KIVI form
+`EvictedKIVICache` of its own.
+
+Partial demotion (`budget=` option of the spec: a ratio of the context or a token count, the syntax
+of `--budget`): only the `budget` next-best evicted tokens of a head by the policy's own selection
+scores (those after `adjust_scores`: the ranking that chose the kept set; ties to the older slot)
+are demoted, in slot order, the rest dropped; per head min(budget.kept(live tokens), evicted). The
+demoted region is then allocated at min(budget, its bound below) slots (rounded up to G), so a
+10% kept + 20% demoted cache costs about 10% + 0.2 x 21.8% of the bf16 bytes.
+
+The kept region is the plain policy's dense cache, or its KIVI form
 with `kv_quant` (`kvjax.quant.evicted.EvictQuant`). `generalises kvjax.quant.mikv` (KNorm scorer,
 per-token low-precision pool) to any scorer with KIVI's per-channel keys in the low-precision pool.
 
@@ -39,21 +49,43 @@ import jax.numpy as jnp
 from kvjax import cache as kvcache
 from kvjax.layerwise import LayerwiseCache
 from kvjax.observation import Observation, Observe
-from kvjax.policies.base import ScoringPolicy, select
+from kvjax.policies.base import Budget, ScoringPolicy, select
 from kvjax.quant import kivi
 from kvjax.quant.evicted import EvictedKIVICache, quantize_layer
 
 
 # ----------------------------------------------------------------------------- storage spec
 
+BUDGET = "budget"   # the spec option of partial demotion
+
+
+def split_budget(spec: str) -> tuple[str, Optional[Budget]]:
+    """'kivi2:budget=0.2:group=32' -> ('kivi2:group=32', Budget(ratio=0.2)); no budget option -> (spec,
+    None): every evicted token is demoted. ValueError (naming the accepted forms) for a bad budget."""
+    parts = [p.strip() for p in spec.split(":")]
+    rest, budget = [parts[0]], None
+    for p in parts[1:]:
+        key, _, value = p.partition("=")
+        if key.strip() != BUDGET:
+            rest.append(p)
+        elif budget is not None:
+            raise ValueError(f"demote spec {spec!r}: {BUDGET}= given twice")
+        else:
+            try:
+                budget = Budget.parse(value.strip())
+            except ValueError as err:
+                raise ValueError(f"demote spec {spec!r}: {err}") from None
+    return ":".join(rest), budget
+
+
 def demote_store(spec: str) -> tuple[kivi.KIVIConfig, Optional[object]]:
-    """'kivi2' | 'kivi4:group=32:residual=64' -> (KIVIConfig of the demoted tokens, fp-residual dtype
-    or None = the cache's). The residual window defaults to one group (R = G): nothing is ever appended
+    """'kivi2' | 'kivi4:group=32:residual=64' (a `budget=` option is ignored: `split_budget`) ->
+    (KIVIConfig of the demoted tokens, fp-residual dtype or None = the cache's). The residual window defaults to one group (R = G): nothing is ever appended
     to the demoted region, so a longer fp window would only hold more tokens at full precision.
     ValueError for unknown names/options and for caches that cannot store a token set (non-KIVI, sinks)."""
     from kvjax.eval.harness import quant_cache_init
     from kvjax.quant.evicted import check_cache_init
-    init = quant_cache_init(spec)
+    init = quant_cache_init(split_budget(spec)[0])
     _, kw = check_cache_init(init)
     given = getattr(init, "overrides", {})
     residual = kw["residual"] if "residual" in given else kw["group"]
@@ -83,12 +115,14 @@ def check_demote_class(cls) -> None:
 @dataclasses.dataclass(frozen=True)
 class Demote(ScoringPolicy):
     """`policy` selects (observations, scores, budgets all its own); its evicted tokens are stored
-    at `store` precision instead of dropped. name: the storage spec, for messages and tables."""
+    at `store` precision instead of dropped (the `budget` next-best ones only, if given). name: the
+    storage spec, for messages and tables."""
 
     policy: ScoringPolicy
     store: kivi.KIVIConfig = kivi.KIVIConfig(2, 2, 32, 32)
     dtype: Optional[object] = None
     name: str = "kivi2"
+    budget: Optional[Budget] = None    # demote at most this many per head (None: every evicted token)
 
     demotes = True
 
@@ -145,8 +179,11 @@ class Demote(ScoringPolicy):
     def demoted_capacity(self, slots: int, max_keep: int) -> int:
         """Slots of the demoted region for a `slots`-slot full cache and `max_keep` kept slots: the
         evicted count is at most `slots - max_keep` when every head keeps the same count (it grows
-        with the prompt length: `Budget.kept`), else up to `slots`. Rounded up to KIVI's group."""
+        with the prompt length: `Budget.kept`), else up to `slots`; at most the demote budget's share
+        of `slots`. Rounded up to KIVI's group."""
         n = slots - max_keep if self.uniform_budgets else slots
+        if self.budget is not None:
+            n = min(n, self.budget.kept(slots))
         return kivi.quantized_capacity(max(n, 1), self.store.group)
 
     def finalize(self, new: kvcache.KVCache, obs: Observation, idx: jax.Array):
@@ -159,7 +196,14 @@ class Demote(ScoringPolicy):
         if not isinstance(new, kvcache.KVCache) or not isinstance(full, kvcache.KVCache):
             raise ValueError(f"demotion needs dense stacked caches, got {type(new).__name__} / {type(full).__name__}")
         cap = self.demoted_capacity(full.capacity, idx.shape[-1])
-        ev_idx = evicted_slots(full.positions >= 0, idx, cap)
+        valid = full.positions >= 0
+        if self.budget is None:    # every evicted token (the capacity holds them all)
+            ev_idx = evicted_slots(valid, idx, cap)
+        else:
+            if obs.scores is None:
+                raise ValueError("partial demotion ranks the evicted tokens by the selection scores: "
+                                 "finalize needs obs.scores")
+            ev_idx = evicted_slots(valid, idx, cap, obs.scores, demote_counts(self.budget, valid))
         ev = kvcache.gather(full, ev_idx, cap)
         dtype = self.dtype if self.dtype is not None else full.keys.dtype
         at = lambda c, i: jax.tree_util.tree_map(lambda x: x[i], c)
@@ -168,19 +212,35 @@ class Demote(ScoringPolicy):
         return LayerwiseCache(layers=layers, capacity=new.capacity, uniform=True)
 
 
-def evicted_slots(valid: jax.Array, kept: jax.Array, capacity: int) -> jax.Array:
+def demote_counts(budget: Budget, valid: jax.Array) -> jax.Array:
+    """Tokens to demote per head `[...]` for a head with valid `[..., S]`: `budget.kept(live)` (a
+    ratio floors as `Budget.kept`, in float32 with a 1e-4 margin for its rounding)."""
+    live = jnp.sum(valid, axis=-1).astype(jnp.int32)
+    if budget.tokens is not None:
+        return jnp.minimum(budget.tokens, live)
+    n = jnp.floor(budget.ratio * live.astype(jnp.float32) + 1e-4).astype(jnp.int32)
+    return jnp.minimum(jnp.maximum(n, 1), live)
+
+
+def evicted_slots(valid: jax.Array, kept: jax.Array, capacity: int, scores: Optional[jax.Array] = None,
+                  counts: Optional[jax.Array] = None) -> jax.Array:
     """Live slots not in `kept`, in slot order: valid `[..., S]` bool, kept `[..., K]` (-1 = none)
-    -> `[..., capacity]` int32 (-1 pads; a head with more than `capacity` evicted slots keeps its
-    oldest `capacity`: callers size `capacity` so that this does not happen)."""
+    -> `[..., capacity]` int32 (-1 pads). With scores `[..., S]` and counts `[...]`: the `counts`
+    highest-scoring of them (ties to the older slot), still in slot order. Without: a head with more
+    than `capacity` evicted slots keeps its oldest `capacity` (callers size `capacity` so that this
+    does not happen)."""
     s = valid.shape[-1]
     mark = jax.vmap(lambda row, ix: row.at[jnp.where(ix >= 0, ix, s)].set(True, mode="drop"))
     flat_k = kept.reshape(-1, kept.shape[-1])
     is_kept = mark(jnp.zeros((flat_k.shape[0], s), bool), flat_k).reshape(valid.shape)
     mask = valid & ~is_kept
-    counts = jnp.full(valid.shape[:-1], capacity, jnp.int32)
+    if counts is None:
+        counts = jnp.full(valid.shape[:-1], capacity, jnp.int32)
+    scores = jnp.zeros(mask.shape, jnp.float32) if scores is None else scores.astype(jnp.float32)
     if capacity > s:
-        mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, capacity - s)])
-    return select(jnp.zeros(mask.shape, jnp.float32), mask, counts, capacity)
+        pad = [(0, 0)] * (mask.ndim - 1) + [(0, capacity - s)]
+        mask, scores = jnp.pad(mask, pad), jnp.pad(scores, pad)
+    return select(scores, mask, counts, capacity)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -237,4 +297,4 @@ jax.tree_util.register_dataclass(DemotedLayer, data_fields=["kept", "demoted"], 
 def make_demote(policy: ScoringPolicy, spec: str) -> Demote:
     """`policy` whose evicted tokens are stored as `spec` says ('kivi2', 'kivi2:group=32', ...)."""
     store, dtype = demote_store(spec)
-    return Demote(policy, store, dtype, spec)
+    return Demote(policy, store, dtype, spec, split_budget(spec)[1])
