@@ -317,6 +317,8 @@ def run_grid(params, config: ModelConfig, tokenizer, text: str, ecfg: EvalConfig
     if mesh is not None:
         if any(is_locret(n) for n, _, _ in specs):
             raise ValueError("eval with a mesh does not run Locret rows (its own prefill loop runs on one device)")
+        if ecfg.demote:
+            raise ValueError("eval with a mesh does not run --demote rows (the demoted region is not sharded)")
         for task in tasks.values():
             sharding.plan(config, mesh, batch=task.tokens.shape[0])   # clear errors for axes that do not divide
         params = sharding.shard_params(params, config, mesh)
