@@ -87,9 +87,9 @@ class _WithPolicyWeights:
     @staticmethod
     def _split(observer, kwargs):
         policy, weights = split_weights(None if observer is None else observer.policy)
-        if weights is not None:
-            observer = dataclasses.replace(observer, policy=policy)
-        return {**kwargs, "observer": observer, "policy_weights": weights}
+        if weights is None:          # the call (and `lower`'s compiled program) as without this wrapper
+            return {**kwargs, "observer": observer}
+        return {**kwargs, "observer": dataclasses.replace(observer, policy=policy), "policy_weights": weights}
 
     def __call__(self, *args, observer: Optional[Observer] = None, **kwargs):
         return self.jitted(*args, **self._split(observer, kwargs))
