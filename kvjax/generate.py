@@ -27,7 +27,7 @@ from kvjax.compression import (Compression, compress_cache, decode_compress, fit
 from kvjax.layerwise import LayerwiseCache, per_layer
 from kvjax.ring import (RingCache, first_policy_layer, init_ring, policy_config, policy_part, policy_positions,
                         with_policy_part)
-from kvjax.observation import Observe, Observer
+from kvjax.observation import Observe, Observer, bind_weights, split_weights
 from kvjax.sampling import Sampling, sample
 from models.config import ModelConfig
 from models.llama import forward, unstack_params
@@ -68,15 +68,43 @@ _FORWARD_STATIC = ("config", "observe", "all_logits", "observer", "attention", "
 
 def _forward(params, tokens, positions, cache, config: ModelConfig, observe: Observe = Observe(),
              all_logits: bool = False, observer: Optional[Observer] = None, attention: str = "auto",
-             accumulated=None, prefill_attention=None):
+             accumulated=None, prefill_attention=None, policy_weights=None):
+    if policy_weights is not None:          # a learned policy's arrays: jit arguments, not constants
+        observer = dataclasses.replace(observer, policy=bind_weights(observer.policy, policy_weights))
     return forward(params, tokens, positions, cache, config, observe, all_logits, observer=observer,
                    attention=attention, accumulated=accumulated, prefill_attention=prefill_attention)
 
 
-forward_jit = jax.jit(_forward, static_argnames=_FORWARD_STATIC)
+class _WithPolicyWeights:
+    """A jitted `_forward` called with the observer's policy weights (`kvjax.observation.Frozen`
+    fields) split off into the `policy_weights` argument: traced inputs, not baked-in constants.
+    `lower` (and the jit's other attributes) work as on the jitted function."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        functools.update_wrapper(self, _forward)
+
+    @staticmethod
+    def _split(observer, kwargs):
+        policy, weights = split_weights(None if observer is None else observer.policy)
+        if weights is None:          # the call (and `lower`'s compiled program) as without this wrapper
+            return {**kwargs, "observer": observer}
+        return {**kwargs, "observer": dataclasses.replace(observer, policy=policy), "policy_weights": weights}
+
+    def __call__(self, *args, observer: Optional[Observer] = None, **kwargs):
+        return self.jitted(*args, **self._split(observer, kwargs))
+
+    def lower(self, *args, observer: Optional[Observer] = None, **kwargs):
+        return self.jitted.lower(*args, **self._split(observer, kwargs))
+
+    def __getattr__(self, name):
+        return getattr(self.jitted, name)
+
+
+forward_jit = _WithPolicyWeights(jax.jit(_forward, static_argnames=_FORWARD_STATIC))
 forward_jit.__doc__ = """`models.llama.forward` compiled once per (shapes, config, observe, observer, attention)."""
 # the engine's prefill step: same, with the cache donated (written in place, the argument is consumed)
-forward_step = jax.jit(_forward, static_argnames=_FORWARD_STATIC, donate_argnames=("cache",))
+forward_step = _WithPolicyWeights(jax.jit(_forward, static_argnames=_FORWARD_STATIC, donate_argnames=("cache",)))
 
 
 def continue_positions(cache, positions: jax.Array) -> jax.Array:

@@ -141,3 +141,51 @@ def reduce_layer(observer: Observer, layer_cache, config, layer, n_layers: int, 
     if observer.q_pre:
         out["q_pre"] = q_pre[:, :, -min(observer.q_pre, q_pre.shape[2]):]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned policies' weights: carried by the (static, hashed) policy, passed to jit as arguments.
+
+class Frozen:
+    """Arrays carried by a static (hashed) policy, hashed and compared by identity. The engine's
+    jitted forward does not bake them into the program as constants (a slow compile: 11.7 min on
+    CPU for the Attention-Gate): `split_weights` swaps them for a `WeightSlot` (hashed by shapes)
+    and the arrays go in as a jit argument, `bind_weights` puts the traced arrays back inside."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+
+class WeightSlot(Frozen):
+    """Placeholder for a `Frozen` field outside the jit: equal when the tree structure, shapes and
+    dtypes are, so one compiled program serves every set of weights of the same shapes."""
+
+    def __init__(self, tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        super().__init__(None)
+        self.signature = (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+
+    def __eq__(self, other):
+        return isinstance(other, WeightSlot) and self.signature == other.signature
+
+    def __hash__(self):
+        return hash(self.signature)
+
+
+def split_weights(policy) -> tuple[Any, Optional[dict]]:
+    """(policy with each `Frozen` dataclass field replaced by its `WeightSlot`, {field: arrays}) or
+    (policy, None) when it carries no arrays (or is not a dataclass)."""
+    if policy is None or not dataclasses.is_dataclass(policy):
+        return policy, None
+    trees = {f.name: getattr(policy, f.name).tree for f in dataclasses.fields(policy)
+             if type(getattr(policy, f.name)) is Frozen}
+    if not trees:
+        return policy, None
+    return dataclasses.replace(policy, **{n: WeightSlot(t) for n, t in trees.items()}), trees
+
+
+def bind_weights(policy, trees: Optional[dict]):
+    """Inverse of `split_weights` (inside the jit: `trees` are tracers)."""
+    if not trees:
+        return policy
+    return dataclasses.replace(policy, **{n: Frozen(t) for n, t in trees.items()})

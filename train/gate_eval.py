@@ -7,7 +7,9 @@
   (`train.gated_attention.attention_stats`), and KL to each model's own full cache of SnapKV and
   StreamingLLM without sinks at `--budget` (the engine: prefill + teacher-forced decode loop).
 - Attention-Gate (`--attention-gate`): KL / ppl vs the full cache at `--budget` of the trained
-  gate against SnapKV and StreamingLLM (sink + recent: the trivial baseline) on the original model.
+  gate against SnapKV, H2O and StreamingLLM (sink + recent: the trivial baseline) on the original
+  model, averaged over `--samples` consecutive held-out windows (per-window KL listed); `first_s` is
+  the wall time of a policy's first window (its compile included).
 - LoCoCo (`--lococo`, an export of train.lococo): KL / ppl vs the full cache on the chunk schedule
   (`--chunk` tokens per chunk, every policy at the compressor's `mem_size` tokens per head: equal
   cache bytes) for the trained compressor, its untrained start (train.lococo's seed-0 init), the same with lam = 0 (its own eviction by the last
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--continuation", type=int, default=24)
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=4, help="held-out windows of the --attention-gate rows")
     ap.add_argument("--lococo")
     ap.add_argument("--chunk", type=int, default=128, help="prefill chunk of the --lococo rows")
     a = ap.parse_args(argv)
@@ -81,11 +85,21 @@ def main(argv=None):
             results[f"gated_attention/{name}"] = row
             print(name, json.dumps(row), flush=True)
     if a.attention_gate:
+        results["samples"] = a.samples
         for pname, pol in {"attention_gate": make_policy("attention_gate", gates=a.attention_gate, params=params,
                                                          config=config),
-                           "snapkv": make_policy("snapkv"),
+                           "snapkv": make_policy("snapkv"), "h2o": make_policy("h2o"),
                            "streaming_llm": make_policy("streaming_llm")}.items():   # the trivial baseline
-            results[f"eviction/{pname}"] = fid(params, config, pol)
+            rows = []
+            for i in range(a.samples):
+                t0 = time.perf_counter()
+                w = corpus[i * n:(i + 1) * n]
+                r = evaluate_fidelity(unstack_params(params), config, w[:a.context], w[a.context:],
+                                      Compression(pol, budget))
+                rows.append({k: float(r[k]) for k in ("kl", "ppl", "ppl_full")} | {
+                    "cache_bytes": int(r["cache_bytes"]), "secs": time.perf_counter() - t0})
+            results[f"eviction/{pname}"] = {k: float(np.mean([r[k] for r in rows])) for k in ("kl", "ppl", "ppl_full")} | {
+                "kl_per_window": [r["kl"] for r in rows], "cache_bytes": rows[0]["cache_bytes"], "first_s": rows[0]["secs"]}
             print(pname, json.dumps(results[f"eviction/{pname}"]), flush=True)
     if a.lococo:
         from kvjax.policies.lococo import LoCoCo, init_compressor, load_compressor
