@@ -28,6 +28,7 @@ SETTINGS = (
     ("flexprefill", "block_sparse:flexprefill:gamma=0.8,min_budget=256"),
     ("minference", "block_sparse:minference"),                                  # [vertical_and_slash, 1000, 6096]
     ("minference", "block_sparse:minference:vertical=30,slash=100"),            # the forced minimum
+    ("minference", "block_sparse:minference:vertical=30,slash=100,vertical_form=blocks"),  # verticals as blocks
     ("a_shape", "block_sparse:a_shape"),                                        # init 128, local 1024
     ("a_shape", "block_sparse:a_shape:slash=512"),
     ("streaming", "block_sparse:streaming:pattern_file=docs/duo/pattern.json"),  # trained Duo heads, 64 + 256
