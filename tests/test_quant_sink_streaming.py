@@ -121,7 +121,7 @@ def test_streaming_rounds(method):
 
 def test_streaming_bad_options():
     with pytest.raises(ValueError, match="balancer"):
-        streaming.init_streaming_cache("mikv", CFG, 1, 32, balance=True)
+        streaming.init_streaming_cache("mikv", CFG, 1, 32, balance=True, scorer="keys")   # balancer needs queries
     with pytest.raises(ValueError, match="interval"):
         streaming.init_streaming_cache("zipcache", CFG, 1, 32, interval=0)
     with pytest.raises(ValueError, match="bits"):
