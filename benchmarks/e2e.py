@@ -16,7 +16,9 @@ every row, so a run cut short keeps what it measured.
 Method names (`--methods`): `dense` (bf16 cache), `kivi4` / `kivi2` (KIVI caches,
 `kvjax.quant.make_cache_init`), `snapkv10` (SnapKV keeping 10 % after prefill), `streaming10`
 (StreamingLLM, 10 %), `knorm_chunk` (K-norm eviction after every prefill chunk, 10 %), or the
-general form `POLICY:RATIO[:WHEN]` (e.g. `h2o:0.25:chunk`); any name + `+fused` runs the same row with
+general form `POLICY:RATIO[:WHEN]` (e.g. `h2o:0.25:chunk`), or `SELECTOR@BUDGET` (query-aware sparse
+decode over the full cache, e.g. `quest@2048`, `tokenselect@2048`; its roofline still counts the
+whole live cache, so compare its ms/step with the dense row's); any name + `+fused` runs the same row with
 q|k|v and gate|up fused into one matmul each (`models.llama.fuse_projections`; an A/B of decode's
 per-step fixed cost; the fused weights are built once and kept beside the plain ones).
 
@@ -98,6 +100,10 @@ def method_kwargs(method: str) -> dict:
     }
     if method in fixed:
         return fixed[method]
+    if "@" in method:  # SELECTOR@BUDGET: query-aware sparse decode over the full cache (issue 17)
+        from kvjax.selection import make_selection
+        name, budget = method.split("@")
+        return {"selection": make_selection(name, budget=int(budget))}
     parts = method.split(":")
     if len(parts) in (2, 3):  # POLICY:RATIO[:WHEN]
         when = parts[2] if len(parts) == 3 else "prefill"
