@@ -10,7 +10,6 @@ per step is what keeps a decode step above the memory roofline), and writes the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import os
 import re
@@ -23,36 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402  (method names and model shapes of the e2e benchmark)
 
 from kvjax.generate import decode_loop, init_engine_cache  # noqa: E402
+from kvjax.hlo import while_body_ops  # noqa: E402
 from kvjax.sampling import Sampling  # noqa: E402
 from models.config import get_config  # noqa: E402
 from models.llama import init_params  # noqa: E402
 
 SHAPE = re.compile(r"= (\w+)\[([\d,]*)\]")
 ELEMENT_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
-
-
-def while_body(hlo: str) -> list[str]:
-    """Instruction lines of the computations a while loop's body reaches (body, fusions, calls)."""
-    comps, name = {}, None
-    for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line.strip())
-        if m and not line.startswith(" "):
-            name = m.group(1)
-            comps[name] = []
-        elif name is not None:
-            comps[name].append(line.strip())
-    todo = [m.group(1) for c in comps.values() for l in c if " while(" in l
-            for m in [re.search(r"body=%?([\w.\-]+)", l)] if m]
-    seen, out = set(), []
-    while todo:
-        c = todo.pop()
-        if c in seen or c not in comps:
-            continue
-        seen.add(c)
-        out += [f"[{c}] {l}" for l in comps[c]]
-        for l in comps[c]:
-            todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", l)
-    return out
 
 
 def result_bytes(line: str) -> int:
@@ -91,13 +67,13 @@ def main():
             hlo = compiled.as_text()
             mem = compiled.memory_analysis()
             cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
-            big = [l for l in while_body(hlo) if result_bytes(l) >= layer_kv and " parameter(" not in l
+            big = [l for l in while_body_ops(hlo) if result_bytes(l) >= layer_kv and " parameter(" not in l
                    and " get-tuple-element(" not in l and " bitcast(" not in l and " tuple(" not in l]
             print(f"\n{b}x{s} {method}: cache {cache_bytes / 1e9:.2f} GB, temp {mem.temp_size_in_bytes / 1e9:.3f} GB, "
                   f"alias {mem.alias_size_in_bytes / 1e9:.2f} GB; while-body results >= one layer's K "
                   f"({layer_kv / 1e6:.1f} MB): {len(big)}", flush=True)
             for l in big[:60]:
-                print("   ", l[:260])
+                print("   ", l.strip()[:260])
             path = os.path.join(a.out, f"decode_hlo_{b}x{s}_{method}.txt.gz")
             with gzip.open(path, "wt") as f:
                 f.write(hlo)

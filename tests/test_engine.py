@@ -19,6 +19,7 @@ import pytest
 
 from kvjax.compression import Compression
 from kvjax.generate import decode_loop, forward_step, generate, init_engine_cache
+from kvjax.hlo import while_body_ops
 from kvjax.policies import Budget, make_policy
 from kvjax.sampling import Sampling
 from models.config import get_config
@@ -33,31 +34,6 @@ def params():
     return init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
 
 
-def _while_body_ops(hlo: str) -> list[str]:
-    """Instruction lines of every computation the compiled while loop's body calls (its body and
-    the fusions inside it)."""
-    comps, name, lines = {}, None, []
-    for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line.strip())
-        if m and not line.startswith(" "):
-            name, lines = m.group(1), []
-            comps[name] = lines
-        elif name is not None:
-            lines.append(line)
-    body = [re.search(r"body=%?([\w.\-]+)", l) for c in comps.values() for l in c if " while(" in l]
-    todo = [m.group(1) for m in body if m]
-    seen, out = set(), []
-    while todo:
-        c = todo.pop()
-        if c in seen or c not in comps:
-            continue
-        seen.add(c)
-        out += comps[c]
-        for l in comps[c]:
-            todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", l)
-    return out
-
-
 def test_decode_loop_updates_the_cache_in_place(params):
     b, s = 2, 2048
     cache = init_engine_cache(CFG, b, s, jnp.float32)
@@ -65,7 +41,7 @@ def test_decode_loop_updates_the_cache_in_place(params):
     compiled = decode_loop.lower(*args, config=CFG, sampling=Sampling(), max_new_tokens=8, eos_ids=(),
                                  compression=None, attention="xla").compile()
     layer = f"f32[{b},{CFG.n_kv_heads},{s},{CFG.head_dim}]"
-    body = _while_body_ops(compiled.as_text())
+    body = while_body_ops(compiled.as_text())
     assert body, "no while loop found in the compiled decode loop"
     cache_sized = [l.strip() for l in body
                    if re.search(r"= " + re.escape(layer) + r"(\{[^}]*\})? (copy|concatenate|dynamic-update-slice)\(", l)]
@@ -147,7 +123,7 @@ def test_kivi_decode_loop_writes_codes_in_place(params):
     compiled = decode_loop.lower(*args, config=CFG, sampling=Sampling(), max_new_tokens=8, eos_ids=(),
                                  compression=None, attention="xla").compile()
     codes = f"u8[{b},{CFG.n_kv_heads},{s},{CFG.head_dim // 2}]"
-    body = _while_body_ops(compiled.as_text())
+    body = while_body_ops(compiled.as_text())
     assert any(codes in l for l in body), "the codes buffer does not appear in the loop body"
     rebuilt = [l.strip() for l in body
                if re.search(r"= " + re.escape(codes) + r"(\{[^}]*\})? (copy|concatenate|dynamic-update-slice)\(", l)]
